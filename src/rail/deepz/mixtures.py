@@ -1,0 +1,190 @@
+"""Output heads and proper-scoring losses shared by all methods.
+
+Heads (``torch.nn.Module``) map a hidden representation to a distribution over redshift:
+
+* :class:`GaussianMixtureHead`: K components, softmax weights, unbounded means, positive
+  sigmas (softplus + floor). Used by the LSTM-MDN and the image CNN.
+* :class:`BinnedHead`: logits over ordered redshift bins (softmax gives bin probabilities).
+  Used by the binned CRPS classifier.
+* :class:`FixedGridMixtureHead`: weights of Gaussians with fixed, evenly spaced means and a
+  fixed width (the embedding MDN of the SOM + foundation-model paper).
+
+Losses return one value per object (shape (N,)); callers average them.
+
+* :func:`gmm_nll`: negative log-likelihood of a Gaussian mixture.
+* :func:`gmm_crps`: closed-form CRPS of a Gaussian mixture (Grimit et al. 2006, QJRMS 132, 2925).
+* :func:`binned_crps`: the discrete-CDF CRPS of eq. (2) in Tian, Wen & Xia (NNC),
+  ``sum_i [F_i - 1(c_i >= z)]^2 dz``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+_INV_SQRTPI = 1.0 / math.sqrt(math.pi)
+
+
+@dataclass
+class MixtureParams:
+    """Parameters of a batch of Gaussian mixtures, each of shape (N, K)."""
+
+    weights: torch.Tensor
+    means: torch.Tensor
+    sigmas: torch.Tensor
+
+    def detach_numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(t.detach().float().cpu().numpy() for t in (self.weights, self.means, self.sigmas))
+
+
+class GaussianMixtureHead(nn.Module):
+    """Linear layer to the parameters of a K-component Gaussian mixture.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of the hidden representation.
+    n_components : int
+        Number of Gaussians K.
+    min_sigma : float
+        Floor on component widths (redshift units), keeps the NLL bounded.
+    mean_init : tuple(float, float)
+        Initial component means are spread evenly over this redshift range, so that
+        components start out covering the target range instead of collapsing at 0.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        n_components: int,
+        min_sigma: float = 1e-3,
+        mean_init: tuple[float, float] = (0.0, 3.0),
+    ):
+        super().__init__()
+        self.n_components = n_components
+        self.min_sigma = float(min_sigma)
+        self.logits = nn.Linear(in_features, n_components)
+        self.mu = nn.Linear(in_features, n_components)
+        self.raw_sigma = nn.Linear(in_features, n_components)
+        with torch.no_grad():
+            lo, hi = mean_init
+            self.mu.bias.copy_(torch.linspace(lo, hi, n_components + 2)[1:-1])
+            self.mu.weight.mul_(0.1)
+            spread = (hi - lo) / max(n_components, 1)
+            self.raw_sigma.bias.fill_(math.log(math.expm1(max(spread, 2 * self.min_sigma))))
+
+    def forward(self, h: torch.Tensor) -> MixtureParams:
+        weights = torch.softmax(self.logits(h), dim=-1)
+        means = self.mu(h)
+        sigmas = F.softplus(self.raw_sigma(h)) + self.min_sigma
+        return MixtureParams(weights, means, sigmas)
+
+
+class BinnedHead(nn.Module):
+    """Linear layer to logits over ``n_bins`` ordered redshift bins."""
+
+    def __init__(self, in_features: int, n_bins: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_bins)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)
+
+
+class FixedGridMixtureHead(nn.Module):
+    """Weights of ``n_components`` Gaussians with fixed means (evenly spaced) and width.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of the hidden representation.
+    zmin, zmax : float
+        Range spanned by the component means (inclusive).
+    n_components : int
+        Number of Gaussians (paper: 200).
+    sigma : float
+        Fixed width of every component (paper: 0.0037).
+    """
+
+    def __init__(self, in_features: int, zmin: float, zmax: float, n_components: int = 200, sigma: float = 0.0037):
+        super().__init__()
+        self.logits = nn.Linear(in_features, n_components)
+        self.register_buffer("centers", torch.linspace(zmin, zmax, n_components))
+        self.sigma = float(sigma)
+
+    def forward(self, h: torch.Tensor) -> MixtureParams:
+        weights = torch.softmax(self.logits(h), dim=-1)
+        means = self.centers.expand_as(weights)
+        sigmas = torch.full_like(weights, self.sigma)
+        return MixtureParams(weights, means, sigmas)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def gmm_nll(params: MixtureParams, z: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood ``-log sum_k w_k N(z | mu_k, sigma_k)`` per object."""
+    z = z.reshape(-1, 1)
+    log_norm = (
+        -0.5 * ((z - params.means) / params.sigmas) ** 2
+        - torch.log(params.sigmas)
+        - math.log(_SQRT2PI)
+    )
+    log_w = torch.log(params.weights.clamp_min(1e-30))
+    return -torch.logsumexp(log_w + log_norm, dim=-1)
+
+
+def _crps_a(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """E|X| for X ~ N(mu, var): ``2 s phi(mu/s) + mu (2 Phi(mu/s) - 1)``."""
+    s = torch.sqrt(var)
+    t = mu / s
+    pdf = torch.exp(-0.5 * t * t) / _SQRT2PI
+    return 2.0 * s * pdf + mu * torch.erf(t / _SQRT2)
+
+
+def gmm_crps(params: MixtureParams, z: torch.Tensor) -> torch.Tensor:
+    """Closed-form CRPS of a Gaussian mixture at ``z`` (redshift units), per object.
+
+    ``CRPS = sum_i w_i A(z - mu_i, s_i^2) - 1/2 sum_ij w_i w_j A(mu_i - mu_j, s_i^2 + s_j^2)``
+    with ``A(m, v) = E|N(m, v)|``. Cost O(K^2) per object.
+    """
+    w, mu, s = params.weights, params.means, params.sigmas
+    z = z.reshape(-1, 1)
+    term1 = (w * _crps_a(z - mu, s * s)).sum(-1)
+    dmu = mu.unsqueeze(-1) - mu.unsqueeze(-2)
+    var = (s * s).unsqueeze(-1) + (s * s).unsqueeze(-2)
+    ww = w.unsqueeze(-1) * w.unsqueeze(-2)
+    term2 = 0.5 * (ww * _crps_a(dmu, var)).sum((-1, -2))
+    return term1 - term2
+
+
+def binned_crps(logits_or_probs: torch.Tensor, z: torch.Tensor, centers: torch.Tensor, *, from_logits: bool = True) -> torch.Tensor:
+    """Discrete-CDF CRPS of eq. (2) (NNC paper), per object.
+
+    ``CRPS = sum_i [F_i - 1(c_i >= z)]^2 dz`` with ``F_i = sum_{j<=i} p_j`` and ``c_i`` the
+    bin centres (evenly spaced, width ``dz``). It is the CRPS of the step CDF that jumps at
+    the bin centres, integrated over [c_0, c_last + dz].
+    """
+    p = torch.softmax(logits_or_probs, dim=-1) if from_logits else logits_or_probs
+    cdf = torch.cumsum(p, dim=-1)
+    step = (centers.reshape(1, -1) >= z.reshape(-1, 1)).to(cdf.dtype)
+    dz = centers[1] - centers[0]
+    return ((cdf - step) ** 2).sum(-1) * dz
+
+
+def gmm_crps_numpy(weights: np.ndarray, means: np.ndarray, sigmas: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """NumPy version of :func:`gmm_crps` for evaluation (float64), shape (N,)."""
+    with torch.no_grad():
+        params = MixtureParams(
+            torch.as_tensor(weights, dtype=torch.float64),
+            torch.as_tensor(means, dtype=torch.float64),
+            torch.as_tensor(sigmas, dtype=torch.float64),
+        )
+        return gmm_crps(params, torch.as_tensor(z, dtype=torch.float64)).numpy()

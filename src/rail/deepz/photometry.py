@@ -1,0 +1,267 @@
+"""Photometry handling shared by every estimator in this package.
+
+Everything that turns catalog columns into numbers a network may see goes through
+:func:`extract_photometry`, so the conventions below hold for all methods:
+
+* Inputs are magnitudes (AB) with magnitude errors, or fluxes with flux errors in
+  ``nJy`` or ``nanomaggies`` (``input_units``). Fluxes are converted to AB magnitudes
+  (zero points 31.4 for nJy, 22.5 for nanomaggies); a flux <= 0 is a non-detection.
+* A measurement is *bad* when the magnitude equals RAIL's ``nondetect_val`` (default 99,
+  compared with a 0.01 tolerance), is NaN or +/-inf, is fainter than the band's entry in
+  ``mag_limits``, or has a non-finite or non-positive error.
+* Bad measurements are treated according to ``missing_policy``:
+
+  - ``"limit"``: magnitude replaced by the band's limit from ``mag_limits`` and the error
+    by ``nondetect_err`` (RAIL's convention, as FlexZBoost and BPZ do);
+  - ``"mask"``: the value is flagged in :attr:`Photometry.valid` (False); methods then
+    hide it from the network (masked sequence step, or zeroed standardised value plus a
+    per-band indicator feature). The stored magnitude is the limit, so that colours stay finite;
+  - ``"raise"``: a :class:`BadPhotometryError` naming the column and the number of rows.
+
+* Detected errors are clipped to ``max_mag_err`` magnitudes (SDSS catalogues carry
+  errors of 1e4 mag for u-band drop-outs).
+
+Nothing here ever passes NaN or inf on to a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+#: AB zero points of the supported flux units (m = -2.5 log10(f) + ZP).
+FLUX_ZEROPOINTS = {"nJy": 31.4, "nanomaggies": 22.5}
+#: 2.5 / ln(10): converts a relative flux error into a magnitude error.
+MAG_ERR_FACTOR = 2.5 / np.log(10.0)
+MISSING_POLICIES = ("limit", "mask", "raise")
+INPUT_UNITS = ("mag", "nJy", "nanomaggies")
+
+
+class BadPhotometryError(ValueError):
+    """Raised when the input photometry cannot be used as configured."""
+
+
+@dataclass
+class Photometry:
+    """Cleaned photometry of one chunk.
+
+    Attributes
+    ----------
+    bands : list of str
+        Magnitude column names, in the order of the columns of the arrays.
+    mags : ndarray, shape (N, B), float32
+        AB magnitudes; bad entries hold the band's limiting magnitude.
+    errs : ndarray, shape (N, B), float32
+        Magnitude errors; bad entries hold ``nondetect_err``.
+    valid : ndarray, shape (N, B), bool
+        True where the measurement is a real detection.
+    """
+
+    bands: list
+    mags: np.ndarray
+    errs: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return self.mags.shape[0]
+
+    @property
+    def n_bands(self) -> int:
+        return self.mags.shape[1]
+
+    def colors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Adjacent-band colours ``m_b - m_{b+1}`` and their errors, shape (N, B-1)."""
+        col = self.mags[:, :-1] - self.mags[:, 1:]
+        err = np.sqrt(self.errs[:, :-1] ** 2 + self.errs[:, 1:] ** 2)
+        return col, err
+
+    def fluxes(self, unit: str = "nJy") -> tuple[np.ndarray, np.ndarray]:
+        """Fluxes and flux errors in ``unit`` (``nJy`` or ``nanomaggies``), shape (N, B)."""
+        zp = FLUX_ZEROPOINTS[unit]
+        flux = 10.0 ** (-0.4 * (self.mags.astype(np.float64) - zp))
+        ferr = flux * self.errs / MAG_ERR_FACTOR
+        return flux.astype(np.float32), ferr.astype(np.float32)
+
+    def features(self, include: Sequence[str] = ("mags", "colors", "errors")) -> np.ndarray:
+        """Stack the requested feature blocks into one (N, F) float32 array.
+
+        Blocks: ``mags`` (B), ``colors`` (B-1), ``errors`` (B magnitude errors),
+        ``color_errors`` (B-1), ``valid`` (B indicators, 1 = detected).
+        """
+        blocks = []
+        col, colerr = self.colors()
+        avail = {
+            "mags": lambda: self.mags,
+            "colors": lambda: col,
+            "errors": lambda: self.errs,
+            "color_errors": lambda: colerr,
+            "valid": lambda: self.valid.astype(np.float32),
+        }
+        for name in include:
+            if name not in avail:
+                raise ValueError(
+                    f"Unknown feature block {name!r}; choose from {sorted(avail)}"
+                )
+            blocks.append(avail[name]())
+        return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    @staticmethod
+    def feature_names(bands: Sequence[str], include: Sequence[str]) -> list[str]:
+        """Names of the columns produced by :meth:`features` (for documentation/SHAP)."""
+        names: list[str] = []
+        for name in include:
+            if name == "mags":
+                names += list(bands)
+            elif name == "errors":
+                names += [f"err({b})" for b in bands]
+            elif name == "valid":
+                names += [f"valid({b})" for b in bands]
+            elif name == "colors":
+                names += [f"{a}-{b}" for a, b in zip(bands[:-1], bands[1:])]
+            elif name == "color_errors":
+                names += [f"err({a}-{b})" for a, b in zip(bands[:-1], bands[1:])]
+        return names
+
+
+def _column(data: Mapping, name: str, role: str, n_rows: int | None) -> np.ndarray:
+    if name not in data:
+        available = ", ".join(sorted(map(str, data.keys()))[:30])
+        raise BadPhotometryError(
+            f"Input is missing the {role} column {name!r} that this configuration/model "
+            f"needs. Available columns: {available}"
+        )
+    arr = np.asarray(data[name])
+    if arr.ndim != 1:
+        raise BadPhotometryError(
+            f"{role} column {name!r} must be one-dimensional, got shape {arr.shape}"
+        )
+    if n_rows is not None and arr.shape[0] != n_rows:
+        raise BadPhotometryError(
+            f"{role} column {name!r} has {arr.shape[0]} rows, expected {n_rows}"
+        )
+    if arr.dtype.kind not in "fiu":
+        raise BadPhotometryError(
+            f"{role} column {name!r} must be numeric, got dtype {arr.dtype}"
+        )
+    return arr.astype(np.float64)
+
+
+def validate_photometry_options(
+    bands: Sequence[str],
+    err_bands: Sequence[str],
+    mag_limits: Mapping[str, float],
+    missing_policy: str,
+    input_units: str,
+) -> None:
+    """Check the photometry options together; raise ValueError naming the bad option."""
+    if len(bands) == 0:
+        raise ValueError("Option 'bands' is empty: give at least one magnitude column")
+    if len(bands) != len(err_bands):
+        raise ValueError(
+            f"Options 'bands' ({len(bands)} columns) and 'err_bands' ({len(err_bands)} "
+            "columns) must have the same length"
+        )
+    if len(set(bands)) != len(bands):
+        raise ValueError(f"Option 'bands' lists a column twice: {list(bands)}")
+    if missing_policy not in MISSING_POLICIES:
+        raise ValueError(
+            f"Option 'missing_policy'={missing_policy!r} is not one of {MISSING_POLICIES}"
+        )
+    if input_units not in INPUT_UNITS:
+        raise ValueError(f"Option 'input_units'={input_units!r} is not one of {INPUT_UNITS}")
+    if missing_policy != "raise":
+        lacking = [b for b in bands if b not in mag_limits]
+        if lacking:
+            raise ValueError(
+                f"Option 'mag_limits' has no limiting magnitude for band(s) {lacking}; "
+                f"missing_policy={missing_policy!r} needs one per band"
+            )
+
+
+def extract_photometry(
+    data: Mapping,
+    bands: Sequence[str],
+    err_bands: Sequence[str],
+    *,
+    mag_limits: Mapping[str, float] | None = None,
+    nondetect_val: float = 99.0,
+    nondetect_err: float = 1.0,
+    missing_policy: str = "limit",
+    input_units: str = "mag",
+    max_mag_err: float = 5.0,
+) -> Photometry:
+    """Read, validate and clean the photometry of one table chunk.
+
+    Parameters
+    ----------
+    data : mapping of column name to 1-D array
+        A numpyDict table (use ``CatEstimator._convert_table_format`` first).
+    bands, err_bands : list of str
+        Magnitude (or flux) columns and their error columns, same order.
+    mag_limits : dict
+        Limiting AB magnitude per column in ``bands``; used for bad values.
+    nondetect_val : float
+        Magnitude value that marks a non-detection (RAIL convention: 99). NaN works too.
+    nondetect_err : float
+        Magnitude error assigned to replaced values (mag).
+    missing_policy : {"limit", "mask", "raise"}
+        What to do with bad values (see the module docstring).
+    input_units : {"mag", "nJy", "nanomaggies"}
+        Units of the ``bands`` columns.
+    max_mag_err : float
+        Detected magnitude errors are clipped to this value (mag).
+    """
+    mag_limits = dict(mag_limits or {})
+    validate_photometry_options(bands, err_bands, mag_limits, missing_policy, input_units)
+    n_rows = None
+    mags_l, errs_l, valid_l = [], [], []
+    for band, eband in zip(bands, err_bands):
+        val = _column(data, band, "band", n_rows)
+        n_rows = val.shape[0]
+        err = _column(data, eband, "error", n_rows)
+        if input_units == "mag":
+            mag = val
+            magerr = err
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(mag) | ~np.isfinite(magerr) | (magerr <= 0)
+                if np.isfinite(nondetect_val):
+                    bad |= np.isclose(mag, nondetect_val, atol=0.01)
+        else:
+            zp = FLUX_ZEROPOINTS[input_units]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bad = ~np.isfinite(val) | ~np.isfinite(err) | (val <= 0) | (err <= 0)
+                mag = np.where(bad, np.nan, -2.5 * np.log10(np.where(bad, 1.0, val)) + zp)
+                magerr = np.where(bad, np.nan, MAG_ERR_FACTOR * err / np.where(bad, 1.0, val))
+        limit = mag_limits.get(band)
+        if limit is not None:
+            with np.errstate(invalid="ignore"):
+                bad |= mag > limit
+        n_bad = int(bad.sum())
+        if n_bad and missing_policy == "raise":
+            raise BadPhotometryError(
+                f"Column {band!r} has {n_bad} non-detected, NaN/inf or beyond-limit value(s) "
+                f"(or bad errors in {eband!r}); set missing_policy='limit' or 'mask' to "
+                "handle them"
+            )
+        fill = limit if limit is not None else 0.0
+        mags_l.append(np.where(bad, fill, mag))
+        errs_l.append(np.where(bad, nondetect_err, np.minimum(magerr, max_mag_err)))
+        valid_l.append(~bad)
+    mags = np.stack(mags_l, axis=1).astype(np.float32)
+    errs = np.stack(errs_l, axis=1).astype(np.float32)
+    valid = np.stack(valid_l, axis=1)
+    return Photometry(bands=list(bands), mags=mags, errs=errs, valid=valid)
+
+
+def check_model_bands(model_bands: Sequence[str], config_bands: Sequence[str], what: str) -> None:
+    """Refuse to run a model on bands other than the ones it was trained on."""
+    if list(model_bands) != list(config_bands):
+        missing = [b for b in model_bands if b not in config_bands]
+        extra = [b for b in config_bands if b not in model_bands]
+        raise BadPhotometryError(
+            f"{what}: the model was trained on bands {list(model_bands)} but the "
+            f"configuration asks for {list(config_bands)} (missing: {missing}, extra: {extra}). "
+            "Use the band list the model was trained with, or retrain."
+        )

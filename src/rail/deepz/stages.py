@@ -1,0 +1,321 @@
+"""Base RAIL stages shared by every estimator of this package.
+
+:class:`DeepzInformer` reads and validates the training table, cleans the photometry,
+splits training/validation, calls the method's ``_fit`` and stores a model dict.
+:class:`DeepzEstimator` loads and checks that model, rebuilds the network once, and
+for each chunk converts the table, cleans the photometry with the *model's* conventions,
+runs the network in batches and writes a qp ensemble aligned with the input rows.
+
+A saved model is a plain dict (pickled by RAIL's ``ModelHandle``) holding only numpy
+arrays, CPU tensors and python scalars, so a model trained on a GPU loads on a CPU::
+
+    {"format": "rail.deepz", "format_version": 1, "package_version": "0.1.0",
+     "method": "nnc", "bands": [...], "err_bands": [...], "photometry": {...},
+     "arch": {...}, "state_dict": {...}, "scalers": {...}, "train": {...}, ...}
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+import numpy as np
+import tables_io
+from ceci.config import StageParameter as Param
+from rail.core.common_params import SharedParams
+from rail.estimation.estimator import CatEstimator
+from rail.estimation.informer import CatInformer
+
+from ._version import __version__
+from .photometry import Photometry, check_model_bands, extract_photometry
+from .training import DEVICES, TrainConfig, resolve_device
+
+FORMAT = "rail.deepz"
+FORMAT_VERSION = 1
+
+# keys ceci/RAIL put in a stage's config besides its declared options
+_FRAMEWORK_KEYS = {"name", "config", "aliases", "input", "output", "model"}
+
+
+class ModelFormatError(ValueError):
+    """The model file is not a usable rail.deepz model for this stage."""
+
+
+def validate_config_keys(stage) -> None:
+    """Fail with a clear message on config keys the stage does not know (typos)."""
+    allowed = set(stage.config_options) | _FRAMEWORK_KEYS
+    allowed |= set(stage.input_tags()) | set(stage.output_tags())
+    unknown = [k for k in stage.config.keys() if k not in allowed]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(stage.config_options), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"Unknown config option(s) for stage {stage.name} ({type(stage).__name__}): "
+            + ", ".join(hints)
+            + f". Valid options: {', '.join(sorted(stage.config_options))}"
+        )
+
+
+def with_defaults(options: Mapping[str, Param], **defaults: Any) -> dict:
+    """Copy a dict of ``Param`` and change some defaults (a method's paper values)."""
+    out = {}
+    for key, par in options.items():
+        p = par.copy()
+        if key in defaults:
+            p.set_default(defaults[key])
+        out[key] = p
+    unknown = set(defaults) - set(options)
+    if unknown:
+        raise KeyError(f"with_defaults: no such option(s) {sorted(unknown)}")
+    return out
+
+
+PHOTOMETRY_OPTIONS = dict(
+    bands=SharedParams.copy_param("bands"),
+    err_bands=SharedParams.copy_param("err_bands"),
+    mag_limits=SharedParams.copy_param("mag_limits"),
+    nondetect_val=SharedParams.copy_param("nondetect_val"),
+    input_units=Param(
+        str, "mag",
+        msg="units of the 'bands' columns: 'mag' (AB magnitudes, errors in mag), 'nJy' or "
+        "'nanomaggies' (fluxes, errors in the same unit; converted to AB magnitudes)",
+    ),
+    missing_policy=Param(
+        str, "limit",
+        msg="non-detections (nondetect_val), NaN/inf, beyond-limit values and bad errors: "
+        "'limit' = replace by the band's mag_limits value with error nondetect_err; "
+        "'mask' = hide from the network (masked step / indicator feature); 'raise' = error",
+    ),
+    nondetect_err=Param(float, 1.0, msg="magnitude error given to replaced values (mag)"),
+    max_mag_err=Param(float, 5.0, msg="detected magnitude errors are clipped to this (mag)"),
+)
+
+TRAINING_OPTIONS = dict(
+    redshift_col=SharedParams.copy_param("redshift_col"),
+    zmin=SharedParams.copy_param("zmin"),
+    zmax=SharedParams.copy_param("zmax"),
+    z_out_of_range=Param(
+        str, "raise",
+        msg="training redshifts outside [zmin, zmax] or non-finite: 'raise', 'clip' "
+        "(to the range; non-finite still raise) or 'drop'",
+    ),
+    epochs=Param(int, 300, msg="maximum number of training epochs"),
+    batch_size=Param(int, 4096, msg="objects per optimisation step"),
+    lr=Param(float, 5e-4, msg="initial learning rate"),
+    weight_decay=Param(float, 1e-5, msg="weight decay"),
+    optimizer=Param(str, "adamw", msg="'adamw' or 'adam'"),
+    lr_schedule=Param(str, "plateau", msg="'plateau', 'step' or 'none'"),
+    lr_factor=Param(float, 0.5, msg="learning-rate multiplier of the schedule"),
+    lr_patience=Param(int, 5, msg="plateau schedule: epochs without improvement before lowering lr"),
+    lr_step=Param(int, 50, msg="step schedule: epochs between lr reductions"),
+    clip_norm=Param(float, 1.0, msg="gradient clipping max norm (<= 0: off)"),
+    patience=Param(int, 20, msg="early stopping patience in epochs (best weights restored)"),
+    min_delta=Param(float, 0.0, msg="minimum validation-loss decrease counted as improvement"),
+    val_fraction=Param(float, 0.1, msg="fraction of the training set held out for validation"),
+    val_column=Param(
+        str, "",
+        msg="name of a boolean column marking validation rows (overrides val_fraction)",
+    ),
+    seed=Param(int, 42, msg="random seed: CPU training is deterministic for a given seed"),
+    device=Param(str, "auto", msg="'auto' (CUDA if available), 'cpu' or 'cuda'"),
+    mixed_precision=Param(bool, False, msg="bfloat16 autocast on CUDA (ignored on CPU)"),
+    progress=Param(bool, True, msg="print a line per epoch with train/val loss"),
+)
+
+ESTIMATION_OPTIONS = dict(
+    bands=Param(
+        list, [],
+        msg="magnitude columns; empty = the model's bands. If given, must equal the model's",
+    ),
+    err_bands=Param(list, [], msg="error columns; empty = the model's"),
+    device=Param(str, "auto", msg="'auto' (CUDA if available), 'cpu' or 'cuda'"),
+    mixed_precision=Param(bool, False, msg="bfloat16 autocast on CUDA (ignored on CPU)"),
+    inference_batch_size=Param(int, 65536, msg="objects per forward pass at estimation"),
+)
+
+
+def table_to_numpy_dict(stage, data, groupname: str | None = None) -> dict:
+    """Select ``groupname`` if present, and convert any RAIL table to a numpyDict."""
+    if groupname and isinstance(data, Mapping) and groupname in data:
+        data = data[groupname]
+    if tables_io.types.table_type(data) != tables_io.types.NUMPY_DICT:
+        data = stage._convert_table_format(data, "numpyDict")
+    return data
+
+
+def photometry_settings(config) -> dict:
+    return {
+        "mag_limits": dict(config["mag_limits"]),
+        "nondetect_val": float(config["nondetect_val"]),
+        "nondetect_err": float(config["nondetect_err"]),
+        "missing_policy": config["missing_policy"],
+        "input_units": config["input_units"],
+        "max_mag_err": float(config["max_mag_err"]),
+    }
+
+
+class DeepzInformer(CatInformer):
+    """Base informer: table -> cleaned photometry + redshifts -> ``_fit`` -> model dict."""
+
+    name = "DeepzInformer"
+    interactive_function = "deepz_informer"
+    method = ""  # set by subclasses, stored in the model and checked at load time
+    config_options = CatInformer.config_options.copy()
+    config_options.update(PHOTOMETRY_OPTIONS)
+    config_options.update(TRAINING_OPTIONS)
+
+    def __init__(self, args, **kwargs):
+        super().__init__(args, **kwargs)
+        validate_config_keys(self)
+        self.train_config = TrainConfig.from_config(self.config)
+        self.train_config.validate()
+        if self.config.zmax <= self.config.zmin:
+            raise ValueError(f"Option 'zmax' ({self.config.zmax}) must exceed 'zmin' ({self.config.zmin})")
+        if self.config.z_out_of_range not in ("raise", "clip", "drop"):
+            raise ValueError(
+                f"Option 'z_out_of_range'={self.config.z_out_of_range!r} is not 'raise', 'clip' or 'drop'"
+            )
+
+    # -- data preparation -------------------------------------------------
+    def _training_table(self) -> dict:
+        data = self.get_data("input")
+        return table_to_numpy_dict(self, data, self.config.hdf5_groupname)
+
+    def _redshifts(self, data: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        """True redshifts and the boolean mask of rows kept for training."""
+        col = self.config.redshift_col
+        if col not in data:
+            raise KeyError(f"Training data has no redshift column {col!r} (option 'redshift_col')")
+        z = np.asarray(data[col], dtype=np.float64)
+        bad = ~np.isfinite(z)
+        if bad.any():
+            raise ValueError(f"Redshift column {col!r} has {int(bad.sum())} NaN/inf value(s)")
+        lo, hi = self.config.zmin, self.config.zmax
+        out = (z < lo) | (z > hi)
+        keep = np.ones(z.shape, dtype=bool)
+        if out.any():
+            policy = self.config.z_out_of_range
+            msg = (
+                f"{int(out.sum())} training redshift(s) in {col!r} lie outside "
+                f"[zmin, zmax] = [{lo}, {hi}] (range {z.min():.4g}..{z.max():.4g})"
+            )
+            if policy == "raise":
+                raise ValueError(msg + "; widen zmin/zmax or set z_out_of_range='clip' or 'drop'")
+            self.log.warning(msg + f"; z_out_of_range={policy!r}")
+            if policy == "clip":
+                z = np.clip(z, lo, hi)
+            else:
+                keep = ~out
+        return z, keep
+
+    def _photometry(self, data: Mapping) -> Photometry:
+        return extract_photometry(
+            data, self.config.bands, self.config.err_bands, **photometry_settings(self.config)
+        )
+
+    def _val_mask(self, data: Mapping) -> np.ndarray | None:
+        col = self.config.val_column
+        if not col:
+            return None
+        if col not in data:
+            raise KeyError(f"Training data has no validation column {col!r} (option 'val_column')")
+        return np.asarray(data[col]).astype(bool)
+
+    # -- model packaging --------------------------------------------------
+    def _model_dict(self, **payload) -> dict:
+        model = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "method": self.method,
+            "bands": list(self.config.bands),
+            "err_bands": list(self.config.err_bands),
+            "photometry": photometry_settings(self.config),
+            "zmin": float(self.config.zmin),
+            "zmax": float(self.config.zmax),
+        }
+        model.update(payload)
+        return model
+
+    def run(self):
+        data = self._training_table()
+        z, keep = self._redshifts(data)
+        if not keep.all():
+            data = {k: np.asarray(v)[keep] for k, v in data.items()}
+            z = z[keep]
+        model = self._fit(data, z, self._val_mask(data))
+        self.model = model
+        self.add_data("model", self.model)
+
+    def _fit(self, data: Mapping, z: np.ndarray, val_mask: np.ndarray | None) -> dict:
+        raise NotImplementedError  # pragma: no cover
+
+
+class DeepzEstimator(CatEstimator):
+    """Base estimator: checks the model, rebuilds the network once, streams chunks."""
+
+    name = "DeepzEstimator"
+    interactive_function = "deepz_estimator"
+    method = ""
+    config_options = CatEstimator.config_options.copy()
+    config_options.update(ESTIMATION_OPTIONS)
+
+    def __init__(self, args, **kwargs):
+        super().__init__(args, **kwargs)
+        validate_config_keys(self)
+        if self.config.device not in DEVICES and not str(self.config.device).startswith("cuda:"):
+            raise ValueError(f"Option 'device'={self.config.device!r} is not one of {DEVICES}")
+        self._loaded_model_id = None
+        self.net = None
+        self.torch_device = None
+
+    def open_model(self, **kwargs):
+        model = super().open_model(**kwargs)
+        if model is None:
+            raise ModelFormatError(f"{self.name}: no model given (option/input 'model')")
+        if id(model) != self._loaded_model_id:
+            self._check_model(model)
+            self.torch_device = resolve_device(self.config.device)
+            self.net = self._build_network(model)
+            if self.net is not None:
+                self.net.to(self.torch_device).eval()
+            self._loaded_model_id = id(model)
+        return model
+
+    def _check_model(self, model) -> None:
+        if not isinstance(model, dict) or model.get("format") != FORMAT:
+            raise ModelFormatError(
+                f"{self.name}: the model is not a rail.deepz model (got {type(model).__name__})"
+            )
+        if model.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{self.name}: model format version {model.get('format_version')} (written by "
+                f"pz-rail-deepz {model.get('package_version')}) cannot be read by this version "
+                f"({__version__}, format {FORMAT_VERSION}); retrain the model"
+            )
+        if model.get("method") != self.method:
+            raise ModelFormatError(
+                f"{self.name}: this is a {model.get('method')!r} model, expected {self.method!r}"
+            )
+        if self.config.bands:
+            check_model_bands(model["bands"], self.config.bands, self.name)
+        if self.config.err_bands and list(self.config.err_bands) != list(model["err_bands"]):
+            check_model_bands(model["err_bands"], self.config.err_bands, self.name + " (err_bands)")
+
+    def _photometry(self, data: Mapping) -> Photometry:
+        return extract_photometry(data, self.model["bands"], self.model["err_bands"], **self.model["photometry"])
+
+    def _process_chunk(self, start, end, data, first):
+        data = table_to_numpy_dict(self, data)
+        ens = self._estimate_chunk(data)
+        if ens.npdf != end - start:
+            raise RuntimeError(f"{self.name}: produced {ens.npdf} PDFs for {end - start} rows")
+        self._do_chunk_output(ens, start, end, first, data=data)
+
+    def _build_network(self, model: dict):
+        raise NotImplementedError  # pragma: no cover
+
+    def _estimate_chunk(self, data: Mapping):
+        raise NotImplementedError  # pragma: no cover

@@ -1,0 +1,357 @@
+"""The one training loop used by every method in this package.
+
+:func:`train_model` fits any ``nn.Module`` whose ``forward`` takes the input tensors of a
+batch and whose output, passed with the true redshifts to ``loss_fn``, gives one loss per
+object. It provides: AdamW/Adam, a plateau or step learning-rate schedule, gradient
+clipping, early stopping that restores the best weights, deterministic CPU training
+from ``seed``, device selection (``auto``/``cpu``/``cuda``), optional mixed precision on
+CUDA, a one-line-per-epoch progress display that can be turned off, and a history list
+stored with the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("rail.deepz")
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map the ``device`` option to a torch device; ``auto`` picks CUDA when available."""
+    if name not in DEVICES and not str(name).startswith("cuda:"):
+        raise ValueError(f"Option 'device'={name!r} is not one of {DEVICES} (or 'cuda:N')")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"Option 'device'={name!r} but torch sees no CUDA device; use 'auto' or 'cpu'"
+        )
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; make CPU kernels deterministic. Returns a generator."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_model` (each is a stage config option of the same name).
+
+    Attributes
+    ----------
+    epochs : int
+        Maximum number of passes over the training set.
+    batch_size : int
+        Objects per optimisation step.
+    lr : float
+        Initial learning rate.
+    weight_decay : float
+        Decoupled weight decay (AdamW) or L2 penalty (Adam).
+    optimizer : str
+        ``adamw`` or ``adam``.
+    lr_schedule : str
+        ``plateau`` (multiply by ``lr_factor`` after ``lr_patience`` epochs without
+        validation improvement), ``step`` (multiply by ``lr_factor`` every ``lr_step``
+        epochs) or ``none``.
+    lr_factor, lr_patience, lr_step : float, int, int
+        Schedule parameters.
+    clip_norm : float
+        Maximum gradient L2 norm (<= 0 disables clipping).
+    patience : int
+        Early stopping: stop after this many epochs without validation improvement and
+        restore the best weights.
+    min_delta : float
+        Minimum decrease of the validation loss that counts as an improvement.
+    seed : int
+        Seeds weight initialisation and batch order; CPU training is bit-for-bit repeatable.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    mixed_precision : bool
+        Use bfloat16 autocast on CUDA (ignored on CPU).
+    progress : bool
+        Print one line per epoch (epoch, train/val loss, learning rate) to stderr.
+    """
+
+    epochs: int = 300
+    batch_size: int = 4096
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    optimizer: str = "adamw"
+    lr_schedule: str = "plateau"
+    lr_factor: float = 0.5
+    lr_patience: int = 5
+    lr_step: int = 50
+    clip_norm: float = 1.0
+    patience: int = 20
+    min_delta: float = 0.0
+    seed: int = 42
+    device: str = "auto"
+    mixed_precision: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"Option 'optimizer'={self.optimizer!r} is not 'adamw' or 'adam'")
+        if self.lr_schedule not in ("plateau", "step", "none"):
+            raise ValueError(
+                f"Option 'lr_schedule'={self.lr_schedule!r} is not 'plateau', 'step' or 'none'"
+            )
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Option {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"Option 'lr' must be > 0, got {self.lr}")
+        resolve_device(self.device)
+
+    @classmethod
+    def from_config(cls, config) -> "TrainConfig":
+        """Build from a stage config (any mapping with the attribute names as keys)."""
+        kwargs = {k: config[k] for k in cls.__dataclass_fields__ if k in config}
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_loss: float = float("inf")
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_indices(n: int, val_fraction: float, seed: int, val_mask: np.ndarray | None = None):
+    """Training/validation indices: from a boolean ``val_mask`` or a seeded random fraction."""
+    if val_mask is not None:
+        val_mask = np.asarray(val_mask, dtype=bool)
+        train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"Option 'val_fraction' must be in (0, 1), got {val_fraction}")
+        perm = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(round(n * val_fraction)))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise ValueError(
+            f"Training/validation split left {len(train_idx)} training and {len(val_idx)} "
+            "validation objects; both must be non-empty"
+        )
+    return train_idx, val_idx
+
+
+def _to_tensors(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    return [torch.as_tensor(np.ascontiguousarray(a)).to(device) for a in arrays]
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None):
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+def evaluate_loss(model, loss_fn, inputs, z, batch_size, device, autocast_ctx) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for idx in _batches(len(z), batch_size, None):
+            idx_d = idx.to(device) if inputs[0].device != torch.device("cpu") else idx
+            batch = [t[idx_d].to(device, non_blocking=True) for t in inputs]
+            zb = z[idx_d].to(device, non_blocking=True)
+            with autocast_ctx():
+                out = model(*batch)
+            loss = loss_fn(out, zb)
+            total += float(loss.float().sum())
+            count += len(zb)
+    return total / max(count, 1)
+
+
+def train_model(
+    model: nn.Module,
+    loss_fn: Callable[[object, torch.Tensor], torch.Tensor],
+    train_inputs: Sequence[np.ndarray],
+    train_z: np.ndarray,
+    val_inputs: Sequence[np.ndarray],
+    val_z: np.ndarray,
+    cfg: TrainConfig,
+    augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    keep_on_cpu: bool = False,
+) -> TrainResult:
+    """Fit ``model`` in place and restore its best (lowest validation loss) weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``model(*batch_inputs)`` returns whatever ``loss_fn`` expects.
+    loss_fn : callable
+        ``loss_fn(output, z) -> (N,) tensor`` of per-object losses.
+    train_inputs, val_inputs : list of ndarray
+        Input arrays, first axis = objects.
+    train_z, val_z : ndarray
+        True redshifts.
+    cfg : TrainConfig
+    augment : callable, optional
+        Applied to each training batch's input tensors (e.g. image flips).
+    keep_on_cpu : bool
+        Keep the data set in host memory and move batches to the device (for images);
+        otherwise the whole set is copied to the device once (fast for catalogues).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    gen = seed_everything(cfg.seed)
+    if device.type == "cpu" and os.environ.get("DEEPZ_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["DEEPZ_NUM_THREADS"]))
+    model.to(device)
+    data_device = torch.device("cpu") if keep_on_cpu else device
+    tr = _to_tensors(train_inputs, data_device)
+    va = _to_tensors(val_inputs, data_device)
+    tz = torch.as_tensor(np.asarray(train_z, dtype=np.float32)).to(data_device)
+    vz = torch.as_tensor(np.asarray(val_z, dtype=np.float32)).to(data_device)
+
+    use_amp = cfg.mixed_precision and device.type == "cuda"
+
+    def autocast_ctx():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)
+
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
+        )
+    elif cfg.lr_schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_factor)
+    else:
+        sched = None
+
+    result = TrainResult(device=str(device))
+    best_state = copy.deepcopy(model.state_dict())
+    since_best = 0
+    t0 = time.perf_counter()
+    n = len(tz)
+    # drop a last batch of one object: batch norm cannot train on it
+    for epoch in range(cfg.epochs):
+        model.train()
+        tot, cnt = 0.0, 0
+        for idx in _batches(n, cfg.batch_size, gen):
+            if len(idx) < 2:
+                continue
+            idx_d = idx.to(data_device)
+            batch = [t[idx_d].to(device, non_blocking=True) for t in tr]
+            zb = tz[idx_d].to(device, non_blocking=True)
+            if augment is not None:
+                batch = augment(batch)
+            with autocast_ctx():
+                out = model(*batch)
+            loss = loss_fn(out, zb).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Training loss became {float(loss)} at epoch {epoch}; lower 'lr' or "
+                    "check the inputs for extreme values"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_norm and cfg.clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            opt.step()
+            tot += float(loss.detach()) * len(zb)
+            cnt += len(zb)
+        train_loss = tot / max(cnt, 1)
+        val_loss = evaluate_loss(model, loss_fn, va, vz, max(cfg.batch_size, 1024), device, autocast_ctx)
+        lr_now = opt.param_groups[0]["lr"]
+        result.history.append(
+            {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_now}
+        )
+        if cfg.progress:
+            print(
+                f"[deepz] epoch {epoch + 1:4d}/{cfg.epochs}  train {train_loss:.5f}  "
+                f"val {val_loss:.5f}  lr {lr_now:.2e}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if sched is not None:
+            if cfg.lr_schedule == "plateau":
+                sched.step(val_loss)
+            else:
+                sched.step()
+        if val_loss < result.best_val_loss - cfg.min_delta:
+            result.best_val_loss = val_loss
+            result.best_epoch = epoch
+            best_state = copy.deepcopy(model.state_dict())
+            since_best = 0
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    log.info(
+        "trained %d epochs in %.1f s on %s; best epoch %d, val loss %.5f",
+        len(result.history), result.seconds, device, result.best_epoch, result.best_val_loss,
+    )
+    return result
+
+
+def predict_batched(
+    model: nn.Module,
+    inputs: Sequence[np.ndarray],
+    device: torch.device,
+    batch_size: int = 65536,
+    mixed_precision: bool = False,
+) -> list:
+    """Run ``model`` in eval mode over ``inputs`` in batches; return the list of outputs.
+
+    Outputs are moved to host memory; concatenate them with :func:`concat_outputs`.
+    """
+    model.eval()
+    outs = []
+    use_amp = mixed_precision and device.type == "cuda"
+    n = len(inputs[0])
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out = model(*batch)
+            outs.append(_to_cpu_float(out))
+    return outs
+
+
+def _to_cpu_float(out):
+    if isinstance(out, torch.Tensor):
+        return out.float().cpu()
+    if hasattr(out, "__dataclass_fields__"):
+        return type(out)(**{k: _to_cpu_float(getattr(out, k)) for k in out.__dataclass_fields__})
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_cpu_float(o) for o in out)
+    return out
+
+
+def concat_outputs(outs: list):
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs)
+    if hasattr(first, "__dataclass_fields__"):
+        return type(first)(**{k: torch.cat([getattr(o, k) for o in outs]) for k in first.__dataclass_fields__})
+    raise TypeError(f"cannot concatenate outputs of type {type(first)}")
