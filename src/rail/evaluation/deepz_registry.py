@@ -1,0 +1,119 @@
+"""Registry of the estimators the comparison harness knows how to train and run.
+
+Each :class:`EstimatorSpec` names an informer/estimator pair by import path and says how
+to configure it for a :class:`rail.deepz.datasets.Dataset`. The harness
+(:mod:`rail.evaluation.deepz_compare`) and the benchmark scripts iterate over
+:data:`ESTIMATORS`; a method module adds itself with :func:`register`.
+
+``make_configs(dataset, quick)`` returns ``(inform_config, estimate_config)``; ``quick``
+asks for a configuration that trains in seconds (tests, smoke runs), not a good model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class EstimatorSpec:
+    """How to run one estimator in a comparison.
+
+    Attributes
+    ----------
+    key : str
+        Short name used on the command line and in tables (``nnc``, ``flexzboost``...).
+    label : str
+        Human-readable name for tables and plots.
+    informer, estimator : str
+        ``"module:ClassName"`` import paths.
+    make_configs : callable
+        ``(dataset, quick) -> (inform_config, estimate_config)``.
+    needs : tuple of str
+        What the input table must hold: ``catalog`` (photometry), ``images``, ``embeddings``.
+    baseline : bool
+        True for the reference estimators (FlexZBoost, BPZ).
+    """
+
+    key: str
+    label: str
+    informer: str
+    estimator: str
+    make_configs: Callable
+    needs: tuple = ("catalog",)
+    baseline: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def _load(path: str):
+        mod, cls = path.split(":")
+        return getattr(importlib.import_module(mod), cls)
+
+    @property
+    def informer_class(self):
+        return self._load(self.informer)
+
+    @property
+    def estimator_class(self):
+        return self._load(self.estimator)
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {}
+
+
+def register(spec: EstimatorSpec) -> EstimatorSpec:
+    ESTIMATORS[spec.key] = spec
+    return spec
+
+
+def get(key: str) -> EstimatorSpec:
+    if key not in ESTIMATORS:
+        raise KeyError(f"Unknown estimator {key!r}; known: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[key]
+
+
+# ---------------------------------------------------------------- built-in entries
+
+
+def _nnc_configs(ds, quick=False):
+    base = ds.catalog_config()
+    inform = {k: base[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")}
+    inform.update(progress=False)
+    if quick:
+        inform.update(epochs=5, hidden_layers=[64, 32], nbins=100, batch_size=512)
+    estimate = dict(hdf5_groupname="", id_col=ds.extra.get("id_col", "object_id"), redshift_col=ds.redshift_col,
+                    zmin=ds.zmin, zmax=ds.zmax)
+    return inform, estimate
+
+
+register(EstimatorSpec(
+    key="nnc",
+    label="NNC (binned CRPS)",
+    informer="rail.estimation.algos.deepz_nnc:DeepzNNCInformer",
+    estimator="rail.estimation.algos.deepz_nnc:DeepzNNCEstimator",
+    make_configs=_nnc_configs,
+))
+
+
+def _flexzboost_configs(ds, quick=False):
+    base = ds.catalog_config()
+    inform = {k: base[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "ref_band", "hdf5_groupname")}
+    # RAIL's default regression_params; trainfrac/bump/sharpen grid as in rail's examples
+    inform.update(nzbins=301, trainfrac=0.75, max_basis=35, nondetect_val=99.0)
+    if quick:
+        inform.update(max_basis=10, nbump=3, nsharp=3, regression_params={"max_depth": 4, "objective": "reg:squarederror"})
+    estimate = {k: base[k] for k in ("bands", "err_bands", "mag_limits", "ref_band", "hdf5_groupname", "zmin", "zmax")}
+    estimate.update(nzbins=301, nondetect_val=99.0, id_col=ds.extra.get("id_col", "object_id"),
+                    redshift_col=ds.redshift_col, qp_representation="interp")
+    return inform, estimate
+
+
+register(EstimatorSpec(
+    key="flexzboost",
+    label="FlexZBoost",
+    informer="rail.estimation.algos.flexzboost:FlexZBoostInformer",
+    estimator="rail.estimation.algos.flexzboost:FlexZBoostEstimator",
+    make_configs=_flexzboost_configs,
+    baseline=True,
+))
