@@ -30,36 +30,50 @@ def grid_summaries(pdfs: np.ndarray, zgrid: np.ndarray, quantiles=DEFAULT_QUANTI
     The CDF is the cumulative trapezoid integral, normalised to 1 at ``zgrid[-1]``;
     the median and quantiles interpolate it linearly. All vectorised over objects.
     """
-    pdfs = np.asarray(pdfs, dtype=np.float64)
+    pdfs = np.asarray(pdfs, dtype=np.float32)
     zgrid = np.asarray(zgrid, dtype=np.float64)
     dz = np.diff(zgrid)
-    cdf = np.concatenate(
-        [np.zeros((pdfs.shape[0], 1)), np.cumsum(0.5 * (pdfs[:, 1:] + pdfs[:, :-1]) * dz, axis=1)],
-        axis=1,
-    )
-    norm = cdf[:, -1:]
-    norm = np.where(norm > 0, norm, 1.0)
-    cdf /= norm
-    p = pdfs / norm
+    # trapezoid weights of each grid point
+    w = np.concatenate([[dz[0] / 2], 0.5 * (dz[1:] + dz[:-1]), [dz[-1] / 2]])
+    inc = 0.5 * (pdfs[:, 1:] + pdfs[:, :-1]) * dz.astype(np.float32)
+    cdf = np.zeros(pdfs.shape, dtype=np.float64)
+    cdf[:, 1:] = np.cumsum(inc, axis=1)
+    norm = cdf[:, -1].copy()
+    norm[norm <= 0] = 1.0
+    cdf /= norm[:, None]
     out = {"zmode": zgrid[np.argmax(pdfs, axis=1)]}
-    w = p * np.concatenate([[dz[0] / 2], 0.5 * (dz[1:] + dz[:-1]), [dz[-1] / 2]])
-    mean = (w * zgrid).sum(1)
-    out["zmean"] = mean
-    out["zstd"] = np.sqrt(np.clip((w * zgrid**2).sum(1) - mean**2, 0.0, None))
-    out["zmedian"] = _cdf_inverse(cdf, zgrid, 0.5)
-    for q in quantiles:
-        out[quantile_name(q)] = _cdf_inverse(cdf, zgrid, q)
+    mean = (pdfs @ (w * zgrid).astype(np.float32)) / norm
+    second = (pdfs @ (w * zgrid**2).astype(np.float32)) / norm
+    out["zmean"] = mean.astype(np.float64)
+    out["zstd"] = np.sqrt(np.clip(second - mean**2, 0.0, None)).astype(np.float64)
+    qs = [0.5, *quantiles]
+    inv = cdf_inverse(cdf, zgrid, qs)
+    out["zmedian"] = inv[:, 0]
+    for i, q in enumerate(quantiles):
+        out[quantile_name(q)] = inv[:, i + 1]
     return out
 
 
-def _cdf_inverse(cdf: np.ndarray, zgrid: np.ndarray, q: float) -> np.ndarray:
-    """First crossing of ``q`` by each row of a monotone ``cdf``, linearly interpolated."""
+def cdf_inverse(cdf: np.ndarray, xgrid: np.ndarray, qs) -> np.ndarray:
+    """Invert monotone CDFs (N, G) tabulated at ``xgrid`` (G,) at levels ``qs`` -> (N, len(qs)).
+
+    Uses one ``searchsorted`` over the rows laid end to end (row r shifted by 2r, which
+    keeps the flattened array sorted since each CDF lies in [0, 1]), then linear
+    interpolation inside the bracketing grid interval. No loop over objects.
+    """
+    cdf = np.asarray(cdf, dtype=np.float64)
     n, g = cdf.shape
-    idx = np.clip((cdf < q).sum(axis=1), 1, g - 1)
-    rows = np.arange(n)
+    qs = np.asarray(qs, dtype=np.float64)
+    offset = 2.0 * np.arange(n, dtype=np.float64)
+    flat = (cdf + offset[:, None]).ravel()
+    targets = (offset[:, None] + qs[None, :]).ravel()
+    pos = np.searchsorted(flat, targets, side="left").reshape(n, len(qs))
+    rows = np.arange(n)[:, None]
+    idx = np.clip(pos - rows * g, 1, g - 1)
     c0, c1 = cdf[rows, idx - 1], cdf[rows, idx]
-    frac = np.where(c1 > c0, (q - c0) / np.where(c1 > c0, c1 - c0, 1.0), 0.0)
-    return zgrid[idx - 1] + np.clip(frac, 0.0, 1.0) * (zgrid[idx] - zgrid[idx - 1])
+    den = np.where(c1 > c0, c1 - c0, 1.0)
+    frac = np.clip(np.where(c1 > c0, (qs[None, :] - c0) / den, 0.0), 0.0, 1.0)
+    return xgrid[idx - 1] + frac * (xgrid[idx] - xgrid[idx - 1])
 
 
 def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 20000) -> np.ndarray:
@@ -122,30 +136,37 @@ def binned_ensemble(
 ) -> qp.Ensemble:
     """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
 
-    ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp`` stores the
-    density at the bin centres (piecewise-linear PDF). zmode is the centre of the most
-    probable bin; zmean, zmedian and quantiles are those of the piecewise-constant PDF.
+    ``probs`` must be normalised per row (a softmax output). ``hist`` stores the histogram
+    exactly (piecewise-constant PDF); ``interp`` stores the density at the bin centres
+    (piecewise-linear PDF). zmode is the centre of the most probable bin; zmean, zstd,
+    zmedian and quantiles are those of the piecewise-constant PDF.
     """
-    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float32)
     edges = np.asarray(edges, dtype=np.float64)
     widths = np.diff(edges)
     centers = 0.5 * (edges[1:] + edges[:-1])
-    dens = probs / widths
-    cdf = np.concatenate([np.zeros((probs.shape[0], 1)), np.cumsum(probs, axis=1)], axis=1)
-    cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
+    n = probs.shape[0]
+    # float32 cumsum (numpy's float32->float64 cumsum is ~6x slower), then one cast
+    cdf = np.zeros((n, probs.shape[1] + 1), dtype=np.float64)
+    cdf[:, 1:] = np.cumsum(probs, axis=1)
+    total = cdf[:, -1].copy()
+    total[total <= 0] = 1.0
+    cdf /= total[:, None]
     ancil = {"zmode": centers[np.argmax(probs, axis=1)]}
-    mean = (probs * centers).sum(1) / probs.sum(1)
-    ancil["zmean"] = mean
-    second = (probs * (centers**2 + widths**2 / 12.0)).sum(1) / probs.sum(1)
-    ancil["zstd"] = np.sqrt(np.clip(second - mean**2, 0.0, None))
-    ancil["zmedian"] = _cdf_inverse(cdf, edges, 0.5)
-    for q in quantiles:
-        ancil[quantile_name(q)] = _cdf_inverse(cdf, edges, q)
-    ancil["p_outside"] = np.zeros(probs.shape[0])
+    mean = (probs @ centers.astype(np.float32)) / total
+    second = (probs @ (centers**2 + widths**2 / 12.0).astype(np.float32)) / total
+    ancil["zmean"] = mean.astype(np.float64)
+    ancil["zstd"] = np.sqrt(np.clip(second - mean**2, 0.0, None)).astype(np.float64)
+    inv = cdf_inverse(cdf, edges, [0.5, *quantiles])
+    ancil["zmedian"] = inv[:, 0]
+    for i, q in enumerate(quantiles):
+        ancil[quantile_name(q)] = inv[:, i + 1]
+    ancil["p_outside"] = np.zeros(n)
+    dens = probs / (total[:, None] * widths[None, :]).astype(np.float32)
     if representation == "hist":
-        ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens))
+        ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
     elif representation == "interp":
-        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens))
+        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     else:
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
     ens.set_ancil(ancil)

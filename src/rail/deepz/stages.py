@@ -17,6 +17,7 @@ arrays, CPU tensors and python scalars, so a model trained on a GPU loads on a C
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,7 +35,15 @@ FORMAT = "rail.deepz"
 FORMAT_VERSION = 1
 
 # keys ceci/RAIL put in a stage's config besides its declared options
-_FRAMEWORK_KEYS = {"name", "config", "aliases", "input", "output", "model"}
+# (rail.interactive adds "force_exact" and the entrypoint's own arguments)
+_FRAMEWORK_KEYS = {"name", "config", "aliases", "input", "output", "model", "force_exact"}
+
+
+def _entrypoint_args(stage) -> set:
+    func = getattr(type(stage), getattr(stage, "entrypoint_function", "") or "", None)
+    if func is None:
+        return set()
+    return {p for p in inspect.signature(func).parameters if p not in ("self", "kwargs")}
 
 
 class ModelFormatError(ValueError):
@@ -44,7 +53,7 @@ class ModelFormatError(ValueError):
 def validate_config_keys(stage) -> None:
     """Fail with a clear message on config keys the stage does not know (typos)."""
     allowed = set(stage.config_options) | _FRAMEWORK_KEYS
-    allowed |= set(stage.input_tags()) | set(stage.output_tags())
+    allowed |= set(stage.input_tags()) | set(stage.output_tags()) | _entrypoint_args(stage)
     unknown = [k for k in stage.config.keys() if k not in allowed]
     if unknown:
         hints = []

@@ -9,7 +9,8 @@ Paper defaults: hidden layers [512, 256, 128, 64] with batch norm, ReLU, dropout
 residual connections; AdamW lr 5e-4, weight decay 1e-5; lr x0.5 after 5 epochs on a
 validation plateau; gradient clipping 1.0; early stopping patience 20; batch 4096;
 300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our default keeps
-dz = 0.005 over [0, 3] (600 bins) to cover DC2.
+dz = 0.005 over [0, 3] (600 bins) to cover DC2. As in the paper, the softmax is
+calibrated after training by a temperature fitted on the validation split.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
+from rail.deepz.calibration import fit_temperature
 from rail.deepz.mixtures import BinnedHead, binned_crps
 from rail.deepz.pdf import binned_ensemble
 from rail.deepz.photometry import Photometry
@@ -104,6 +106,17 @@ class DeepzNNCInformer(DeepzInformer):
         nbins=Param(int, 600, msg="number of evenly spaced redshift bins on [zmin, zmax]"),
         hidden_layers=Param(list, [512, 256, 128, 64], msg="widths of the residual MLP's hidden layers"),
         dropout=Param(float, 0.1, msg="dropout probability after each hidden layer"),
+        temperature_scaling=Param(
+            bool, True,
+            msg="fit a softmax temperature on the validation split (paper Sec. 4.4); "
+            "False keeps T = 1",
+        ),
+        temperature_objective=Param(
+            str, "pit_ks",
+            msg="what the temperature minimises on the validation split: 'pit_ks' (KS distance "
+            "of the PITs from uniform) or 'nll' (the paper's choice; outlier-dominated with "
+            "fine bins, see rail.deepz.calibration)",
+        ),
         features=Param(
             list, ["mags", "colors", "errors", "color_errors"],
             msg=f"input feature blocks, a subset of {FEATURE_BLOCKS}; 'valid' (detection "
@@ -116,6 +129,10 @@ class DeepzNNCInformer(DeepzInformer):
         blocks = _feature_blocks(cfg.features, cfg.missing_policy)
         if cfg.nbins < 2:
             raise ValueError(f"Option 'nbins' must be >= 2, got {cfg.nbins}")
+        if cfg.temperature_objective not in ("pit_ks", "nll"):
+            raise ValueError(
+                f"Option 'temperature_objective'={cfg.temperature_objective!r} is not 'pit_ks' or 'nll'"
+            )
         x = _features(self._photometry(data), blocks)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
         scaler = Standardizer().fit(x[tr])
@@ -133,6 +150,12 @@ class DeepzNNCInformer(DeepzInformer):
             return binned_crps(logits.float(), zb, centers_dev[key])
 
         result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], self.train_config)
+        temperature = 1.0
+        if cfg.temperature_scaling:
+            net.to("cpu")
+            val_logits = concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy()
+            temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective)
+            self.log.info(f"temperature scaling: T = {temperature:.3f}")
         return self._model_dict(
             arch={
                 "in_features": int(xs.shape[1]),
@@ -142,6 +165,7 @@ class DeepzNNCInformer(DeepzInformer):
                 "features": blocks,
             },
             edges=edges,
+            temperature=temperature,
             state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
             scalers={"x": scaler.to_dict()},
             train=result.to_dict(),
@@ -175,5 +199,5 @@ class DeepzNNCEstimator(DeepzEstimator):
             predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
                             self.config.mixed_precision)
         )
-        probs = torch.softmax(logits, dim=-1).numpy()
+        probs = torch.softmax(logits / self.model["temperature"], dim=-1).numpy()
         return binned_ensemble(probs, self.model["edges"], self.config.qp_representation)

@@ -1,0 +1,91 @@
+"""Post-hoc calibration of softmax outputs (temperature scaling, Guo et al. 2017).
+
+The NNC paper (Tian, Wen & Xia, Sec. 4.4) divides the logits by a single temperature T,
+chosen to minimise the negative log-likelihood of the validation set; T > 1 broadens
+the PDFs, T < 1 sharpens them. The bin ranking (and so zmode) is unchanged.
+
+With fine bins and a few catastrophic outliers (DC2: 600 bins of 0.005, ~2% outliers)
+the NLL is dominated by the outliers' near-zero true-bin probabilities and picks a
+far too large T (we measured T = 9.5, PIT KS 0.44 on DC2). :func:`fit_temperature`
+therefore also offers ``objective="pit_ks"``: the T whose validation PITs are closest to
+uniform in the Kolmogorov-Smirnov sense, which is the calibration criterion itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+
+
+def binned_nll(logits: torch.Tensor, target_bin: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean negative log-probability of the true bin under ``softmax(logits / T)``."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -logp.gather(1, target_bin.reshape(-1, 1)).mean()
+
+
+def binned_pit(probs: np.ndarray, edges: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """PIT = CDF at the true redshift of piecewise-constant PDFs (N, nbins), vectorised."""
+    probs = np.asarray(probs, dtype=np.float64)
+    nb = probs.shape[1]
+    k = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, nb - 1)
+    cdf_before = np.cumsum(probs, axis=1) - probs
+    rows = np.arange(len(z))
+    frac = np.clip((z - edges[k]) / (edges[k + 1] - edges[k]), 0.0, 1.0)
+    return cdf_before[rows, k] + probs[rows, k] * frac
+
+
+def ks_uniform(u: np.ndarray) -> float:
+    """Kolmogorov-Smirnov distance between the empirical CDF of ``u`` and U(0, 1)."""
+    u = np.sort(np.asarray(u, dtype=np.float64))
+    n = len(u)
+    i = np.arange(1, n + 1)
+    return float(max(np.max(i / n - u), np.max(u - (i - 1) / n)))
+
+
+def fit_temperature(
+    logits: np.ndarray,
+    z: np.ndarray,
+    edges: np.ndarray,
+    objective: str = "pit_ks",
+    bounds=(0.05, 20.0),
+) -> float:
+    """Temperature T in ``bounds`` minimising ``objective`` on a validation set.
+
+    ``objective``: ``"nll"`` (paper) = mean -log p(true bin); ``"pit_ks"`` = KS distance of the
+    validation PITs from uniform (grid over log T, 121 points, then the best point's
+    neighbourhood refined by a bounded scalar search).
+
+    Parameters
+    ----------
+    logits : ndarray (N, nbins)
+        Validation logits.
+    z : ndarray (N,)
+        True redshifts (inside the bin range).
+    edges : ndarray (nbins + 1,)
+        Bin edges.
+    """
+    lg = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    nb = lg.shape[1]
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    if objective == "nll":
+        target = torch.as_tensor(np.clip(np.searchsorted(edges, z, side="right") - 1, 0, nb - 1))
+        res = minimize_scalar(
+            lambda logt: float(binned_nll(lg, target, float(np.exp(logt)))),
+            bounds=(lo, hi), method="bounded", options={"xatol": 1e-4},
+        )
+        return float(np.exp(res.x))
+    if objective != "pit_ks":
+        raise ValueError(f"Option 'temperature_objective'={objective!r} is not 'pit_ks' or 'nll'")
+
+    def ks(logt):
+        probs = torch.softmax(lg / float(np.exp(logt)), dim=-1).numpy()
+        return ks_uniform(binned_pit(probs, edges, z))
+
+    grid = np.linspace(lo, hi, 121)
+    vals = np.array([ks(g) for g in grid])
+    i = int(np.argmin(vals))
+    res = minimize_scalar(ks, bounds=(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]),
+                          method="bounded", options={"xatol": 1e-3})
+    best = res.x if res.fun <= vals[i] else grid[i]
+    return float(np.exp(best))

@@ -1,0 +1,405 @@
+"""Unit tests of the shared building blocks in rail.deepz."""
+
+import numpy as np
+import pytest
+import qp
+import torch
+from scipy import integrate, stats
+
+from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
+from rail.deepz.mixtures import (
+    BinnedHead,
+    FixedGridMixtureHead,
+    GaussianMixtureHead,
+    MixtureParams,
+    binned_crps,
+    gmm_crps,
+    gmm_crps_numpy,
+    gmm_nll,
+)
+from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble
+from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
+from rail.deepz.scaling import Standardizer
+from rail.deepz.training import TrainConfig, resolve_device, split_indices, train_model
+
+BANDS = ["mag_g", "mag_r", "mag_i"]
+ERRS = ["err_g", "err_r", "err_i"]
+LIMITS = {"mag_g": 27.0, "mag_r": 26.5, "mag_i": 26.0}
+
+
+def _table(n=5):
+    rng = np.random.default_rng(1)
+    d = {b: rng.uniform(20, 24, n) for b in BANDS}
+    d.update({e: rng.uniform(0.01, 0.1, n) for e in ERRS})
+    return d
+
+
+# ------------------------------------------------------------------ photometry
+
+
+def test_photometry_nondetect_nan_inf_replaced_by_limit():
+    d = _table()
+    d["mag_g"][0] = 99.0
+    d["mag_r"][1] = np.nan
+    d["mag_i"][2] = np.inf
+    d["err_r"][3] = -1.0  # bad error -> the measurement is not used
+    d["mag_i"][4] = 26.7  # fainter than the limit
+    ph = extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS)
+    assert np.all(np.isfinite(ph.mags)) and np.all(np.isfinite(ph.errs))
+    assert ph.mags[0, 0] == pytest.approx(27.0) and ph.errs[0, 0] == pytest.approx(1.0)
+    assert ph.mags[1, 1] == pytest.approx(26.5)
+    assert ph.mags[2, 2] == pytest.approx(26.0)
+    assert ph.mags[3, 1] == pytest.approx(26.5)
+    expected_invalid = {(0, 0), (1, 1), (2, 2), (3, 1), (4, 2)}
+    assert {tuple(ix) for ix in np.argwhere(~ph.valid)} == expected_invalid
+
+
+def test_photometry_raise_policy_names_column():
+    d = _table()
+    d["mag_r"][2] = np.nan
+    with pytest.raises(BadPhotometryError, match="mag_r"):
+        extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS, missing_policy="raise")
+
+
+def test_photometry_missing_column_is_named():
+    d = _table()
+    del d["mag_i"]
+    with pytest.raises(BadPhotometryError, match="'mag_i'"):
+        extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS)
+
+
+def test_photometry_option_errors_name_the_option():
+    d = _table()
+    with pytest.raises(ValueError, match="missing_policy"):
+        extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS, missing_policy="zero")
+    with pytest.raises(ValueError, match="mag_limits"):
+        extract_photometry(d, BANDS, ERRS, mag_limits={"mag_g": 27.0})
+    with pytest.raises(ValueError, match="err_bands"):
+        extract_photometry(d, BANDS, ERRS[:2], mag_limits=LIMITS)
+    with pytest.raises(ValueError, match="input_units"):
+        extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS, input_units="Jy")
+
+
+def test_photometry_flux_units_roundtrip():
+    mags = np.array([20.0, 22.5, 25.0])
+    errs = np.array([0.01, 0.05, 0.2])
+    for unit, zp in (("nJy", 31.4), ("nanomaggies", 22.5)):
+        flux = 10 ** (-0.4 * (mags - zp))
+        ferr = flux * errs / (2.5 / np.log(10))
+        d = {"f": np.append(flux, -1.0), "fe": np.append(ferr, 1.0)}
+        ph = extract_photometry(d, ["f"], ["fe"], mag_limits={"f": 27.0}, input_units=unit)
+        np.testing.assert_allclose(ph.mags[:3, 0], mags, rtol=1e-5)
+        np.testing.assert_allclose(ph.errs[:3, 0], errs, rtol=1e-4)
+        assert not ph.valid[3, 0] and ph.mags[3, 0] == pytest.approx(27.0)  # flux <= 0
+        f2, fe2 = ph.fluxes(unit)
+        np.testing.assert_allclose(f2[:3, 0], flux, rtol=1e-4)
+
+
+def test_features_and_colors():
+    d = _table()
+    ph = extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS)
+    col, colerr = ph.colors()
+    np.testing.assert_allclose(col[:, 0], d["mag_g"] - d["mag_r"], rtol=1e-5)
+    np.testing.assert_allclose(colerr[:, 1], np.hypot(d["err_r"], d["err_i"]), rtol=1e-5)
+    f = ph.features(["mags", "colors", "errors", "valid"])
+    assert f.shape == (5, 3 + 2 + 3 + 3) and f.dtype == np.float32
+    names = ph.feature_names(BANDS, ["mags", "colors", "errors", "valid"])
+    assert len(names) == f.shape[1] and names[3] == "mag_g-mag_r"
+    with pytest.raises(ValueError, match="feature block"):
+        ph.features(["mags", "bogus"])
+
+
+def test_check_model_bands():
+    check_model_bands(BANDS, BANDS, "x")
+    with pytest.raises(BadPhotometryError, match="trained on bands"):
+        check_model_bands(BANDS, BANDS[:2], "x")
+
+
+# ------------------------------------------------------------------ scaling
+
+
+def test_standardizer_roundtrip_and_mask():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (1000, 4)).astype(np.float32)
+    x[:, 3] = 5.0  # constant feature
+    valid = np.ones_like(x, dtype=bool)
+    valid[:10, 0] = False
+    x[:10, 0] = 1e6  # must not influence the fit
+    s = Standardizer().fit(x, valid)
+    y = s.transform(x, valid)
+    assert abs(y[10:, 0].mean()) < 1e-3 and abs(y[10:, 0].std() - 1) < 1e-2
+    assert np.all(y[:10, 0] == 0.0) and np.all(y[:, 3] == 0.0)
+    s2 = Standardizer.from_dict(s.to_dict())
+    np.testing.assert_array_equal(s2.transform(x), s.transform(x))
+    with pytest.raises(ValueError, match="fitted on 4 features"):
+        s.transform(x[:, :3])
+
+
+# ------------------------------------------------------------------ losses
+
+
+def _random_mixture(n=7, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(k), n)
+    mu = rng.uniform(0.2, 2.0, (n, k))
+    s = rng.uniform(0.02, 0.3, (n, k))
+    z = rng.uniform(0.0, 2.5, n)
+    return w, mu, s, z
+
+
+def test_gmm_nll_matches_scipy():
+    w, mu, s, z = _random_mixture()
+    params = MixtureParams(*(torch.as_tensor(a) for a in (w, mu, s)))
+    got = gmm_nll(params, torch.as_tensor(z)).numpy()
+    want = -np.log((w * stats.norm.pdf(z[:, None], mu, s)).sum(1))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_gmm_crps_matches_numerical_integral():
+    w, mu, s, z = _random_mixture()
+    got = gmm_crps_numpy(w, mu, s, z)
+    for i in range(len(z)):
+        cdf = lambda x: (w[i] * stats.norm.cdf(x, mu[i], s[i])).sum()  # noqa: E731
+        left = integrate.quad(lambda x: cdf(x) ** 2, -5, z[i], limit=200)[0]
+        right = integrate.quad(lambda x: (1 - cdf(x)) ** 2, z[i], 8, limit=200)[0]
+        assert got[i] == pytest.approx(left + right, rel=1e-6, abs=1e-9)
+
+
+def test_gmm_crps_single_gaussian_closed_form():
+    # CRPS(N(mu, s), z) = s [t(2Phi(t)-1) + 2phi(t) - 1/sqrt(pi)], t = (z-mu)/s (Gneiting 2005)
+    mu, s, z = 1.0, 0.2, 1.3
+    t = (z - mu) / s
+    want = s * (t * (2 * stats.norm.cdf(t) - 1) + 2 * stats.norm.pdf(t) - 1 / np.sqrt(np.pi))
+    got = gmm_crps_numpy(np.ones((1, 1)), np.full((1, 1), mu), np.full((1, 1), s), np.array([z]))
+    assert got[0] == pytest.approx(want, rel=1e-10)
+
+
+def test_binned_crps_equals_brute_force_step_cdf_integral():
+    rng = np.random.default_rng(3)
+    nb = 50
+    edges = np.linspace(0, 2, nb + 1)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    p = rng.dirichlet(np.ones(nb) * 0.3, 4)
+    z = np.array([0.013, 0.77, 1.5, 1.999])
+    got = binned_crps(torch.as_tensor(p), torch.as_tensor(z), torch.as_tensor(centers), from_logits=False).numpy()
+    # brute force: integrate [F(x) - H(x - z)]^2 over [c_0, c_last + dz] with the step CDF at centres
+    dz = edges[1] - edges[0]
+    x = np.linspace(centers[0], centers[-1] + dz, 400001)[:-1] + 0.5 * (dz * nb / 400000)
+    for i in range(4):
+        F = np.cumsum(p[i])[np.clip(np.searchsorted(centers, x, side="right") - 1, 0, nb - 1)]
+        # eq. (2) evaluates the indicator at the bin's left point (the centre), as the paper does
+        H = (centers[np.clip(np.searchsorted(centers, x, side="right") - 1, 0, nb - 1)] >= z[i]).astype(float)
+        brute = np.mean((F - H) ** 2) * (nb * dz)
+        assert got[i] == pytest.approx(brute, rel=1e-3, abs=1e-6)
+
+
+def test_binned_crps_is_minimised_by_a_sharp_correct_pdf():
+    nb = 100
+    centers = torch.linspace(0.005, 0.995, nb)
+    z = torch.tensor([0.503])
+    sharp = torch.full((1, nb), -20.0)
+    sharp[0, 50] = 20.0
+    wrong = torch.full((1, nb), -20.0)
+    wrong[0, 10] = 20.0
+    flat = torch.zeros((1, nb))
+    a, b, c = (float(binned_crps(x, z, centers)) for x in (sharp, wrong, flat))
+    assert a < c < b
+
+
+def test_heads_shapes_and_constraints():
+    h = torch.randn(16, 8)
+    g = GaussianMixtureHead(8, 5, min_sigma=1e-3, mean_init=(0, 3))
+    p = g(h)
+    assert p.weights.shape == (16, 5)
+    torch.testing.assert_close(p.weights.sum(-1), torch.ones(16))
+    assert torch.all(p.sigmas >= 1e-3)
+    fg = FixedGridMixtureHead(8, 0.0, 2.0, 200, 0.0037)(h)
+    assert fg.means.shape == (16, 200) and float(fg.means[0, -1]) == pytest.approx(2.0)
+    assert BinnedHead(8, 30)(h).shape == (16, 30)
+
+
+# ------------------------------------------------------------------ qp conversion
+
+
+def test_mixture_ensemble_ancil_matches_qp():
+    w, mu, s, _ = _random_mixture(n=20, k=3, seed=5)
+    ens = mixture_ensemble(w, mu, s, 0.0, 3.0, 301, "mixmod")
+    assert ens.gen_class.name == "mixmod"
+    # point estimates are those of the PDF truncated to [zmin, zmax] and renormalised
+    x = np.linspace(0.0, 3.0, 30001)
+    pdf = (w[:, :, None] * stats.norm.pdf(x[None, None, :], mu[:, :, None], s[:, :, None])).sum(1)
+    norm = np.trapezoid(pdf, x, axis=1)
+    np.testing.assert_allclose(ens.ancil["zmean"], np.trapezoid(pdf * x, x, axis=1) / norm, atol=1e-3)
+    cdf = np.cumsum(pdf, axis=1) / pdf.sum(1, keepdims=True)
+    med = np.array([np.interp(0.5, c, x) for c in cdf])
+    np.testing.assert_allclose(ens.ancil["zmedian"], med, atol=2e-3)
+    np.testing.assert_allclose(ens.ancil["p_outside"], 1 - norm, atol=1e-4)
+    inside = ens.ancil["p_outside"] < 1e-6  # untruncated mixtures: exact mean and qp's median
+    assert inside.sum() >= 5
+    np.testing.assert_allclose(ens.ancil["zmean"][inside], (w * mu).sum(1)[inside], atol=1e-3)
+    np.testing.assert_allclose(ens.ancil["zmedian"][inside], ens.median().ravel()[inside], atol=6e-3)  # qp grid
+
+
+def test_mixture_ensemble_truncates_mass_below_zero():
+    w = np.array([[1.0], [1.0]])
+    mu = np.array([[0.05], [1.0]])
+    s = np.array([[0.1], [0.1]])
+    ens = mixture_ensemble(w, mu, s, 0.0, 3.0, 301, "interp")
+    assert ens.ancil["zmean"][0] > 0.05  # truncated at z = 0 -> mean pushed up
+    # exact mean of a normal truncated at 0: mu + s phi(a) / (1 - Phi(a)), a = -mu/s
+    a = -0.5
+    assert ens.ancil["zmean"][0] == pytest.approx(0.05 + 0.1 * stats.norm.pdf(a) / stats.norm.sf(a), abs=1e-3)
+    assert ens.ancil["p_outside"][0] == pytest.approx(stats.norm.cdf(-0.5), rel=1e-4)
+    grid = np.linspace(0, 3, 3001)
+    assert np.trapezoid(ens.pdf(grid)[0], grid) == pytest.approx(1.0, abs=2e-3)
+    with pytest.raises(ValueError, match="qp_representation"):
+        mixture_ensemble(w, mu, s, 0.0, 3.0, 301, "bogus")
+
+
+def test_binned_ensemble_matches_qp_and_is_exact_hist():
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(40), 50).astype(np.float32)
+    edges = np.linspace(0, 2, 41)
+    ens = binned_ensemble(p, edges)
+    assert ens.gen_class.name == "hist"
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    p64 = p.astype(np.float64)
+    # exact moments and quantiles of a piecewise-constant PDF
+    np.testing.assert_allclose(ens.ancil["zmean"], p64 @ centers, atol=1e-6)
+    var = p64 @ (centers**2 + (edges[1] - edges[0]) ** 2 / 12) - (p64 @ centers) ** 2
+    np.testing.assert_allclose(ens.ancil["zstd"], np.sqrt(var), atol=1e-5)
+    cdf = np.concatenate([np.zeros((50, 1)), np.cumsum(p64, 1)], 1)
+    np.testing.assert_allclose(ens.ancil["zmedian"], [np.interp(0.5, c, edges) for c in cdf], atol=1e-6)
+    np.testing.assert_allclose(ens.ancil["z_q2p5"], [np.interp(0.025, c, edges) for c in cdf], atol=1e-6)
+    # and qp agrees to its own grid accuracy
+    np.testing.assert_allclose(ens.ancil["zmedian"], ens.median().ravel(), atol=5e-4)
+    np.testing.assert_allclose(ens.pdf(centers), p / (edges[1] - edges[0]), rtol=1e-5)
+    np.testing.assert_allclose(ens.ancil["zmode"], centers[np.argmax(p, 1)])
+
+
+def test_cdf_inverse_against_per_row_interp():
+    rng = np.random.default_rng(4)
+    x = np.linspace(0, 1, 30)
+    cdf = np.cumsum(rng.random((25, 30)), axis=1)
+    cdf = (cdf - cdf[:, :1]) / (cdf[:, -1:] - cdf[:, :1])
+    qs = [0.1, 0.5, 0.9]
+    got = cdf_inverse(cdf, x, qs)
+    for i in range(25):
+        np.testing.assert_allclose(got[i], np.interp(qs, cdf[i], x), atol=1e-12)
+
+
+def test_grid_summaries_of_a_gaussian():
+    z = np.linspace(0, 2, 2001)
+    pdf = stats.norm.pdf(z, 1.0, 0.1)[None, :]
+    out = grid_summaries(pdf, z)
+    assert out["zmean"][0] == pytest.approx(1.0, abs=1e-4)
+    assert out["zmedian"][0] == pytest.approx(1.0, abs=1e-4)
+    assert out["zstd"][0] == pytest.approx(0.1, abs=1e-4)
+    assert out["z_q16"][0] == pytest.approx(1.0 - 0.0994, abs=1e-3)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_binned_pit_and_ks():
+    edges = np.linspace(0, 1, 11)
+    p = np.full((1, 10), 0.1)
+    assert binned_pit(p, edges, np.array([0.35]))[0] == pytest.approx(0.35)
+    assert ks_uniform(np.linspace(0.005, 0.995, 100)) == pytest.approx(0.005, abs=1e-9)
+    assert ks_uniform(np.full(10, 0.5)) == pytest.approx(0.5)
+
+
+def test_fit_temperature_recovers_known_broadening():
+    # truth drawn from softmax(l / 1), model reports l * 2 (over-confident): best T ~ 2
+    rng = np.random.default_rng(0)
+    n, nb = 4000, 50
+    edges = np.linspace(0, 1, nb + 1)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    mu = rng.uniform(0.3, 0.7, n)
+    true_logits = -0.5 * ((centers[None, :] - mu[:, None]) / 0.08) ** 2
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    cum = probs.cumsum(1)
+    k = (rng.random(n)[:, None] > cum).sum(1)
+    z = edges[k] + rng.random(n) * (edges[1] - edges[0])
+    for objective in ("pit_ks", "nll"):
+        t = fit_temperature(2.0 * true_logits, z, edges, objective)
+        assert t == pytest.approx(2.0, rel=0.15), objective
+    with pytest.raises(ValueError, match="temperature_objective"):
+        fit_temperature(true_logits, z, edges, "bogus")
+
+
+# ------------------------------------------------------------------ training loop
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def _toy(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    z = (0.5 + 0.3 * x[:, 0] - 0.2 * x[:, 1] ** 2).astype(np.float32)
+    return x, z
+
+
+def _fit(seed, **kw):
+    x, z = _toy()
+    torch.manual_seed(seed)
+    m = _Tiny()
+    cfg = TrainConfig(epochs=kw.pop("epochs", 15), batch_size=64, lr=1e-2, seed=seed, device="cpu", progress=False, **kw)
+    res = train_model(m, lambda o, t: (o - t) ** 2, [x[:500]], z[:500], [x[500:]], z[500:], cfg)
+    return m, res
+
+
+def test_training_is_deterministic_and_learns():
+    m1, r1 = _fit(7)
+    m2, r2 = _fit(7)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["val_loss"] for h in r1.history] == [h["val_loss"] for h in r2.history]
+    assert r1.history[-1]["train_loss"] < 0.5 * r1.history[0]["train_loss"]
+    m3, _ = _fit(8)
+    assert not all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+
+
+def test_early_stopping_restores_best_weights():
+    m, res = _fit(1, epochs=200, patience=3, lr_schedule="none")
+    assert len(res.history) < 200
+    assert len(res.history) == res.best_epoch + 1 + 3
+    x, z = _toy()
+    with torch.no_grad():
+        val = float(((m(torch.as_tensor(x[500:])) - torch.as_tensor(z[500:])) ** 2).mean())
+    assert val == pytest.approx(res.best_val_loss, rel=1e-5)
+
+
+def test_train_config_errors_name_the_option():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd").validate()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine").validate()
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            resolve_device("cuda")
+        assert resolve_device("auto").type == "cpu"
+
+
+def test_split_indices():
+    tr, va = split_indices(100, 0.2, 0)
+    assert len(va) == 20 and len(set(tr) | set(va)) == 100
+    tr2, va2 = split_indices(100, 0.2, 0)
+    np.testing.assert_array_equal(va, va2)
+    mask = np.zeros(10, bool)
+    mask[[1, 5]] = True
+    tr, va = split_indices(10, 0.5, 0, mask)
+    assert list(va) == [1, 5]
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_indices(10, 1.5, 0)
+    with pytest.raises(ValueError, match="validation"):
+        split_indices(10, 0.5, 0, np.zeros(10, bool))

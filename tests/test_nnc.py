@@ -1,0 +1,240 @@
+"""End-to-end tests of the binned CRPS classifier (NNC) as RAIL stages."""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import tables_io
+from rail.core.data import TableHandle
+
+from rail.deepz.datasets import load_dc2
+from rail.deepz.photometry import BadPhotometryError
+from rail.deepz.stages import FORMAT_VERSION, ModelFormatError
+from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
+
+QUICK = dict(hidden_layers=[64, 32], nbins=150, epochs=40, batch_size=256, patience=8, progress=False,
+             hdf5_groupname="", seed=3)
+_counter = iter(range(10**6))
+
+
+def _name(prefix):
+    return f"{prefix}_{next(_counter)}"
+
+
+@pytest.fixture(scope="module")
+def dc2():
+    return load_dc2(n_train=2500, n_test=3000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def trained(dc2, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nnc") / "nnc_model.pkl"
+    inf = DeepzNNCInformer.make_stage(name=_name("inf"), model=str(path), **QUICK)
+    inf.inform(dc2.train)
+    return inf, path
+
+
+def _estimate(model, data, **kw):
+    kw.setdefault("hdf5_groupname", "")
+    kw.setdefault("output_mode", "return")
+    est = DeepzNNCEstimator.make_stage(name=_name("est"), model=model, **kw)
+    return est.estimate(data).data
+
+
+def _nmad(zp, z):
+    dz = (zp - z) / (1 + z)
+    return 1.4826 * np.median(np.abs(dz - np.median(dz)))
+
+
+def test_model_contents(trained, dc2):
+    inf, path = trained
+    m = inf.model
+    assert m["method"] == "nnc" and m["format_version"] == FORMAT_VERSION
+    assert m["bands"] == dc2.bands and len(m["edges"]) == 151
+    assert 0.2 < m["temperature"] < 5.0
+    assert len(m["train"]["history"]) >= 1 and m["train"]["best_epoch"] >= 0
+    assert all(v.device.type == "cpu" for v in m["state_dict"].values())
+    assert path.exists()
+
+
+def test_learns_better_than_constant_and_pdfs_normalised(trained, dc2):
+    inf, _ = trained
+    ens = _estimate(inf.get_handle("model"), dc2.test)
+    z = dc2.test["redshift"]
+    assert ens.npdf == len(z)
+    zmean = ens.ancil["zmean"]
+    baseline = _nmad(np.full_like(z, np.median(dc2.train["redshift"])), z)
+    assert _nmad(zmean, z) < 0.35 * baseline
+    norms = np.ravel(ens.cdf(3.0) - ens.cdf(0.0))
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    for key in ("zmode", "zmedian", "zstd", "z_q2p5", "z_q97p5"):
+        assert np.all(np.isfinite(ens.ancil[key]))
+    assert np.all(ens.ancil["z_q2p5"] <= ens.ancil["zmedian"] + 1e-9)
+
+
+def test_chunked_file_output_aligned_with_ids(trained, dc2, tmp_path):
+    inf, path = trained
+    test = {k: v[:1000] for k, v in dc2.test.items()}
+    infile = tmp_path / "test_in.hdf5"
+    tables_io.write({"photometry": test}, str(infile))
+    whole = _estimate(str(path), test, id_col="id")
+    out = tmp_path / "nnc_out.hdf5"
+    est = DeepzNNCEstimator.make_stage(name=_name("est"), model=str(path), chunk_size=333, id_col="id",
+                                       hdf5_groupname="photometry", output=str(out))
+    est.estimate(TableHandle("input", path=str(infile)))
+    import qp
+
+    chunked = qp.read(str(out))
+    assert chunked.npdf == 1000
+    np.testing.assert_array_equal(np.ravel(chunked.ancil["id"]), test["id"])
+    np.testing.assert_allclose(np.ravel(chunked.ancil["zmean"]), whole.ancil["zmean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked.objdata["pdfs"], whole.objdata["pdfs"], rtol=1e-5, atol=1e-5)
+
+
+def test_model_loads_in_new_process(trained, dc2, tmp_path):
+    _, path = trained
+    test = {k: v[:200] for k, v in dc2.test.items()}
+    infile = tmp_path / "in.hdf5"
+    tables_io.write({"photometry": test}, str(infile))
+    here = _estimate(str(path), test)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from rail.core.data import TableHandle
+        import rail.deepz  # plugin discovery path
+        from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator
+        est = DeepzNNCEstimator.make_stage(name="fresh", model={str(path)!r}, output_mode="return",
+                                           hdf5_groupname="photometry", device="cpu")
+        ens = est.estimate(TableHandle("input", path={str(infile)!r})).data
+        np.save({str(tmp_path / 'zmean.npy')!r}, np.ravel(ens.ancil["zmean"]))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "zmean.npy"), here.ancil["zmean"], rtol=1e-6)
+
+
+def test_dataframe_input_and_bad_values(trained, dc2):
+    inf, _ = trained
+    test = {k: v[:300].copy() for k, v in dc2.test.items()}
+    df = pd.DataFrame(test)
+    ens_df = _estimate(inf.get_handle("model"), df)
+    ens = _estimate(inf.get_handle("model"), test)
+    np.testing.assert_allclose(ens_df.ancil["zmean"], ens.ancil["zmean"], rtol=1e-6)
+    test["mag_u_lsst"][:50] = 99.0
+    test["mag_g_lsst"][50:100] = np.nan
+    test["mag_r_lsst"][100:150] = np.inf
+    ens_bad = _estimate(inf.get_handle("model"), test)
+    pdfs = ens_bad.objdata["pdfs"]
+    assert np.all(np.isfinite(pdfs)) and np.all(pdfs >= 0)
+    np.testing.assert_allclose(pdfs.sum(1) * np.diff(inf.model["edges"])[0], 1.0, rtol=1e-4)
+
+
+def test_missing_band_column_is_refused_with_its_name(trained, dc2):
+    inf, _ = trained
+    test = {k: v[:100] for k, v in dc2.test.items() if k != "mag_y_lsst"}
+    with pytest.raises(BadPhotometryError, match="mag_y_lsst"):
+        _estimate(inf.get_handle("model"), test)
+
+
+def test_model_trained_on_other_bands_is_refused(trained, dc2):
+    inf, _ = trained
+    with pytest.raises(BadPhotometryError, match="trained on bands"):
+        _estimate(inf.get_handle("model"), dc2.test, bands=dc2.bands[1:], err_bands=dc2.err_bands[1:])
+
+
+def test_model_version_and_method_checks(trained, dc2):
+    inf, _ = trained
+    old = dict(inf.model, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(ModelFormatError, match="format version"):
+        _estimate(old, dc2.test)
+    other = dict(inf.model, method="lstm")
+    with pytest.raises(ModelFormatError, match="'lstm' model"):
+        _estimate(other, dc2.test)
+    with pytest.raises(ModelFormatError, match="not a rail.deepz model"):
+        _estimate({"weights": 1}, dc2.test)
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ValueError, match=r"'nbin'.*did you mean 'nbins'"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), nbin=100)
+    with pytest.raises(ValueError, match="bogus_option"):
+        DeepzNNCEstimator.make_stage(name=_name("est"), bogus_option=1)
+
+
+def test_option_values_are_checked():
+    with pytest.raises(ValueError, match="device"):
+        DeepzNNCEstimator.make_stage(name=_name("est"), device="gpu")
+    with pytest.raises(ValueError, match="zmax"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), zmin=2.0, zmax=1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), optimizer="sgd")
+
+
+def test_redshift_checks(dc2):
+    small = {k: v[:300].copy() for k, v in dc2.train.items()}
+    small["redshift"][0] = 3.5
+    cfg = dict(QUICK, epochs=1)
+    with pytest.raises(ValueError, match="z_out_of_range"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), **cfg).inform(small)
+    inf = DeepzNNCInformer.make_stage(name=_name("inf"), z_out_of_range="drop", **cfg)
+    inf.inform(small)
+    small["redshift"][1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), z_out_of_range="clip", **cfg).inform(small)
+    with pytest.raises(KeyError, match="redshift_col"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), redshift_col="zspec", **cfg).inform(small)
+
+
+def test_seed_makes_training_deterministic(dc2):
+    small = {k: v[:600] for k, v in dc2.train.items()}
+    cfg = dict(QUICK, epochs=3, temperature_scaling=False)
+    models = []
+    for seed in (5, 5, 6):
+        inf = DeepzNNCInformer.make_stage(name=_name("inf"), **dict(cfg, seed=seed))
+        inf.inform(small)
+        models.append(inf.model["state_dict"])
+    same = all(np.array_equal(models[0][k].numpy(), models[1][k].numpy()) for k in models[0])
+    differ = any(not np.array_equal(models[0][k].numpy(), models[2][k].numpy()) for k in models[0])
+    assert same and differ
+
+
+def test_mask_policy_adds_indicators_and_runs(dc2):
+    small = {k: v[:800] for k, v in dc2.train.items()}
+    inf = DeepzNNCInformer.make_stage(name=_name("inf"), missing_policy="mask", **dict(QUICK, epochs=2))
+    inf.inform(small)
+    assert "valid" in inf.model["arch"]["features"]
+    assert inf.model["photometry"]["missing_policy"] == "mask"
+    ens = _estimate(inf.get_handle("model"), {k: v[:100] for k, v in dc2.test.items()})
+    assert ens.npdf == 100
+
+
+def test_val_column_split(dc2):
+    small = {k: v[:600] for k, v in dc2.train.items()}
+    small["is_val"] = np.arange(600) % 5 == 0
+    inf = DeepzNNCInformer.make_stage(name=_name("inf"), val_column="is_val", **dict(QUICK, epochs=2))
+    inf.inform(small)
+    with pytest.raises(KeyError, match="val_column"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), val_column="nope", **dict(QUICK, epochs=2)).inform(small)
+
+
+def test_rail_interactive_discovers_and_runs_nnc(tmp_path):
+    """`import rail.interactive` finds the plugin on its own (fresh process) and its functions run."""
+    script = textwrap.dedent("""
+        import numpy as np
+        import rail.interactive
+        from rail.interactive.estimation.algos import deepz_nnc
+        from rail.deepz.datasets import load_dc2
+        ds = load_dc2(n_train=500, n_test=200, seed=1)
+        model = deepz_nnc.deepz_nnc_informer(training_data=ds.train, hdf5_groupname="", epochs=2,
+                                             hidden_layers=[16], nbins=60, progress=False)
+        out = deepz_nnc.deepz_nnc_estimator(input_data=ds.test, model=model["model"], hdf5_groupname="")
+        ens = out["output"]
+        assert ens.npdf == 200, ens.npdf
+        print("OK", float(np.mean(ens.ancil["zmean"])))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK" in res.stdout
