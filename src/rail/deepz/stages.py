@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 # keys ceci/RAIL put in a stage's config besides its declared options
 # (rail.interactive adds "force_exact" and the entrypoint's own arguments)
 _FRAMEWORK_KEYS = {"name", "config", "aliases", "input", "output", "model", "force_exact"}
+# ... and the command-line flags of `python -m ceci <Stage>` (how `ceci pipeline.yml` runs a stage)
+_FRAMEWORK_KEYS |= {"stage_name", "mpi", "pdb", "cprofile", "memmon", "trace"}
 
 
 def _entrypoint_args(stage) -> set:
@@ -54,6 +56,8 @@ def validate_config_keys(stage) -> None:
     """Fail with a clear message on config keys the stage does not know (typos)."""
     allowed = set(stage.config_options) | _FRAMEWORK_KEYS
     allowed |= set(stage.input_tags()) | set(stage.output_tags()) | _entrypoint_args(stage)
+    # ceci pipelines put the aliased tags' paths in the config (aliases: {input: train_dc2})
+    allowed |= {str(v) for v in (getattr(stage, "_aliases", None) or {}).values()}
     unknown = [k for k in stage.config.keys() if k not in allowed]
     if unknown:
         hints = []

@@ -1,0 +1,140 @@
+"""Write the example ceci pipelines from the estimator registry.
+
+For every estimator registered in :mod:`rail.evaluation.deepz_registry` (and every data set
+it supports) this writes ``examples/<key>_<data>.yml`` and
+``examples/configs/<key>_<data>_config.yml``: a self-contained pipeline
+
+    DeepzExampleData -> <Informer> -> <Estimator> -> DeepzCompareEvaluator
+
+run from the repository root with ``ceci examples/<key>_<data>.yml``; outputs go under
+``out/examples/<key>_<data>/`` (git-ignored). Adding an estimator to the registry and
+re-running this script adds its pipeline.
+
+    python examples/make_pipelines.py                  # full settings, into examples/
+    python examples/make_pipelines.py --quick --n-train 500 --n-test 500 --dest /tmp/q
+    python examples/make_pipelines.py --keys nnc --data dc2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+# modules ceci imports to find the stages (rail.deepz imports every deepz estimator)
+BASE_MODULES = ["rail.deepz", "rail.evaluation.deepz_stages"]
+
+
+def _plain(x):
+    """Config values as plain YAML types."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_path="", out_root="out/examples"):
+    """(pipeline dict, stage-config dict) for one estimator on one data set."""
+    key, data = spec.key, ds.name
+    name = f"{key}_{data}"
+    inform_cfg, est_cfg = spec.make_configs(ds, quick)
+    mod = spec.informer.split(":")[0]
+    modules = BASE_MODULES + ([mod] if not mod.startswith("rail.estimation.algos.deepz_") else [])
+    stages = [
+        dict(classname="DeepzExampleData", name=f"data_{data}", nprocess=1),
+        dict(classname=spec.informer.split(":")[1], name=f"inform_{key}", nprocess=1,
+             aliases=dict(input=f"train_{data}", model=f"model_{key}")),
+        dict(classname=spec.estimator.split(":")[1], name=f"estimate_{key}", nprocess=1,
+             aliases=dict(input=f"test_{data}", model=f"model_{key}", output=f"pz_{key}")),
+        dict(classname="DeepzCompareEvaluator", name=f"compare_{key}", nprocess=1,
+             aliases=dict(input=f"pz_{key}", truth=f"test_{data}", output=f"metrics_{key}")),
+    ]
+    stages[0]["aliases"] = dict(train=f"train_{data}", test=f"test_{data}")
+    pipe = dict(
+        config=config_path,
+        inputs={},
+        log_dir=f"{out_root}/{name}/logs",
+        modules=" ".join(modules),
+        output_dir=f"{out_root}/{name}",
+        resume=False,
+        launcher=dict(name="mini", interval=0.5),
+        site=dict(name="local", max_threads=1),
+        stages=stages,
+    )
+    cfg = {
+        f"data_{data}": dict(dataset=data, n_train=int(n_train), n_test=int(n_test), seed=int(seed)),
+        f"inform_{key}": _plain(inform_cfg),
+        f"estimate_{key}": _plain(dict(est_cfg, chunk_size=10000)),
+        f"compare_{key}": dict(input_label=key, redshift_col=ds.redshift_col, mag_col=ds.ref_band,
+                              zmin=float(ds.zmin), zmax=float(ds.zmax), plots=True, progress=True),
+    }
+    for stage_name, section in cfg.items():  # RAIL takes the instance name from the config
+        section["name"] = stage_name
+    return pipe, cfg
+
+
+def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quick=False, n_train=0, n_test=0,
+                    seed=0, out_root="out/examples", rel_to: Path | None = None) -> list[Path]:
+    """Write the pipeline/config YAMLs; returns the pipeline files written."""
+    from rail.evaluation import deepz_compare as dc
+    from rail.evaluation import deepz_registry as reg
+
+    dest = Path(dest)
+    (dest / "configs").mkdir(parents=True, exist_ok=True)
+    rel_to = HERE.parent if rel_to is None else Path(rel_to)
+    written = []
+    for data in datasets:
+        try:
+            ds = dc.load_dataset(data, 10, 10, seed)  # conventions only; the stage loads the data
+        except FileNotFoundError as err:
+            print(f"skipping data set {data}: {err}")
+            continue
+        for key in keys or list(reg.ESTIMATORS):
+            spec = reg.get(key)
+            why = dc._supported(spec, ds)
+            if why:
+                print(f"skipping {key} on {data}: {why}")
+                continue
+            name = f"{key}_{data}"
+            cfg_path = dest / "configs" / f"{name}_config.yml"
+            try:
+                cfg_ref = str(cfg_path.resolve().relative_to(rel_to.resolve()))
+            except ValueError:
+                cfg_ref = str(cfg_path.resolve())
+            pipe, cfg = pipeline_for(spec, ds, quick=quick, n_train=n_train, n_test=n_test, seed=seed,
+                                     config_path=cfg_ref, out_root=out_root)
+            pipe_path = dest / f"{name}.yml"
+            pipe_path.write_text(yaml.safe_dump(pipe, sort_keys=False))
+            cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            written.append(pipe_path)
+            print(f"wrote {pipe_path} and {cfg_path}")
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dest", default=str(HERE), help="folder for the YAMLs (default: examples/)")
+    p.add_argument("--keys", default="", help="comma list of estimator keys (default: all registered)")
+    p.add_argument("--data", default="dc2,boss", help="comma list of data sets")
+    p.add_argument("--quick", action="store_true", help="quick (seconds) estimator configurations")
+    p.add_argument("--n-train", type=int, default=0, help="random training subset (0 = all)")
+    p.add_argument("--n-test", type=int, default=0, help="random test subset (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-root", default="out/examples", help="output folder of the pipelines")
+    a = p.parse_args(argv)
+    keys = [k for k in a.keys.split(",") if k] or None
+    write_pipelines(Path(a.dest), keys, [d for d in a.data.split(",") if d], a.quick, a.n_train, a.n_test,
+                    a.seed, a.out_root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""One call to compare photo-z estimators: :func:`compare`.
+
+Two ways in:
+
+(a) existing estimate files: ``compare(estimates={"nnc": "nnc.hdf5", ...}, truth="test.hdf5")``
+    -- any number of qp files (rows aligned with the truth table);
+(b) a data set and estimator keys: ``compare(data="dc2", estimators="all")`` -- each
+    registered estimator (:mod:`rail.evaluation.deepz_registry`) is informed on the
+    training table and run on the test table (both timed); the qp files go to ``outdir``.
+
+Either way the estimates are streamed chunk by chunk through
+:mod:`rail.evaluation.deepz_metrics`, and ``outdir`` receives
+
+* ``metrics.csv`` and ``metrics.hdf5``: one tidy table, columns
+  ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
+  ``redshift`` or ``magnitude``; inform/estimate wall times are rows with metric
+  ``inform_time_s`` / ``estimate_time_s``);
+* ``pit_qq.png``, ``zphot_zspec.png``, ``metrics_vs_redshift.png``,
+  ``metrics_vs_magnitude.png``, ``example_pdfs.png``;
+
+and the overall table is printed. The same function backs the command line
+(:mod:`rail.evaluation.deepz_cli`) and the ceci stage
+(:class:`rail.evaluation.deepz_stages.DeepzCompareEvaluator`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import deepz_metrics as dm
+
+# columns of the overall printed table, in order
+SUMMARY_METRICS = [
+    "sigma_nmad", "eta", "bias", "rail_sigma_iqr", "rail_outlier_rate", "crps", "pco",
+    "pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate", "cde_loss", "brier",
+    "inform_time_s", "estimate_time_s",
+]
+TIME_METRICS = ("inform_time_s", "estimate_time_s")
+_uid = itertools.count()
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` produced.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        The tidy metrics table (also written to ``metrics.csv``/``metrics.hdf5``).
+    per_object : dict
+        estimator -> per-object arrays (``ztrue, zphot, pit, crps, ...``).
+    estimates : dict
+        estimator -> qp file (or ensemble) that was evaluated.
+    timings : dict
+        estimator -> {"inform_time_s", "estimate_time_s", "n_train", "n_test"} (mode b).
+    files : dict
+        name -> path of everything written.
+    """
+
+    table: object
+    per_object: dict
+    estimates: dict
+    timings: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    example_pdfs: dict = field(default_factory=dict)
+    zgrid: np.ndarray | None = None
+
+    def overall(self):
+        """Wide table: one row per estimator, the overall (``bin_type == 'all'``) metrics."""
+        return overall_table(self.table)
+
+
+def _printer(progress):
+    if progress is True:
+        return lambda msg: print(msg, flush=True)
+    if callable(progress):
+        return progress
+    return None
+
+
+# ----------------------------------------------------------------- truth
+
+
+def read_truth(truth, redshift_col: str = "redshift", mag_col: str | None = None,
+               groupname: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """True redshifts (and reference magnitudes) from a table or a file.
+
+    ``truth`` is a numpyDict / DataFrame / DataHandle or a path. For HDF5 files only the
+    two columns are read (bounded memory); ``groupname`` ``None`` finds them at the top
+    level or in the only group that has them (DC2 files use ``photometry``).
+    """
+    if hasattr(truth, "data") and hasattr(truth, "path") and not isinstance(truth, (str, Path)):
+        truth = truth.data if truth.data is not None else truth.path
+    if isinstance(truth, (str, Path)):
+        path = Path(truth)
+        if not path.exists():
+            raise FileNotFoundError(f"truth table {path} not found")
+        if path.suffix in (".hdf5", ".h5", ".hdf", ".hd5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                grp = f
+                if groupname:
+                    grp = f[groupname]
+                elif redshift_col not in f:
+                    cands = [k for k in f if isinstance(f[k], h5py.Group) and redshift_col in f[k]]
+                    if len(cands) == 1:
+                        grp = f[cands[0]]
+                if redshift_col not in grp:
+                    raise KeyError(f"truth file {path} has no column {redshift_col!r} (option redshift_col)")
+                z = np.asarray(grp[redshift_col][()], dtype=np.float64)
+                mag = None
+                if mag_col:
+                    if mag_col not in grp:
+                        raise KeyError(f"truth file {path} has no column {mag_col!r} (option mag_col)")
+                    mag = np.asarray(grp[mag_col][()], dtype=np.float64)
+            return z.reshape(-1), None if mag is None else mag.reshape(-1)
+        import tables_io
+
+        truth = tables_io.read(str(path))
+    if groupname and isinstance(truth, Mapping) and groupname in truth:
+        truth = truth[groupname]
+    if isinstance(truth, Mapping) and redshift_col not in truth and len(truth) == 1:
+        only = next(iter(truth.values()))
+        if isinstance(only, Mapping) or hasattr(only, "columns"):
+            truth = only
+    cols = truth.columns if hasattr(truth, "columns") else truth.keys()
+    if redshift_col not in cols:
+        raise KeyError(f"truth table has no column {redshift_col!r} (option redshift_col); has {list(cols)[:20]}")
+    z = np.asarray(truth[redshift_col], dtype=np.float64).reshape(-1)
+    mag = None
+    if mag_col:
+        if mag_col not in cols:
+            raise KeyError(f"truth table has no column {mag_col!r} (option mag_col)")
+        mag = np.asarray(truth[mag_col], dtype=np.float64).reshape(-1)
+    return z, mag
+
+
+# ----------------------------------------------------------------- tables
+
+
+def overall_table(table, metrics: Sequence[str] = SUMMARY_METRICS):
+    """Pivot the tidy table's ``bin_type == 'all'`` rows to estimator x metric."""
+    sub = table[table.bin_type == "all"]
+    wide = sub.pivot_table(index="estimator", columns="metric", values="value", aggfunc="first", sort=False)
+    cols = [m for m in metrics if m in wide.columns]
+    wide = wide[cols]
+    n = sub[sub.metric == "sigma_nmad"].set_index("estimator")["n"]
+    wide.insert(0, "n", n.reindex(wide.index).astype("Int64"))
+    return wide
+
+
+def format_table(table, fmt: str = "text", metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """Overall metrics as aligned text (``text``) or a markdown table (``markdown``)."""
+    wide = overall_table(table, metrics)
+    header = ["estimator", *wide.columns]
+    rows = []
+    for est, r in wide.iterrows():
+        cells = [str(est)]
+        for c in wide.columns:
+            v = r[c]
+            if c == "n":
+                cells.append(str(v))
+            elif v is None or (isinstance(v, float) and not np.isfinite(v)):
+                cells.append("-")
+            elif c in TIME_METRICS:
+                cells.append(f"{v:.1f}")
+            else:
+                cells.append(f"{v:.4g}")
+        rows.append(cells)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def write_table(table, outdir: Path) -> dict:
+    """Write the tidy table as ``metrics.csv`` and ``metrics.hdf5`` (one dataset per column)."""
+    import h5py
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    csv = outdir / "metrics.csv"
+    table.to_csv(csv, index=False)
+    h5 = outdir / "metrics.hdf5"
+    with h5py.File(h5, "w") as f:
+        grp = f.create_group("metrics")
+        for col in table.columns:
+            v = table[col].to_numpy()
+            if v.dtype == object:
+                v = np.asarray([str(x).encode() for x in v], dtype="S")
+            grp.create_dataset(col, data=v)
+    return {"metrics_csv": csv, "metrics_hdf5": h5}
+
+
+def read_metrics_hdf5(path):
+    """Read ``metrics.hdf5`` back into a DataFrame."""
+    import h5py
+    import pandas as pd
+
+    with h5py.File(path, "r") as f:
+        g = f["metrics"]
+        cols = {k: g[k][()] for k in g}
+    for k, v in cols.items():
+        if v.dtype.kind == "S":
+            cols[k] = v.astype(str)
+    order = ["estimator", "bin_type", "bin_lo", "bin_hi", "metric", "value", "n"]
+    return pd.DataFrame({k: cols[k] for k in order if k in cols})
+
+
+# ----------------------------------------------------------------- running estimators
+
+
+def _resolve_keys(estimators) -> list[str]:
+    from . import deepz_registry as reg
+
+    if estimators is None or estimators == "all" or estimators == ["all"]:
+        return list(reg.ESTIMATORS)
+    if isinstance(estimators, str):
+        estimators = [e.strip() for e in estimators.split(",") if e.strip()]
+    for key in estimators:
+        reg.get(key)  # KeyError naming the known keys
+    return list(estimators)
+
+
+def _supported(spec, ds) -> str | None:
+    """Reason this estimator cannot run on this data set, or None."""
+    datasets = spec.extra.get("datasets")
+    if datasets and ds.name not in datasets:
+        return f"only configured for data sets {list(datasets)}"
+    have = set(ds.extra.get("provides", ("catalog",)))
+    missing = [n for n in spec.needs if n not in have]
+    if missing:
+        return f"needs {missing}, data set {ds.name!r} provides {sorted(have)}"
+    return None
+
+
+def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: int = 10_000,
+                  device: str | None = None, log=None) -> tuple[Path, dict]:
+    """Inform ``spec`` on ``ds.train``, estimate ``ds.test``; returns (qp file, timings)."""
+    from rail.core.data import TableHandle
+
+    inform_cfg, est_cfg = spec.make_configs(ds, quick)
+    inf_cls, est_cls = spec.informer_class, spec.estimator_class
+    if device:
+        for cfg, cls in ((inform_cfg, inf_cls), (est_cfg, est_cls)):
+            if "device" in cls.config_options:
+                cfg["device"] = device
+    uid = next(_uid)
+    model_path = outdir / f"{spec.key}_model.pkl"
+    out_path = outdir / f"{spec.key}.hdf5"
+    n_train = len(next(iter(ds.train.values())))
+    n_test = len(next(iter(ds.test.values())))
+    if log:
+        log(f"[compare] {spec.key}: inform on {n_train} objects ...")
+    inf = inf_cls.make_stage(name=f"deepz_cmp_inform_{spec.key}_{uid}", model=str(model_path), **inform_cfg)
+    t0 = time.perf_counter()
+    inf.inform(TableHandle("input", data=ds.train))
+    t_inf = time.perf_counter() - t0
+    if log:
+        log(f"[compare] {spec.key}: inform took {t_inf:.1f} s; estimate {n_test} objects ...")
+    est_cfg = dict(est_cfg)
+    est_cfg.setdefault("chunk_size", chunk_size)
+    est = est_cls.make_stage(name=f"deepz_cmp_estimate_{spec.key}_{uid}", model=inf.get_handle("model"),
+                             output=str(out_path), **est_cfg)
+    t0 = time.perf_counter()
+    handle = est.estimate(TableHandle("input", data=ds.test))
+    t_est = time.perf_counter() - t0
+    path = Path(handle.path) if getattr(handle, "path", None) else out_path
+    if not path.exists():  # pragma: no cover - stage returned data only
+        handle.data.write_to(str(out_path))
+        path = out_path
+    if log:
+        log(f"[compare] {spec.key}: estimate took {t_est:.1f} s -> {path}")
+    return path, {"inform_time_s": t_inf, "estimate_time_s": t_est, "n_train": n_train, "n_test": n_test}
+
+
+def _write_truth(ds, path: Path, mag_col: str) -> None:
+    import h5py
+
+    id_col = ds.extra.get("id_col")
+    with h5py.File(path, "w") as f:
+        for col in {ds.redshift_col, mag_col, id_col} - {None}:
+            if col in ds.test:
+                f.create_dataset(col, data=np.asarray(ds.test[col]))
+
+
+def load_dataset(data: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """A :class:`rail.deepz.datasets.Dataset`, with random train/test subsets if asked."""
+    from rail.deepz import datasets
+
+    ds = datasets.load(data)
+    ds.train = datasets.subsample(ds.train, n_train, seed)
+    ds.test = datasets.subsample(ds.test, n_test, seed + 1)
+    return ds
+
+
+# ----------------------------------------------------------------- compare
+
+
+def compare(
+    estimates: Mapping | None = None,
+    truth=None,
+    *,
+    data: str | None = None,
+    estimators=None,
+    outdir="out/compare",
+    quick: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    redshift_col: str | None = None,
+    mag_col: str | None = None,
+    truth_groupname: str | None = None,
+    zmin: float | None = None,
+    zmax: float | None = None,
+    z_edges=None,
+    mag_edges=None,
+    point_estimate: str = "zmode",
+    chunk_size: int = 10_000,
+    n_example_pdfs: int = 6,
+    plots: bool = True,
+    print_table: bool = True,
+    progress=True,
+) -> CompareResult:
+    """Compare estimators on one truth table; write the tidy table and plots to ``outdir``.
+
+    Parameters
+    ----------
+    estimates : dict label -> qp file path (or ``qp.Ensemble``), optional
+        Mode (a): existing estimates, rows aligned with ``truth``.
+    truth : path, numpyDict or DataFrame
+        Mode (a): the table with the true redshifts (``redshift_col``) and, for the
+        magnitude bins, ``mag_col``.
+    data : {"dc2", "boss"}, optional
+        Mode (b): data set of :mod:`rail.deepz.datasets`; ``estimators`` (keys of the
+        registry, a comma list, or ``"all"``) are informed on its training table and run on
+        its test table. Can be combined with ``estimates`` (extra files on the same test
+        table, e.g. from an earlier run).
+    quick : bool
+        Mode (b): the registry's quick configurations (seconds, not good models), and by
+        default 2,000 training / 2,000 test objects.
+    n_train, n_test, seed : random subsets of the data set (mode b).
+    device : str, optional
+        ``cpu``/``cuda``/``auto`` passed to estimators that have a ``device`` option.
+    redshift_col, mag_col, truth_groupname : truth columns (defaults from the data set, or
+        ``redshift`` and no magnitude bins).
+    zmin, zmax : redshift range of the metric grids and redshift bins (default [0, 3] or the
+        data set's).
+    z_edges, mag_edges : bin edges (default 6 equal bins over [zmin, zmax]; 1-mag bins over
+        the 1-99 % range of the magnitudes).
+    point_estimate : ancil key of the point estimate (``zmode``, RAIL's default).
+    chunk_size : PDFs per chunk when streaming the estimates (memory bound).
+    progress : True (print), a callable, or False.
+    """
+    import pandas as pd
+
+    log = _printer(progress)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    estimates = dict(estimates or {})
+    timings: dict = {}
+    files: dict = {}
+    if data is None and not estimates:
+        raise ValueError("compare() needs estimate files (estimates=..., truth=...) or a data set (data=...)")
+
+    if data is not None:
+        if quick:
+            n_train = 2000 if n_train is None else n_train
+            n_test = 2000 if n_test is None else n_test
+        ds = load_dataset(data, n_train, n_test, seed)
+        redshift_col = redshift_col or ds.redshift_col
+        mag_col = mag_col or ds.ref_band
+        zmin = ds.zmin if zmin is None else zmin
+        zmax = ds.zmax if zmax is None else zmax
+        truth_path = outdir / f"truth_{ds.name}.hdf5"
+        _write_truth(ds, truth_path, mag_col)
+        files["truth"] = truth_path
+        if truth is None:
+            truth = ds.test
+        from . import deepz_registry as reg
+
+        keys = _resolve_keys(estimators)
+        if log:
+            log(f"[compare] data set {ds.name}: {len(next(iter(ds.train.values())))} train / "
+                f"{len(next(iter(ds.test.values())))} test objects; estimators {keys}")
+        for i, key in enumerate(keys):
+            spec = reg.get(key)
+            why = _supported(spec, ds)
+            if why:
+                if log:
+                    log(f"[compare] ({i + 1}/{len(keys)}) skipping {key}: {why}")
+                continue
+            if log:
+                log(f"[compare] ({i + 1}/{len(keys)}) {key} ({spec.label})")
+            path, t = run_estimator(spec, ds, outdir, quick=quick, chunk_size=chunk_size, device=device, log=log)
+            estimates[key] = path
+            timings[key] = t
+            files[f"estimate_{key}"] = path
+    if truth is None:
+        raise ValueError("compare(estimates=...) needs truth= (table or file with the true redshifts)")
+    redshift_col = redshift_col or "redshift"
+    ztrue, mag = read_truth(truth, redshift_col, mag_col, truth_groupname)
+    zmin = 0.0 if zmin is None else float(zmin)
+    zmax = max(3.0, float(np.nanmax(ztrue))) if zmax is None else float(zmax)
+    cfg = dm.MetricConfig.for_range(zmin, zmax, point_estimate=point_estimate)
+    z_edges = dm.default_z_edges(zmin, zmax) if z_edges is None else np.asarray(z_edges, dtype=float)
+    if mag_edges is None and mag is not None:
+        mag_edges = dm.default_mag_edges(mag)
+    # example objects: spread over the true-redshift range, the same for every estimator
+    order = np.argsort(ztrue)
+    keep = order[np.linspace(0, ztrue.size - 1, min(n_example_pdfs, ztrue.size)).astype(int)] if ztrue.size else []
+
+    rows, per_object, examples = [], {}, {}
+    for j, (label, est) in enumerate(estimates.items()):
+        if log:
+            log(f"[compare] metrics ({j + 1}/{len(estimates)}) {label} ...")
+        acc = dm.accumulate_estimate(est, ztrue, mag, config=cfg, chunk_size=chunk_size, keep_pdfs=keep,
+                                     progress=log, label=label)
+        po = acc.per_object()
+        per_object[label] = po
+        examples[label] = acc.kept_pdfs
+        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)
+        for tkey in TIME_METRICS:
+            if label in timings:
+                n = timings[label]["n_train" if tkey == "inform_time_s" else "n_test"]
+                rows.append(dict(estimator=label, bin_type="all", bin_lo=np.nan, bin_hi=np.nan, metric=tkey,
+                                 value=float(timings[label][tkey]), n=int(n)))
+    table = pd.DataFrame(rows, columns=["estimator", "bin_type", "bin_lo", "bin_hi", "metric", "value", "n"])
+    files.update(write_table(table, outdir))
+    result = CompareResult(table=table, per_object=per_object, estimates=estimates, timings=timings,
+                           files=files, example_pdfs=examples, zgrid=cfg.zgrid)
+    if plots and per_object:
+        from . import deepz_plots
+
+        if log:
+            log("[compare] plots ...")
+        files.update(deepz_plots.make_all(result, outdir, zmin=zmin, zmax=zmax))
+    if print_table and not table.empty:
+        print(format_table(table), flush=True)
+        sys.stdout.flush()
+    if log:
+        log(f"[compare] wrote {', '.join(str(p) for p in files.values())}")
+    return result

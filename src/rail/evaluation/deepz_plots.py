@@ -1,0 +1,147 @@
+"""Plots of the comparison harness (matplotlib, Agg backend, PNG files).
+
+* ``pit_qq.png``: PIT histogram (top row) and PIT QQ plot against U(0,1) (bottom row),
+  one column per estimator;
+* ``zphot_zspec.png``: 2-D density of the point estimate vs the true redshift, with the
+  one-to-one line and the eta boundaries |dz|/(1+z) = 0.15;
+* ``metrics_vs_redshift.png`` / ``metrics_vs_magnitude.png``: sigma_NMAD, eta, bias, CRPS,
+  PCO and PIT KS per bin, one line per estimator;
+* ``example_pdfs.png``: PDFs of the same objects (spread over redshift) from every estimator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BINNED_METRICS = ("sigma_nmad", "eta", "bias", "crps", "pco", "pit_ks")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pit_qq(per_object: dict, path: Path, nbins: int = 50) -> Path:
+    plt = _plt()
+    labels = list(per_object)
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.4), squeeze=False)
+    q = np.linspace(0, 1, 101)
+    for i, lab in enumerate(labels):
+        pit = per_object[lab]["pit"]
+        ax = axes[0, i]
+        ax.hist(pit, bins=nbins, range=(0, 1), density=True, color="C0", alpha=0.8)
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_title(lab)
+        ax.set_xlabel("PIT")
+        if i == 0:
+            ax.set_ylabel("density")
+        ax = axes[1, i]
+        ax.plot(q, np.quantile(pit, q) if pit.size else q, color="C1")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlabel("uniform quantile")
+        if i == 0:
+            ax.set_ylabel("PIT quantile")
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: int = 120) -> Path:
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    labels = list(per_object)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels), 3.8), squeeze=False)
+    x = np.linspace(zmin, zmax, 50)
+    for i, lab in enumerate(labels):
+        po = per_object[lab]
+        ax = axes[0, i]
+        ax.hist2d(po["ztrue"], po["zphot"], bins=nbins, range=[[zmin, zmax], [zmin, zmax]], norm=LogNorm(),
+                  cmap="viridis")
+        ax.plot(x, x, "r--", lw=1)
+        ax.plot(x, x + 0.15 * (1 + x), "r:", lw=1)
+        ax.plot(x, x - 0.15 * (1 + x), "r:", lw=1)
+        ax.set_xlim(zmin, zmax)
+        ax.set_ylim(zmin, zmax)
+        ax.set_title(lab)
+        ax.set_xlabel("z true")
+        if i == 0:
+            ax.set_ylabel("z phot")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metrics_vs(table, bin_type: str, path: Path, xlabel: str) -> Path | None:
+    plt = _plt()
+    sub = table[table.bin_type == bin_type]
+    if sub.empty:
+        return None
+    metrics = [m for m in BINNED_METRICS if m in set(sub.metric)]
+    ncol = 3
+    nrow = int(np.ceil(len(metrics) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    for k, m in enumerate(metrics):
+        ax = axes.flat[k]
+        for lab, grp in sub[sub.metric == m].groupby("estimator", sort=False):
+            xc = 0.5 * (grp.bin_lo.to_numpy() + grp.bin_hi.to_numpy())
+            ax.plot(xc, grp.value.to_numpy(), "o-", ms=3, label=lab)
+        ax.set_title(m)
+        ax.set_xlabel(xlabel)
+    for k in range(len(metrics), nrow * ncol):
+        axes.flat[k].axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def example_pdfs(result, path: Path) -> Path | None:
+    plt = _plt()
+    examples = result.example_pdfs
+    idx = sorted({i for d in examples.values() for i in d})
+    if not idx:
+        return None
+    ztrue = next(iter(result.per_object.values()))["ztrue"]
+    ncol = min(3, len(idx))
+    nrow = int(np.ceil(len(idx) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
+    for k, i in enumerate(idx):
+        ax = axes.flat[k]
+        for lab, d in examples.items():
+            if i in d:
+                ax.plot(result.zgrid, d[i], lw=1.2, label=lab)
+        ax.axvline(ztrue[i], color="k", ls="--", lw=1)
+        ax.set_title(f"object {i}, z = {ztrue[i]:.3f}", fontsize=9)
+        ax.set_xlabel("z")
+    for k in range(len(idx), nrow * ncol):
+        axes.flat[k].axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_all(result, outdir: Path, zmin: float, zmax: float) -> dict:
+    """All plots of a :class:`~rail.evaluation.deepz_compare.CompareResult`; name -> path."""
+    outdir = Path(outdir)
+    files = {
+        "pit_qq": pit_qq(result.per_object, outdir / "pit_qq.png"),
+        "zphot_zspec": zphot_zspec(result.per_object, outdir / "zphot_zspec.png", zmin, zmax),
+        "metrics_vs_redshift": metrics_vs(result.table, "redshift", outdir / "metrics_vs_redshift.png", "z true"),
+        "metrics_vs_magnitude": metrics_vs(result.table, "magnitude", outdir / "metrics_vs_magnitude.png",
+                                           "reference magnitude"),
+        "example_pdfs": example_pdfs(result, outdir / "example_pdfs.png"),
+    }
+    return {k: v for k, v in files.items() if v is not None}
