@@ -14,3 +14,4 @@ One line per method module follows.
 from ._version import __version__  # noqa: F401
 
 import rail.estimation.algos.deepz_nnc  # noqa: E402,F401
+import rail.estimation.algos.deepz_embed  # noqa: E402,F401

@@ -98,6 +98,44 @@ class BinnedHead(nn.Module):
         return self.linear(h)
 
 
+class BinSmoother(nn.Module):
+    """Fixed Gaussian smoothing of bin probabilities that preserves each row's total mass.
+
+    With fine bins, a CRPS-trained softmax leaves neighbouring bins almost interchangeable
+    (the CRPS sees only the CDF), and the output becomes a comb of single-bin spikes: fine
+    CDF, useless density (CDE loss, mode). Convolving the probabilities with a Gaussian of
+    ``sigma_bins`` bins makes the emitted histogram smooth at that scale. Mass that would
+    leave the range is kept by renormalising each source bin's kernel to the bins inside.
+
+    Parameters
+    ----------
+    n_bins : int
+        Number of bins.
+    sigma_bins : float
+        Kernel width in bins (0 = identity).
+    """
+
+    def __init__(self, n_bins: int, sigma_bins: float):
+        super().__init__()
+        self.sigma_bins = float(sigma_bins)
+        half = int(math.ceil(4 * self.sigma_bins)) if self.sigma_bins > 0 else 0
+        self.half = half
+        offsets = torch.arange(-half, half + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / max(self.sigma_bins, 1e-12)) ** 2) if half else torch.ones(1)
+        kernel = kernel / kernel.sum()
+        # fraction of each source bin's kernel that lands inside [0, n_bins)
+        idx = torch.arange(n_bins).reshape(-1, 1) + offsets.reshape(1, -1).long()
+        inside = ((idx >= 0) & (idx < n_bins)).float() @ kernel
+        self.register_buffer("kernel", kernel.reshape(1, 1, -1))
+        self.register_buffer("source_weight", 1.0 / inside)
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.half == 0:
+            return probs
+        x = (probs * self.source_weight).unsqueeze(1)
+        return F.conv1d(x, self.kernel.to(x.dtype), padding=self.half).squeeze(1)
+
+
 class FixedGridMixtureHead(nn.Module):
     """Weights of ``n_components`` Gaussians with fixed means (evenly spaced) and width.
 
@@ -188,3 +226,42 @@ def gmm_crps_numpy(weights: np.ndarray, means: np.ndarray, sigmas: np.ndarray, z
             torch.as_tensor(sigmas, dtype=torch.float64),
         )
         return gmm_crps(params, torch.as_tensor(z, dtype=torch.float64)).numpy()
+
+
+# ------------------------------------------------- fixed-grid mixtures (embedding MDN)
+
+
+def fixed_grid_pair_matrix(centers, sigma: float) -> torch.Tensor:
+    """Constant (K, K) matrix ``A(c_i - c_j, 2 sigma^2)`` of :func:`gmm_crps`'s second term.
+
+    For Gaussians with fixed means ``centers`` and a common width ``sigma`` the pairwise
+    term of the mixture CRPS does not depend on the object: compute it once.
+    """
+    c = torch.as_tensor(centers, dtype=torch.float64).reshape(-1)
+    var = torch.full((c.numel(), c.numel()), 2.0 * float(sigma) ** 2, dtype=torch.float64)
+    return _crps_a(c.unsqueeze(-1) - c.unsqueeze(-2), var)
+
+
+def fixed_grid_crps(
+    weights: torch.Tensor,
+    z: torch.Tensor,
+    centers: torch.Tensor,
+    sigma: float,
+    pair_matrix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact CRPS of fixed-grid Gaussian mixtures (same value as :func:`gmm_crps`), per object.
+
+    ``CRPS = sum_i w_i A(z - c_i, s^2) - 1/2 w^T M w`` with ``M`` from
+    :func:`fixed_grid_pair_matrix` (pass it to avoid recomputing it each call). The
+    pairwise term becomes one (N, K) x (K, K) matrix product instead of the (N, K, K)
+    tensor of :func:`gmm_crps`.
+    """
+    if pair_matrix is None:
+        pair_matrix = fixed_grid_pair_matrix(centers, sigma)
+    pair_matrix = pair_matrix.to(device=weights.device, dtype=weights.dtype)
+    centers = torch.as_tensor(centers, device=weights.device, dtype=weights.dtype).reshape(1, -1)
+    z = z.reshape(-1, 1).to(weights.dtype)
+    var = torch.full_like(centers, float(sigma) ** 2)
+    term1 = (weights * _crps_a(z - centers, var)).sum(-1)
+    term2 = 0.5 * ((weights @ pair_matrix) * weights).sum(-1)
+    return term1 - term2

@@ -171,8 +171,12 @@ def _embed_configs(ds, quick=False):
     if quick:
         inform.update(epochs=5, ae_epochs=3, hidden_layers=[32, 32, 32], ae_hidden=[32], som_shape=[5, 5],
                       som_iterations=2000, som_n_boot=20)
+    # qp.mixmod with 200 components cannot be evaluated on a metric grid (qp allocates
+    # N x 200 x grid floats: 1,000 objects x 3,001 points was killed for memory), so the
+    # harness gets the PDFs sampled on a grid with spacing sigma / 2 (qp.interp).
+    nz = int(2 * (ds.zmax - ds.zmin) / 0.0037) + 1
     estimate = dict(hdf5_groupname="", id_col=ds.extra.get("id_col", "object_id"), redshift_col=ds.redshift_col,
-                    zmin=ds.zmin, zmax=ds.zmax)
+                    zmin=ds.zmin, zmax=ds.zmax, qp_representation="interp", nzbins=nz)
     return inform, estimate
 
 
