@@ -403,3 +403,17 @@ def test_split_indices():
         split_indices(10, 1.5, 0)
     with pytest.raises(ValueError, match="validation"):
         split_indices(10, 0.5, 0, np.zeros(10, bool))
+
+
+def test_bin_smoother_preserves_mass_and_smooths_a_comb():
+    from rail.deepz.mixtures import BinSmoother
+
+    nb = 60
+    comb = torch.zeros(2, nb)
+    comb[0, 20:40:2] = 0.1  # spikes every other bin
+    comb[1, 0] = 1.0  # all mass in the first bin: kernel must not leak out of range
+    out = BinSmoother(nb, 2.0)(comb)
+    torch.testing.assert_close(out.sum(1), torch.ones(2, dtype=out.dtype))
+    assert float(out[0, 21:38].max() - out[0, 21:38].min()) < 0.01  # comb filled in
+    assert torch.all(out >= 0)
+    assert torch.equal(BinSmoother(nb, 0.0)(comb), comb)

@@ -49,12 +49,14 @@ def fit_temperature(
     edges: np.ndarray,
     objective: str = "pit_ks",
     bounds=(0.05, 20.0),
+    probs_fn=None,
 ) -> float:
     """Temperature T in ``bounds`` minimising ``objective`` on a validation set.
 
     ``objective``: ``"nll"`` (paper) = mean -log p(true bin); ``"pit_ks"`` = KS distance of the
     validation PITs from uniform (grid over log T, 121 points, then the best point's
-    neighbourhood refined by a bounded scalar search).
+    neighbourhood refined by a bounded scalar search). ``probs_fn`` maps tempered logits
+    to bin probabilities (default: softmax), e.g. softmax followed by a fixed smoothing.
 
     Parameters
     ----------
@@ -65,21 +67,28 @@ def fit_temperature(
     edges : ndarray (nbins + 1,)
         Bin edges.
     """
-    lg = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    lg = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
     nb = lg.shape[1]
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    if probs_fn is None:
+        def probs_fn(x):
+            return torch.softmax(x, dim=-1)
     if objective == "nll":
         target = torch.as_tensor(np.clip(np.searchsorted(edges, z, side="right") - 1, 0, nb - 1))
-        res = minimize_scalar(
-            lambda logt: float(binned_nll(lg, target, float(np.exp(logt)))),
-            bounds=(lo, hi), method="bounded", options={"xatol": 1e-4},
-        )
+
+        def nll(logt):
+            with torch.no_grad():
+                p = probs_fn(lg / float(np.exp(logt))).double()
+            return float(-torch.log(p.gather(1, target.reshape(-1, 1)).clamp_min(1e-300)).mean())
+
+        res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
         return float(np.exp(res.x))
     if objective != "pit_ks":
         raise ValueError(f"Option 'temperature_objective'={objective!r} is not 'pit_ks' or 'nll'")
 
     def ks(logt):
-        probs = torch.softmax(lg / float(np.exp(logt)), dim=-1).numpy()
+        with torch.no_grad():
+            probs = probs_fn(lg / float(np.exp(logt))).numpy()
         return ks_uniform(binned_pit(probs, edges, z))
 
     grid = np.linspace(lo, hi, 121)

@@ -11,6 +11,12 @@ validation plateau; gradient clipping 1.0; early stopping patience 20; batch 409
 300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our default keeps
 dz = 0.005 over [0, 3] (600 bins) to cover DC2. As in the paper, the softmax is
 calibrated after training by a temperature fitted on the validation split.
+
+Beyond the paper: the softmax output is smoothed by a fixed Gaussian of
+``smoothing_bins`` bins (default 2, i.e. 0.01 in z) before the loss and at output. The
+CRPS constrains only the CDF, and with 600 bins the raw output is a comb of single-bin
+spikes (median peak density 94 vs 11 for FlexZBoost on DC2, CDE loss +77) that spoils
+the density and the mode; ``smoothing_bins=0`` restores the paper's head.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from ceci.config import StageParameter as Param
 from torch import nn
 
 from rail.deepz.calibration import fit_temperature
-from rail.deepz.mixtures import BinnedHead, binned_crps
+from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps
 from rail.deepz.pdf import binned_ensemble
 from rail.deepz.photometry import Photometry
 from rail.deepz.scaling import Standardizer
@@ -66,15 +72,24 @@ class ResidualMLP(nn.Module):
 
 
 class NNCNetwork(nn.Module):
-    """Residual MLP + binned softmax head; ``forward`` returns bin logits."""
+    """Residual MLP + binned softmax head; ``forward`` returns bin logits.
 
-    def __init__(self, in_features: int, hidden: list[int], n_bins: int, dropout: float):
+    :meth:`probs` turns (tempered) logits into the emitted bin probabilities: softmax,
+    then the fixed mass-preserving Gaussian smoothing of ``smoothing_bins`` bins.
+    """
+
+    def __init__(self, in_features: int, hidden: list[int], n_bins: int, dropout: float,
+                 smoothing_bins: float = 0.0):
         super().__init__()
         self.body = ResidualMLP(in_features, hidden, dropout)
         self.head = BinnedHead(self.body.out_features, n_bins)
+        self.smoother = BinSmoother(n_bins, smoothing_bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+    def probs(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self.smoother(torch.softmax(logits / temperature, dim=-1))
 
 
 def _feature_blocks(config_features, missing_policy: str) -> list[str]:
@@ -106,6 +121,11 @@ class DeepzNNCInformer(DeepzInformer):
         nbins=Param(int, 600, msg="number of evenly spaced redshift bins on [zmin, zmax]"),
         hidden_layers=Param(list, [512, 256, 128, 64], msg="widths of the residual MLP's hidden layers"),
         dropout=Param(float, 0.1, msg="dropout probability after each hidden layer"),
+        smoothing_bins=Param(
+            float, 2.0,
+            msg="width (in bins) of the fixed Gaussian smoothing of the softmax output; "
+            "without it CRPS training leaves comb-like PDFs over fine bins (0 = off, as the paper)",
+        ),
         temperature_scaling=Param(
             bool, True,
             msg="fit a softmax temperature on the validation split (paper Sec. 4.4); "
@@ -140,21 +160,22 @@ class DeepzNNCInformer(DeepzInformer):
         edges = np.linspace(cfg.zmin, cfg.zmax, cfg.nbins + 1)
         centers = torch.as_tensor(0.5 * (edges[1:] + edges[:-1]), dtype=torch.float32)
         torch.manual_seed(cfg.seed)
-        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), cfg.nbins, cfg.dropout)
+        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), cfg.nbins, cfg.dropout, cfg.smoothing_bins)
         centers_dev = {}
 
         def loss_fn(logits, zb):
             key = logits.device
             if key not in centers_dev:
                 centers_dev[key] = centers.to(key)
-            return binned_crps(logits.float(), zb, centers_dev[key])
+            return binned_crps(net.probs(logits.float()), zb, centers_dev[key], from_logits=False)
 
         result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], self.train_config)
         temperature = 1.0
         if cfg.temperature_scaling:
             net.to("cpu")
             val_logits = concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy()
-            temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective)
+            temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective,
+                                          probs_fn=net.probs)
             self.log.info(f"temperature scaling: T = {temperature:.3f}")
         return self._model_dict(
             arch={
@@ -162,6 +183,7 @@ class DeepzNNCInformer(DeepzInformer):
                 "hidden": [int(h) for h in cfg.hidden_layers],
                 "n_bins": int(cfg.nbins),
                 "dropout": float(cfg.dropout),
+                "smoothing_bins": float(cfg.smoothing_bins),
                 "features": blocks,
             },
             edges=edges,
@@ -188,9 +210,12 @@ class DeepzNNCEstimator(DeepzEstimator):
 
     def _build_network(self, model):
         arch = model["arch"]
-        net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"])
+        net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"],
+                         arch.get("smoothing_bins", 0.0))
         net.load_state_dict(model["state_dict"])
         self.scaler = Standardizer.from_dict(model["scalers"]["x"])
+        # logits come back to host memory; smooth them there (no device round trip)
+        self.smoother = BinSmoother(arch["n_bins"], arch.get("smoothing_bins", 0.0))
         return net
 
     def _estimate_chunk(self, data: Mapping):
@@ -199,5 +224,6 @@ class DeepzNNCEstimator(DeepzEstimator):
             predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
                             self.config.mixed_precision)
         )
-        probs = torch.softmax(logits / self.model["temperature"], dim=-1).numpy()
+        with torch.no_grad():
+            probs = self.smoother(torch.softmax(logits / self.model["temperature"], dim=-1)).numpy()
         return binned_ensemble(probs, self.model["edges"], self.config.qp_representation)
