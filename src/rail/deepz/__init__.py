@@ -15,3 +15,5 @@ from ._version import __version__  # noqa: F401
 
 import rail.estimation.algos.deepz_nnc  # noqa: E402,F401
 import rail.estimation.algos.deepz_embed  # noqa: E402,F401
+import rail.estimation.algos.deepz_lstm  # noqa: E402,F401
+import rail.estimation.algos.deepz_cnn  # noqa: E402,F401

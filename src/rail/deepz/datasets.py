@@ -189,3 +189,64 @@ def load(name: str, **kwargs) -> Dataset:
     if name not in LOADERS:
         raise KeyError(f"Unknown data set {name!r}; known: {sorted(LOADERS)}")
     return LOADERS[name](**kwargs)
+
+
+#: zCOSMOS-bright bands of the COSMOS ``photzi25`` catalogue (column prefix) and effective
+#: wavelengths in Angstrom: GALEX FUV/NUV, CFHT u*, Subaru B/V/g+/r+/i+/z+, CFHT i* (``ic``),
+#: J and Ks. Listed in increasing wavelength.
+ZCOSMOS_BANDS = ["fuv", "nuv", "u", "b", "g", "v", "r", "ic", "i", "z", "j", "k"]
+ZCOSMOS_WAVELENGTHS = [1539.0, 2316.0, 3798.0, 4458.0, 4777.0, 5478.0, 6288.0, 7676.0, 7683.0,
+                       9037.0, 12500.0, 21500.0]
+
+
+def load_zcosmos(test_fraction: float = 0.3, seed: int = 0, n_max: int | None = None,
+                 secure_only: bool = True) -> Dataset:
+    """zCOSMOS-bright 20k with COSMOS photometry (``../shared/data/zcosmos_vvds``), 12 bands FUV-Ks.
+
+    Keeps the secure spectroscopic classes (confidence class 3.x and 4.x, 11,934 rows) unless
+    ``secure_only`` is False. The catalogue marks missing photometry with -99 / -99.9 in the
+    magnitude or error column: those become NaN here, so every estimator's photometry
+    handling treats them as missing bands (``missing_policy``). Magnitude limits are the
+    99.5th percentile of each band's measured magnitudes. Random train/test split (seeded).
+    """
+    import pandas as pd
+
+    path = require_shared("zcosmos_vvds") / "zcosmost_bright20k.csv"
+    df = pd.read_csv(path)
+    if secure_only:
+        cc = df["cc"].to_numpy()
+        df = df[(cc >= 3.0) & (cc < 5.0)].reset_index(drop=True)
+    bands = [f"{b}_photzi25" for b in ZCOSMOS_BANDS]
+    err_bands = [f"e{b}_photzi25" for b in ZCOSMOS_BANDS]
+    table = {"object_id": df["id_zcosmos"].to_numpy(), "redshift": df["zpec"].to_numpy(dtype=np.float64),
+             "cc": df["cc"].to_numpy(dtype=np.float64)}
+    limits = {}
+    for b, e in zip(bands, err_bands):
+        mag = df[b].to_numpy(dtype=np.float64, copy=True)
+        err = df[e].to_numpy(dtype=np.float64, copy=True)
+        bad = ~np.isfinite(mag) | ~np.isfinite(err) | (mag < -90) | (err < -90)
+        mag[bad], err[bad] = np.nan, np.nan
+        table[b], table[e] = mag, err
+        limits[b] = float(np.nanpercentile(mag, 99.5))
+    table = subsample(table, n_max, seed)
+    n = len(table["redshift"])
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n))
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return Dataset(
+        name="zcosmos",
+        train={k: v[tr] for k, v in table.items()},
+        test={k: v[te] for k, v in table.items()},
+        bands=bands,
+        err_bands=err_bands,
+        mag_limits=limits,
+        redshift_col="redshift",
+        zmin=0.0,
+        zmax=2.0,
+        wavelengths=list(ZCOSMOS_WAVELENGTHS),
+        ref_band="i_photzi25",
+        extra={"id_col": "object_id"},
+    )
+
+
+LOADERS["zcosmos"] = load_zcosmos

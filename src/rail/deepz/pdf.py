@@ -76,7 +76,7 @@ def cdf_inverse(cdf: np.ndarray, xgrid: np.ndarray, qs) -> np.ndarray:
     return xgrid[idx - 1] + frac * (xgrid[idx] - xgrid[idx - 1])
 
 
-def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 20000) -> np.ndarray:
+def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 256) -> np.ndarray:
     """Evaluate Gaussian mixtures (N, K) on ``zgrid`` (G,) -> (N, G) float32, in chunks."""
     weights, means, sigmas = (np.asarray(a, dtype=np.float32) for a in (weights, means, sigmas))
     zgrid = np.asarray(zgrid, dtype=np.float32)

@@ -187,3 +187,59 @@ register(EstimatorSpec(
     estimator="rail.estimation.algos.deepz_embed:DeepzEmbedEstimator",
     make_configs=_embed_configs,
 ))
+
+
+def _lstm_configs(ds, quick=False):
+    """LSTM-MDN on wavelength-ordered band sequences (rail.estimation.algos.deepz_lstm).
+
+    Band order from the data set's effective wavelengths; missing / non-detected bands are
+    masked steps (missing_policy='mask', the stage default). The stage defaults are the
+    choices documented in the module (measured on DC2); the harness gets qp.mixmod.
+    """
+    base = ds.catalog_config()
+    inform = {k: base[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")}
+    inform.update(progress=False, wavelengths=[float(w) for w in ds.wavelengths])
+    if quick:
+        inform.update(epochs=4, lstm_units=[16], dense_units=[16], n_components=5, batch_size=256)
+    estimate = dict(hdf5_groupname="", id_col=ds.extra.get("id_col", "object_id"), redshift_col=ds.redshift_col,
+                    zmin=ds.zmin, zmax=ds.zmax)
+    return inform, estimate
+
+
+register(EstimatorSpec(
+    key="lstm",
+    label="LSTM-MDN (band sequences)",
+    informer="rail.estimation.algos.deepz_lstm:DeepzLSTMInformer",
+    estimator="rail.estimation.algos.deepz_lstm:DeepzLSTMEstimator",
+    make_configs=_lstm_configs,
+))
+
+
+def _cnn_configs(ds, quick=False):
+    """Image CNN + catalog MDN ensemble (PICZL-like; rail.estimation.algos.deepz_cnn).
+
+    Runs only on data sets whose tables carry an image column (``ds.extra['provides']``
+    includes ``images``; column ``ds.extra['image_col']``, default ``images``, bands
+    ``ds.extra['image_bands']``, default the catalog bands). For catalogs without pixels,
+    ``rail.deepz.images.add_synthetic_stamps`` makes one. The harness gets qp.mixmod.
+    """
+    base = ds.catalog_config()
+    inform = {k: base[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")}
+    inform.update(progress=False, image_col=ds.extra.get("image_col", "images"),
+                  image_bands=list(ds.extra.get("image_bands", ds.bands)))
+    if quick:
+        inform.update(epochs=3, n_members=2, n_components=3, conv_channels=[8, 16], dense_units=[16],
+                      batch_size=128)
+    estimate = dict(hdf5_groupname="", id_col=ds.extra.get("id_col", "object_id"), redshift_col=ds.redshift_col,
+                    zmin=ds.zmin, zmax=ds.zmax)
+    return inform, estimate
+
+
+register(EstimatorSpec(
+    key="cnn",
+    label="Image CNN + GMM ensemble (PICZL-like)",
+    informer="rail.estimation.algos.deepz_cnn:DeepzCNNInformer",
+    estimator="rail.estimation.algos.deepz_cnn:DeepzCNNEstimator",
+    make_configs=_cnn_configs,
+    needs=("catalog", "images"),
+))
