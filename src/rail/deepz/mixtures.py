@@ -126,8 +126,9 @@ class BinSmoother(nn.Module):
         # fraction of each source bin's kernel that lands inside [0, n_bins)
         idx = torch.arange(n_bins).reshape(-1, 1) + offsets.reshape(1, -1).long()
         inside = ((idx >= 0) & (idx < n_bins)).float() @ kernel
-        self.register_buffer("kernel", kernel.reshape(1, 1, -1))
-        self.register_buffer("source_weight", 1.0 / inside)
+        # derived from (n_bins, sigma_bins): not saved in state dicts
+        self.register_buffer("kernel", kernel.reshape(1, 1, -1), persistent=False)
+        self.register_buffer("source_weight", 1.0 / inside, persistent=False)
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         if self.half == 0:
