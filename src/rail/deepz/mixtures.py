@@ -129,12 +129,20 @@ class BinSmoother(nn.Module):
         # derived from (n_bins, sigma_bins): not saved in state dicts
         self.register_buffer("kernel", kernel.reshape(1, 1, -1), persistent=False)
         self.register_buffer("source_weight", 1.0 / inside, persistent=False)
+        # the same operation as one (n_bins, n_bins) banded matrix: out = probs @ matrix.
+        # F.conv1d over (N, 1, n_bins) is ~20x slower on CPU for N ~ 1e5 (26 s vs 1.3 s
+        # for 1e5 x 600 bins, one thread) and a matmul is what GPUs do best.
+        src = torch.arange(n_bins).reshape(-1, 1)
+        dst = src + offsets.reshape(1, -1).long()
+        ok = (dst >= 0) & (dst < n_bins)
+        matrix = torch.zeros(n_bins, n_bins)
+        matrix[src.expand_as(dst)[ok], dst[ok]] = kernel.expand_as(dst)[ok]
+        self.register_buffer("matrix", matrix * (1.0 / inside).reshape(-1, 1), persistent=False)
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         if self.half == 0:
             return probs
-        x = (probs * self.source_weight).unsqueeze(1)
-        return F.conv1d(x, self.kernel.to(x.dtype), padding=self.half).squeeze(1)
+        return probs @ self.matrix.to(probs.dtype)
 
 
 class FixedGridMixtureHead(nn.Module):
