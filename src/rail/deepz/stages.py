@@ -149,6 +149,24 @@ ESTIMATION_OPTIONS = dict(
 )
 
 
+MIXTURE_REPRESENTATIONS = ("mixmod", "interp")
+
+#: ``qp_representation`` option of the estimators that emit Gaussian mixtures
+MIXTURE_OUTPUT_OPTIONS = dict(
+    qp_representation=Param(
+        str, "mixmod",
+        msg="'mixmod' (exact mixture; mass outside [zmin, zmax] reported in ancil p_outside) or "
+        "'interp' (PDF truncated to [zmin, zmax], renormalised, sampled on nzbins points)",
+    ),
+)
+
+
+def check_option_choice(config, key: str, choices) -> None:
+    """Raise a ValueError naming option ``key`` when its value is not one of ``choices``."""
+    if config[key] not in choices:
+        raise ValueError(f"Option {key!r}={config[key]!r} is not one of {tuple(choices)}")
+
+
 def table_to_numpy_dict(stage, data, groupname: str | None = None) -> dict:
     """Select ``groupname`` if present, and convert any RAIL table to a numpyDict."""
     if groupname and isinstance(data, Mapping) and groupname in data:

@@ -44,7 +44,14 @@ from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps, gm
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.photometry import check_model_bands
 from rail.deepz.scaling import Standardizer
-from rail.deepz.stages import DeepzEstimator, DeepzInformer, with_defaults
+from rail.deepz.stages import (
+    MIXTURE_OUTPUT_OPTIONS,
+    MIXTURE_REPRESENTATIONS,
+    DeepzEstimator,
+    DeepzInformer,
+    check_option_choice,
+    with_defaults,
+)
 from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
 
 LOSSES = {"crps": gmm_crps, "nll": gmm_nll}
@@ -244,23 +251,16 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
     interactive_function = "deepz_cnn_estimator"
     method = "cnn"
     config_options = DeepzEstimator.config_options.copy()
+    config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
     config_options.update(
         image_col=Param(str, "", msg="image column; empty = the column name used at training"),
         image_bands=Param(list, [], msg="image band names; empty = the model's. If given, must equal the model's"),
         bad_pixel_policy=Param(str, "", msg="NaN/inf pixels: 'raise', 'zero', or empty = the model's setting"),
-        qp_representation=Param(
-            str, "mixmod",
-            msg="'mixmod' (exact mixture; mass outside [zmin, zmax] reported in ancil p_outside) or "
-            "'interp' (PDF truncated to [zmin, zmax], renormalised, sampled on nzbins points)",
-        ),
     )
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        if self.config.qp_representation not in ("mixmod", "interp"):
-            raise ValueError(
-                f"Option 'qp_representation'={self.config.qp_representation!r} is not 'mixmod' or 'interp'"
-            )
+        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
         if self.config.bad_pixel_policy not in ("",) + BAD_PIXEL_POLICIES:
             raise ValueError(
                 f"Option 'bad_pixel_policy'={self.config.bad_pixel_policy!r} is not one of {BAD_PIXEL_POLICIES}"

@@ -47,6 +47,8 @@ from rail.deepz.pdf import DEFAULT_QUANTILES, grid_summaries
 from rail.deepz.scaling import Standardizer
 from rail.deepz.som import METRICS, SOMFlagModel, needs_photometry, som_feature_matrix
 from rail.deepz.stages import (
+    MIXTURE_REPRESENTATIONS,
+    check_option_choice,
     PHOTOMETRY_OPTIONS,
     TRAINING_OPTIONS,
     DeepzEstimator,
@@ -402,8 +404,7 @@ class DeepzEmbedEstimator(DeepzEstimator):
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        if self.config.qp_representation not in ("mixmod", "interp"):
-            raise ValueError(f"Option 'qp_representation'={self.config.qp_representation!r} is not 'mixmod' or 'interp'")
+        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
 
     def _build_network(self, model):
         enc = model["encoder"]

@@ -84,7 +84,14 @@ from rail.deepz.calibration import ks_uniform
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order
-from rail.deepz.stages import DeepzEstimator, DeepzInformer, with_defaults
+from rail.deepz.stages import (
+    MIXTURE_OUTPUT_OPTIONS,
+    MIXTURE_REPRESENTATIONS,
+    DeepzEstimator,
+    DeepzInformer,
+    check_option_choice,
+    with_defaults,
+)
 from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
 
 AGGREGATIONS = ("last", "mean", "attention", "flatten")
@@ -348,20 +355,11 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     interactive_function = "deepz_lstm_estimator"
     method = "lstm"
     config_options = DeepzEstimator.config_options.copy()
-    config_options.update(
-        qp_representation=Param(
-            str, "mixmod",
-            msg="'mixmod' (exact mixture; mass outside [zmin, zmax] reported in ancil p_outside) or "
-            "'interp' (PDF truncated to [zmin, zmax], renormalised, sampled on nzbins points)",
-        ),
-    )
+    config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        if self.config.qp_representation not in ("mixmod", "interp"):
-            raise ValueError(
-                f"Option 'qp_representation'={self.config.qp_representation!r} is not 'mixmod' or 'interp'"
-            )
+        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
 
     def _build_network(self, model):
         net = LSTMMDN(**model["arch"])
