@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import qp
 import torch
-from scipy import integrate, stats
+from scipy import integrate, optimize, stats
 
 from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
 from rail.deepz.mixtures import (
@@ -17,7 +17,7 @@ from rail.deepz.mixtures import (
     gmm_crps_numpy,
     gmm_nll,
 )
-from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble
+from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble, mixture_summaries
 from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
 from rail.deepz.scaling import Standardizer
 from rail.deepz.training import TrainConfig, resolve_device, split_indices, train_model
@@ -238,6 +238,33 @@ def test_mixture_ensemble_ancil_matches_qp():
     assert inside.sum() >= 5
     np.testing.assert_allclose(ens.ancil["zmean"][inside], (w * mu).sum(1)[inside], atol=1e-3)
     np.testing.assert_allclose(ens.ancil["zmedian"][inside], ens.median().ravel()[inside], atol=6e-3)  # qp grid
+
+
+def test_mixture_summaries_exact_for_narrow_many_component_mixtures():
+    """Components far narrower than the 151-point search grid (sigma down to 0.005) and
+    K = 15: quantiles, mean and std must match the exact truncated mixture, not the grid."""
+    rng = np.random.default_rng(11)
+    n, k, zmin, zmax = 60, 15, 0.0, 3.0
+    w = rng.dirichlet(np.full(k, 0.5), n)
+    mu = rng.uniform(-0.2, 3.2, (n, k))
+    s = rng.uniform(0.005, 0.3, (n, k))
+    ancil = mixture_summaries(w, mu, s, zmin, zmax)
+
+    def cdf(i, x):
+        return (w[i] * stats.norm.cdf((x - mu[i]) / s[i])).sum()
+
+    for i in range(n):
+        lo, hi = cdf(i, zmin), cdf(i, zmax)
+        for level, key in [(0.5, "zmedian"), (0.025, "z_q2p5"), (0.84, "z_q84")]:
+            ref = optimize.brentq(lambda x: (cdf(i, x) - lo) / (hi - lo) - level, zmin, zmax, xtol=1e-10)
+            assert ancil[key][i] == pytest.approx(ref, abs=2e-4), (i, key)
+        mean, var = stats.truncnorm.stats((zmin - mu[i]) / s[i], (zmax - mu[i]) / s[i], mu[i], s[i])
+        wk = w[i] * (stats.norm.cdf((zmax - mu[i]) / s[i]) - stats.norm.cdf((zmin - mu[i]) / s[i]))
+        m = (wk * mean).sum() / wk.sum()
+        sd = np.sqrt((wk * (var + mean**2)).sum() / wk.sum() - m**2)
+        assert ancil["zmean"][i] == pytest.approx(m, abs=1e-6)
+        assert ancil["zstd"][i] == pytest.approx(sd, abs=1e-6)
+        assert ancil["p_outside"][i] == pytest.approx(1 - (hi - lo), abs=1e-9)
 
 
 def test_mixture_ensemble_truncates_mass_below_zero():

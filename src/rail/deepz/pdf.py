@@ -8,166 +8,365 @@ Every ensemble gets ancil columns ``zmode``, ``zmean``, ``zmedian``, ``zstd``, t
 quantiles ``z_q{XX}`` (by default 2.5, 16, 84, 97.5 %) and ``p_outside`` (probability mass
 outside [zmin, zmax]). Point estimates are those of the PDF *restricted to* [zmin, zmax]
 and renormalised, so a Gaussian tail below z = 0 never produces a negative zmean.
-Everything is computed on a fine grid with array operations, no per-object loop.
+
+How they are computed (array operations in torch, no per-object loop; on the device the
+inputs live on, so a GPU estimator summarises on the GPU):
+
+* histograms: exact moments of the piecewise-constant PDF; quantiles by one batched
+  ``searchsorted`` in the cumulative sums and linear interpolation inside the bin.
+* Gaussian mixtures: mean and standard deviation from the closed-form moments of
+  truncated normals; quantiles bracketed on a grid of ``nzbins`` points (trapezoid CDF)
+  and polished by safeguarded Newton steps on the exact mixture CDF; the mode is the
+  best of the grid maximum and the component means, refined by fixed-point (mean-shift)
+  iterations on the exact density.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import qp
-from scipy.special import ndtr
+import torch
 
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def quantile_name(q: float) -> str:
     return "z_q" + f"{100 * q:g}".replace(".", "p")
 
 
-def grid_summaries(pdfs: np.ndarray, zgrid: np.ndarray, quantiles=DEFAULT_QUANTILES) -> dict:
-    """Point estimates of PDFs tabulated on an evenly spaced ``zgrid`` (N, G) -> dict of (N,).
+def _tensor(a, dtype=torch.float32, device=None) -> torch.Tensor:
+    """numpy array or tensor -> tensor of ``dtype`` (no copy when it already is one)."""
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    return t.to(device=device if device is not None else t.device, dtype=dtype)
+
+
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def cdf_inverse(cdf, xgrid, qs) -> np.ndarray:
+    """Invert monotone CDFs (N, G) tabulated at ``xgrid`` (G,) at levels ``qs`` -> (N, len(qs)).
+
+    One batched ``torch.searchsorted`` finds the bracketing grid interval of each level,
+    then linear interpolation inside it. No loop over objects.
+    """
+    cdf = _tensor(cdf, torch.float64)
+    x = _tensor(xgrid, torch.float64, cdf.device)
+    return _numpy64(_interp_levels(cdf, x, _tensor(qs, torch.float64, cdf.device)))
+
+
+def _interp_levels(cdf: torch.Tensor, x: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Levels qs (Q,) of monotone cdf (N, G) at nodes x (G,) -> (N, Q), same dtype as x."""
+    n, g = cdf.shape
+    levels = qs.to(cdf.dtype).expand(n, -1).contiguous()
+    idx = torch.searchsorted(cdf.contiguous(), levels, side="left").clamp_(1, g - 1)
+    c0 = torch.gather(cdf, 1, idx - 1).to(x.dtype)
+    c1 = torch.gather(cdf, 1, idx).to(x.dtype)
+    q = qs.to(x.dtype).expand(n, -1)
+    step = c1 - c0
+    frac = torch.where(step > 0, (q - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
+    return x[idx - 1] + frac * (x[idx] - x[idx - 1])
+
+
+def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
+    """Point estimates of PDFs tabulated on a ``zgrid`` (N, G) -> dict of (N,) float64 arrays.
 
     The CDF is the cumulative trapezoid integral, normalised to 1 at ``zgrid[-1]``;
-    the median and quantiles interpolate it linearly. All vectorised over objects.
+    the median and quantiles interpolate it linearly; moments use trapezoid weights.
     """
-    pdfs = np.asarray(pdfs, dtype=np.float32)
-    zgrid = np.asarray(zgrid, dtype=np.float64)
-    dz = np.diff(zgrid)
-    # trapezoid weights of each grid point
-    w = np.concatenate([[dz[0] / 2], 0.5 * (dz[1:] + dz[:-1]), [dz[-1] / 2]])
-    inc = 0.5 * (pdfs[:, 1:] + pdfs[:, :-1]) * dz.astype(np.float32)
-    cdf = np.zeros(pdfs.shape, dtype=np.float64)
-    cdf[:, 1:] = np.cumsum(inc, axis=1)
-    norm = cdf[:, -1].copy()
+    p = _tensor(pdfs, torch.float32)
+    z = _tensor(zgrid, torch.float64, p.device)
+    dz = torch.diff(z)
+    w = torch.cat([dz[:1] / 2, 0.5 * (dz[1:] + dz[:-1]), dz[-1:] / 2])  # trapezoid weights
+    inc = 0.5 * (p[:, 1:] + p[:, :-1]) * dz.to(torch.float32)
+    cdf = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+    cdf[:, 1:] = torch.cumsum(inc, dim=1, dtype=torch.float64)
+    norm = cdf[:, -1].clone()
     norm[norm <= 0] = 1.0
     cdf /= norm[:, None]
-    out = {"zmode": zgrid[np.argmax(pdfs, axis=1)]}
-    mean = (pdfs @ (w * zgrid).astype(np.float32)) / norm
-    second = (pdfs @ (w * zgrid**2).astype(np.float32)) / norm
-    out["zmean"] = mean.astype(np.float64)
-    out["zstd"] = np.sqrt(np.clip(second - mean**2, 0.0, None)).astype(np.float64)
-    qs = [0.5, *quantiles]
-    inv = cdf_inverse(cdf, zgrid, qs)
+    mean = (p @ (w * z).to(torch.float32)).double() / norm
+    second = (p @ (w * z**2).to(torch.float32)).double() / norm
+    out = {"zmode": z[torch.argmax(p, dim=1)], "zmean": mean,
+           "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
+    inv = _interp_levels(cdf, z, torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device))
     out["zmedian"] = inv[:, 0]
     for i, q in enumerate(quantiles):
         out[quantile_name(q)] = inv[:, i + 1]
+    return {k: _numpy64(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- Gaussian mixtures
+
+
+def _ndtr(t: torch.Tensor) -> torch.Tensor:
+    return torch.special.ndtr(t)
+
+
+def _phi(t: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+
+
+def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 4096):
+    """Evaluate Gaussian mixtures (N, K) on ``zgrid`` (G,) -> (N, G) float32 numpy array."""
+    w, mu, s = (_tensor(a) for a in (weights, means, sigmas))
+    return _mixture_pdf(w, mu, s, _tensor(zgrid, device=w.device), chunk).cpu().numpy()
+
+
+def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
+    """(N, K) mixtures at grid z (G,) -> (N, G): one component at a time over row chunks
+    small enough to stay in cache (about twice the cost of the exponentials alone)."""
+    out = torch.zeros((w.shape[0], z.numel()), dtype=w.dtype, device=w.device)
+    coef = w / s * _INV_SQRT_2PI
+    inv_s = 1.0 / s
+    for i in range(0, w.shape[0], chunk):
+        o, m, iv, c = out[i : i + chunk], mu[i : i + chunk], inv_s[i : i + chunk], coef[i : i + chunk]
+        for k in range(w.shape[1]):
+            t = z[None, :] - m[:, k, None]
+            o.addcmul_(t.mul_(iv[:, k, None]).square_().mul_(-0.5).exp_(), c[:, k, None])
     return out
 
 
-def cdf_inverse(cdf: np.ndarray, xgrid: np.ndarray, qs) -> np.ndarray:
-    """Invert monotone CDFs (N, G) tabulated at ``xgrid`` (G,) at levels ``qs`` -> (N, len(qs)).
+def _mixture_at(w, mu, s, x):
+    """Density and CDF of mixtures (N, K) at points x (N, P) -> two (N, P) tensors."""
+    t = (x[:, :, None] - mu[:, None, :]) / s[:, None, :]
+    pdf = (w[:, None, :] / s[:, None, :] * _phi(t)).sum(-1)
+    cdf = (w[:, None, :] * _ndtr(t)).sum(-1)
+    return pdf, cdf
 
-    Uses one ``searchsorted`` over the rows laid end to end (row r shifted by 2r, which
-    keeps the flattened array sorted since each CDF lies in [0, 1]), then linear
-    interpolation inside the bracketing grid interval. No loop over objects.
+
+def _mixture_mode(w, mu, s, zgrid, pdf_grid, zmin, zmax, iterations: int = 6, starts: int = 3):
+    """Highest mode in [zmin, zmax]: the ``starts`` densest of (grid maximum, component means),
+    each refined by fixed-point (mean-shift) iterations on the exact density; the best wins."""
+    cand = torch.cat([zgrid[torch.argmax(pdf_grid, dim=1)][:, None], mu.clamp(zmin, zmax)], dim=1)
+    p_cand, _ = _mixture_at(w, mu, s, cand)
+    p0, top = torch.topk(p_cand, min(starts, cand.shape[1]), dim=1)
+    x0 = torch.gather(cand, 1, top)  # (N, S)
+    x = x0
+    prec = (1.0 / (s * s))[:, None, :]
+    for _ in range(iterations):  # fixed point of d pdf / dz = 0
+        r = (w / s)[:, None, :] * _phi((x[:, :, None] - mu[:, None, :]) / s[:, None, :]) * prec
+        den = r.sum(-1)
+        ok = den > 0
+        x = torch.where(ok, (r * mu[:, None, :]).sum(-1) / torch.where(ok, den, 1.0), x).clamp(zmin, zmax)
+    p1, _ = _mixture_at(w, mu, s, x)
+    better = p1 >= p0
+    x, p = torch.where(better, x, x0), torch.where(better, p1, p0)
+    return torch.gather(x, 1, torch.argmax(p, dim=1, keepdim=True))[:, 0]
+
+
+def _truncated_moments(w, mu, s, zmin, zmax):
+    """Mass inside, mean and std of mixtures (N, K) truncated to [zmin, zmax] (float64)."""
+    a, b = (zmin - mu) / s, (zmax - mu) / s
+    za = _ndtr(b) - _ndtr(a)  # each component's mass inside
+    pa, pb = _phi(a), _phi(b)
+    ok = za > 1e-300
+    safe = torch.where(ok, za, 1.0)
+    r1 = torch.where(ok, (pa - pb) / safe, 0.0)
+    r2 = torch.where(ok, (a * pa - b * pb) / safe, 0.0)
+    m1 = mu + s * r1
+    m2 = mu * mu + 2 * mu * s * r1 + s * s * (1 + r2)
+    wk = w * torch.where(ok, za, 0.0)
+    inside = wk.sum(1)
+    norm = torch.where(inside > 0, inside, 1.0)
+    mean = (wk * m1).sum(1) / norm
+    second = (wk * m2).sum(1) / norm
+    # all mass outside the range: fall back to the untruncated mean, clipped into the range
+    fallback = ((w * mu).sum(1) / w.sum(1)).clamp(zmin, zmax)
+    mean = torch.where(inside > 0, mean, fallback)
+    std = torch.sqrt(torch.clamp(second - mean * mean, min=0.0))
+    return inside, mean, std
+
+
+def _mixture_quantiles(w, mu, s, zgrid, pdf_grid, levels, zmin, zmax, iterations: int = 5,
+                       tol: float = 2e-6, max_iterations: int = 48):
+    """Quantiles of truncated, renormalised mixtures (N, Q).
+
+    The trapezoid CDF on the grid gives a first guess; a bracket of +-2 grid steps around
+    it is checked with the exact CDF (widened to [zmin, zmax] where it does not hold);
+    then Newton steps on the exact CDF, falling back to bisection whenever a step leaves
+    the bracket (which shrinks at every iteration). Rows not converged to ``tol`` (in CDF
+    units, or bracket width in z) after ``iterations`` get up to ``max_iterations`` more.
     """
-    cdf = np.asarray(cdf, dtype=np.float64)
-    n, g = cdf.shape
-    qs = np.asarray(qs, dtype=np.float64)
-    offset = 2.0 * np.arange(n, dtype=np.float64)
-    flat = (cdf + offset[:, None]).ravel()
-    targets = (offset[:, None] + qs[None, :]).ravel()
-    pos = np.searchsorted(flat, targets, side="left").reshape(n, len(qs))
-    rows = np.arange(n)[:, None]
-    idx = np.clip(pos - rows * g, 1, g - 1)
-    c0, c1 = cdf[rows, idx - 1], cdf[rows, idx]
-    den = np.where(c1 > c0, c1 - c0, 1.0)
-    frac = np.clip(np.where(c1 > c0, (qs[None, :] - c0) / den, 0.0), 0.0, 1.0)
-    return xgrid[idx - 1] + frac * (xgrid[idx] - xgrid[idx - 1])
+    n, g = pdf_grid.shape
+    dz = zgrid[1:] - zgrid[:-1]
+    cdf = torch.zeros((n, g), dtype=pdf_grid.dtype, device=pdf_grid.device)
+    cdf[:, 1:] = torch.cumsum(0.5 * (pdf_grid[:, 1:] + pdf_grid[:, :-1]) * dz, 1)
+    tot = cdf[:, -1:].clone()
+    cdf /= torch.where(tot > 0, tot, 1.0)
+    x = _interp_levels(cdf, zgrid, levels)  # (N, Q) first guess
+    nq = x.shape[1]
+    q = levels[None, :]
+    # exact truncated CDF: (F(x) - F(zmin)) / (F(zmax) - F(zmin))
+    ends = torch.tensor([zmin, zmax], dtype=w.dtype, device=w.device).expand(n, 2)
+    h = float(zgrid[1] - zgrid[0]) if g > 1 else float(zmax - zmin)
+    lo, hi = (x - 2 * h).clamp(min=zmin), (x + 2 * h).clamp(max=zmax)
+    _, f_all = _mixture_at(w, mu, s, torch.cat([ends, lo, hi], dim=1))
+    fa, mass = f_all[:, :1], f_all[:, 1:2] - f_all[:, :1]
+    good = mass[:, 0] > 1e-12
+    mass = torch.where(mass > 1e-12, mass, 1.0)
+    f_lo, f_hi = (f_all[:, 2 : 2 + nq] - fa) / mass, (f_all[:, 2 + nq :] - fa) / mass
+    lo = torch.where(f_lo <= q, lo, torch.full_like(lo, zmin))
+    hi = torch.where(f_hi >= q, hi, torch.full_like(hi, zmax))
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    x, lo, hi, f = _polish(w, mu, s, x, lo, hi, fa, mass, q, iterations)
+    # rows whose guess was poor (a component much narrower than the grid step, a bracket
+    # widened to the whole range): more iterations on those rows only, until converged
+    bad = ((f.abs() > tol) & (hi - lo > tol)).any(1) & good
+    if bad.any():
+        i = torch.nonzero(bad)[:, 0]
+        xb, lob, hib = x[i], lo[i], hi[i]
+        for _ in range(max_iterations // 4):
+            xb, lob, hib, fb = _polish(w[i], mu[i], s[i], xb, lob, hib, fa[i], mass[i], q, 4)
+            if not ((fb.abs() > tol) & (hib - lob > tol)).any():
+                break
+        x[i] = xb
+    return torch.where(good[:, None], x, x.clamp(zmin, zmax))
 
 
-def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 256) -> np.ndarray:
-    """Evaluate Gaussian mixtures (N, K) on ``zgrid`` (G,) -> (N, G) float32, in chunks."""
-    weights, means, sigmas = (np.asarray(a, dtype=np.float32) for a in (weights, means, sigmas))
-    zgrid = np.asarray(zgrid, dtype=np.float32)
-    out = np.empty((weights.shape[0], zgrid.size), dtype=np.float32)
-    inv = np.float32(1.0 / np.sqrt(2.0 * np.pi))
-    for i in range(0, weights.shape[0], chunk):
-        w, m, s = weights[i : i + chunk], means[i : i + chunk], sigmas[i : i + chunk]
-        t = (zgrid[None, None, :] - m[:, :, None]) / s[:, :, None]
-        out[i : i + chunk] = np.einsum("nk,nkg->ng", w / s * inv, np.exp(-0.5 * t * t))
+def _polish(w, mu, s, x, lo, hi, fa, mass, q, iterations):
+    """Safeguarded Newton on the exact truncated CDF: a step that leaves the bracket [lo, hi]
+    (which shrinks at every iteration) is replaced by bisection. Returns x, lo, hi, F(x) - q."""
+    for _ in range(iterations):
+        pdf, cdf_x = _mixture_at(w, mu, s, x)
+        f = (cdf_x - fa) / mass - q
+        lo = torch.where(f < 0, x, lo)
+        hi = torch.where(f >= 0, x, hi)
+        dens = pdf / mass
+        x_new = x - f / torch.where(dens > 0, dens, 1.0)
+        use = (dens > 0) & (x_new > lo) & (x_new < hi) & torch.isfinite(x_new)
+        x = torch.where(use, x_new, 0.5 * (lo + hi))
+    _, cdf_x = _mixture_at(w, mu, s, x)
+    return x, lo, hi, (cdf_x - fa) / mass - q
+
+
+def mixture_summaries(weights, means, sigmas, zmin: float, zmax: float, grid_points: int = 151,
+                      quantiles=DEFAULT_QUANTILES, chunk: int = 16384, return_grid: bool = False):
+    """Ancil of Gaussian mixtures (N, K) truncated to [zmin, zmax]: dict of (N,) float64 arrays.
+
+    ``grid_points`` is the search grid over [zmin, zmax] that seeds the exact refinements
+    (quantile brackets, mode candidates); its spacing does not limit their accuracy. With
+    ``return_grid`` also returns the float32 PDFs (untruncated, not renormalised) on that
+    grid as a numpy array (N, grid_points).
+    """
+    w = _tensor(weights, torch.float64)
+    mu, s = (_tensor(a, torch.float64, w.device) for a in (means, sigmas))
+    zgrid = torch.linspace(zmin, zmax, max(int(grid_points), 2), dtype=torch.float64, device=w.device)
+    levels = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=w.device)
+    parts: dict[str, list] = {}
+    grids = []
+    for i in range(0, w.shape[0], chunk):
+        wc, mc, sc = w[i : i + chunk], mu[i : i + chunk], s[i : i + chunk]
+        inside, mean, std = _truncated_moments(wc, mc, sc, zmin, zmax)  # float64, cheap
+        # the rest in float32: z resolution ~2e-7, CDF differences ~1e-7
+        wc, mc, sc, zg = wc.float(), mc.float(), sc.float(), zgrid.float()
+        pdf_grid = _mixture_pdf(wc, mc, sc, zg)
+        qv = _mixture_quantiles(wc, mc, sc, zg, pdf_grid, levels.float(), zmin, zmax)
+        res = {"zmode": _mixture_mode(wc, mc, sc, zg, pdf_grid, zmin, zmax), "zmean": mean, "zstd": std,
+               "zmedian": qv[:, 0], "p_outside": (1.0 - inside).clamp(0.0, 1.0)}
+        for j, q in enumerate(quantiles):
+            res[quantile_name(q)] = qv[:, j + 1]
+        for k, v in res.items():
+            parts.setdefault(k, []).append(_numpy64(v))
+        if return_grid:
+            grids.append(pdf_grid.cpu().numpy())
+    order = ["zmode", "zmean", "zstd", "zmedian", *[quantile_name(q) for q in quantiles], "p_outside"]
+    out = {k: np.concatenate(parts[k]) if parts else np.zeros(0) for k in order}
+    if return_grid:
+        return out, (np.concatenate(grids) if grids else np.zeros((0, zgrid.numel()), np.float32))
     return out
 
 
 def mixture_ensemble(
-    weights: np.ndarray,
-    means: np.ndarray,
-    sigmas: np.ndarray,
+    weights,
+    means,
+    sigmas,
     zmin: float,
     zmax: float,
     nzbins: int = 301,
     representation: str = "mixmod",
     quantiles=DEFAULT_QUANTILES,
 ) -> qp.Ensemble:
-    """Gaussian mixtures (N, K) -> qp ensemble with point-estimate ancil.
+    """Gaussian mixtures (N, K) (numpy arrays or tensors) -> qp ensemble with point-estimate ancil.
 
     Parameters
     ----------
+    nzbins : int
+        Grid points over [zmin, zmax] of the ``interp`` representation.
     representation : {"mixmod", "interp"}
         ``mixmod`` keeps the exact mixture (mass outside [zmin, zmax] is reported in the
         ancil ``p_outside``); ``interp`` tabulates the PDF on ``nzbins`` points over
         [zmin, zmax], i.e. truncates it to that range and renormalises.
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    means = np.asarray(means, dtype=np.float64)
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    zgrid = np.linspace(zmin, zmax, nzbins)
-    fine = np.linspace(zmin, zmax, max(4 * nzbins, 1201))
-    pdf_fine = mixture_pdf_on_grid(weights, means, sigmas, fine)
-    ancil = grid_summaries(pdf_fine, fine, quantiles)
-    inside = (weights * (ndtr((zmax - means) / sigmas) - ndtr((zmin - means) / sigmas))).sum(1)
-    ancil["p_outside"] = np.clip(1.0 - inside, 0.0, 1.0)
-    if representation == "mixmod":
-        ens = qp.Ensemble(qp.mixmod, data=dict(weights=weights, means=means, stds=sigmas))
-    elif representation == "interp":
-        pdf = mixture_pdf_on_grid(weights, means, sigmas, zgrid)
-        ens = qp.Ensemble(qp.interp, data=dict(xvals=zgrid, yvals=pdf))
-    else:
+    if representation not in ("mixmod", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'mixmod' or 'interp'")
-    ens.set_ancil({k: np.asarray(v) for k, v in ancil.items()})
+    if representation == "mixmod":
+        ancil = mixture_summaries(weights, means, sigmas, zmin, zmax, quantiles=quantiles)
+        w, mu, s = (_numpy64(_tensor(a, torch.float64)) for a in (weights, means, sigmas))
+        ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    else:
+        ancil, pdf = mixture_summaries(weights, means, sigmas, zmin, zmax, max(int(nzbins), 2), quantiles,
+                                       return_grid=True)
+        ens = qp.Ensemble(qp.interp, data=dict(xvals=np.linspace(zmin, zmax, max(int(nzbins), 2)), yvals=pdf))
+    ens.set_ancil(ancil)
     return ens
 
 
+# ---------------------------------------------------------------- histograms
+
+
+def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES) -> tuple[dict, torch.Tensor]:
+    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities)."""
+    p = _tensor(probs, torch.float32)
+    e = _tensor(edges, torch.float64, p.device)
+    widths = e[1:] - e[:-1]
+    centers = 0.5 * (e[1:] + e[:-1])
+    n, nb = p.shape
+    cdf = torch.zeros((n, nb + 1), dtype=torch.float64, device=p.device)
+    cdf[:, 1:] = torch.cumsum(p, dim=1, dtype=torch.float64)
+    total = cdf[:, -1].clone()
+    total[total <= 0] = 1.0
+    cdf /= total[:, None]
+    mean = (p @ centers.to(torch.float32)).double() / total
+    second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
+    out = {"zmode": centers[torch.argmax(p, dim=1)], "zmean": mean,
+           "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
+    inv = _interp_levels(cdf, e, torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device))
+    out["zmedian"] = inv[:, 0]
+    for i, q in enumerate(quantiles):
+        out[quantile_name(q)] = inv[:, i + 1]
+    ancil = {k: _numpy64(v) for k, v in out.items()}
+    ancil["p_outside"] = np.zeros(n)
+    return ancil, total
+
+
 def binned_ensemble(
-    probs: np.ndarray,
-    edges: np.ndarray,
+    probs,
+    edges,
     representation: str = "hist",
     quantiles=DEFAULT_QUANTILES,
 ) -> qp.Ensemble:
     """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
 
-    ``probs`` must be normalised per row (a softmax output). ``hist`` stores the histogram
-    exactly (piecewise-constant PDF); ``interp`` stores the density at the bin centres
-    (piecewise-linear PDF). zmode is the centre of the most probable bin; zmean, zstd,
-    zmedian and quantiles are those of the piecewise-constant PDF.
+    ``probs`` (numpy array or tensor, on any device) must be normalised per row (a softmax
+    output). ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
+    stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
+    the most probable bin; zmean, zstd, zmedian and quantiles are those of the
+    piecewise-constant PDF.
     """
-    probs = np.asarray(probs, dtype=np.float32)
+    if representation not in ("hist", "interp"):
+        raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
+    p = _tensor(probs, torch.float32)
     edges = np.asarray(edges, dtype=np.float64)
-    widths = np.diff(edges)
-    centers = 0.5 * (edges[1:] + edges[:-1])
-    n = probs.shape[0]
-    # float32 cumsum (numpy's float32->float64 cumsum is ~6x slower), then one cast
-    cdf = np.zeros((n, probs.shape[1] + 1), dtype=np.float64)
-    cdf[:, 1:] = np.cumsum(probs, axis=1)
-    total = cdf[:, -1].copy()
-    total[total <= 0] = 1.0
-    cdf /= total[:, None]
-    ancil = {"zmode": centers[np.argmax(probs, axis=1)]}
-    mean = (probs @ centers.astype(np.float32)) / total
-    second = (probs @ (centers**2 + widths**2 / 12.0).astype(np.float32)) / total
-    ancil["zmean"] = mean.astype(np.float64)
-    ancil["zstd"] = np.sqrt(np.clip(second - mean**2, 0.0, None)).astype(np.float64)
-    inv = cdf_inverse(cdf, edges, [0.5, *quantiles])
-    ancil["zmedian"] = inv[:, 0]
-    for i, q in enumerate(quantiles):
-        ancil[quantile_name(q)] = inv[:, i + 1]
-    ancil["p_outside"] = np.zeros(n)
-    dens = probs / (total[:, None] * widths[None, :]).astype(np.float32)
+    ancil, total = binned_summaries(p, edges, quantiles)
+    widths = torch.as_tensor(np.diff(edges), dtype=torch.float64, device=p.device)
+    dens = (p / (total[:, None] * widths[None, :]).to(torch.float32)).cpu().numpy()
     if representation == "hist":
         ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
-    elif representation == "interp":
-        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     else:
-        raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     ens.set_ancil(ancil)
     return ens
