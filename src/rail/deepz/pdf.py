@@ -180,7 +180,7 @@ def _truncated_moments(w, mu, s, zmin, zmax):
     return inside, mean, std
 
 
-def _mixture_quantiles(w, mu, s, zgrid, pdf_grid, levels, zmin, zmax, iterations: int = 5,
+def _mixture_quantiles(w, mu, s, zgrid, pdf_grid, levels, zmin, zmax, iterations: int = 3,
                        tol: float = 2e-6, max_iterations: int = 48):
     """Quantiles of truncated, renormalised mixtures (N, Q).
 
@@ -236,7 +236,7 @@ def _polish(w, mu, s, x, lo, hi, fa, mass, q, iterations):
         hi = torch.where(f >= 0, x, hi)
         dens = pdf / mass
         x_new = x - f / torch.where(dens > 0, dens, 1.0)
-        use = (dens > 0) & (x_new > lo) & (x_new < hi) & torch.isfinite(x_new)
+        use = (dens > 0) & (x_new >= lo) & (x_new <= hi) & torch.isfinite(x_new)
         x = torch.where(use, x_new, 0.5 * (lo + hi))
     _, cdf_x = _mixture_at(w, mu, s, x)
     return x, lo, hi, (cdf_x - fa) / mass - q
@@ -318,22 +318,32 @@ def mixture_ensemble(
 
 
 def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES) -> tuple[dict, torch.Tensor]:
-    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities)."""
+    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
+
+    One float32 cumulative sum per row (its rounding, ~1e-6 of the total, is far below
+    any quantile's meaning); the levels are scaled by the row total rather than the CDF
+    normalised, so no second (N, nbins) array is made.
+    """
     p = _tensor(probs, torch.float32)
     e = _tensor(edges, torch.float64, p.device)
     widths = e[1:] - e[:-1]
     centers = 0.5 * (e[1:] + e[:-1])
     n, nb = p.shape
-    cdf = torch.zeros((n, nb + 1), dtype=torch.float64, device=p.device)
-    cdf[:, 1:] = torch.cumsum(p, dim=1, dtype=torch.float64)
-    total = cdf[:, -1].clone()
+    cdf = torch.cumsum(p, dim=1)
+    total = cdf[:, -1].double()
     total[total <= 0] = 1.0
-    cdf /= total[:, None]
     mean = (p @ centers.to(torch.float32)).double() / total
     second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
     out = {"zmode": centers[torch.argmax(p, dim=1)], "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
-    inv = _interp_levels(cdf, e, torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device))
+    qs = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device)
+    levels = qs[None, :] * total[:, None]  # (N, Q) in units of the row's cumulative sum
+    j = torch.searchsorted(cdf, levels.float().contiguous(), side="left").clamp_(0, nb - 1)
+    c1 = torch.gather(cdf, 1, j).double()
+    c0 = torch.where(j > 0, torch.gather(cdf, 1, (j - 1).clamp_(min=0)).double(), 0.0)
+    step = c1 - c0
+    frac = torch.where(step > 0, (levels - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
+    inv = e[j] + frac * widths[j]
     out["zmedian"] = inv[:, 0]
     for i, q in enumerate(quantiles):
         out[quantile_name(q)] = inv[:, i + 1]
@@ -361,8 +371,8 @@ def binned_ensemble(
     p = _tensor(probs, torch.float32)
     edges = np.asarray(edges, dtype=np.float64)
     ancil, total = binned_summaries(p, edges, quantiles)
-    widths = torch.as_tensor(np.diff(edges), dtype=torch.float64, device=p.device)
-    dens = (p / (total[:, None] * widths[None, :]).to(torch.float32)).cpu().numpy()
+    inv_widths = torch.as_tensor(1.0 / np.diff(edges), dtype=torch.float32, device=p.device)
+    dens = (p * (1.0 / total).float()[:, None]).mul_(inv_widths[None, :]).cpu().numpy()
     if representation == "hist":
         ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
     else:
