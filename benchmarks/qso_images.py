@@ -10,7 +10,8 @@ Training uses train, early stopping uses val (``val_column``), metrics are on te
 For each of ``use_images`` True / False the same DeepzCNN stage is trained (same seeds,
 members, epochs) and evaluated: sigma_NMAD and outlier fraction eta (|dz|/(1+z) > 0.15) of
 the PDF median, mean CRPS of the mixture, KS distance of the PITs from uniform, and
-estimation throughput (objects, i.e. 5-band stamps, per second, CPU, inference only).
+estimation throughput (objects, i.e. 5-band stamps, per second, inference only) on the
+``--device``; and RAIL's FlexZBoost on the same ugriz catalogue photometry and splits.
 
 Writes ``benchmarks/results/qso_images.{md,json}`` with machine, date and settings.
 
@@ -68,21 +69,37 @@ def load_qso():
     return out, n_lost
 
 
-def metrics(ens, z):
-    from scipy.special import ndtr
-    from scipy.stats import kstest
+def metrics(ens, z, limits=(2.5, 7.5)):
+    """The papers' metrics of any qp ensemble against the true redshifts z."""
+    from rail.evaluation.deepz_metrics import bias, crps, eta, pit_metrics, pit_values, sigma_nmad
 
-    from rail.deepz.mixtures import gmm_crps_numpy
+    zp = np.ravel(ens.ancil["zmedian"]) if ens.ancil is not None and "zmedian" in ens.ancil else np.ravel(ens.median())
+    pit = pit_metrics(pit_values(ens, z))
+    return dict(sigma_nmad=sigma_nmad(zp, z), eta=eta(zp, z), crps=float(np.mean(crps(ens, z, limits=limits))),
+                pit_ks=float(pit["pit_ks"]), bias=bias(zp, z))
 
-    zp = np.ravel(ens.ancil["zmedian"])
-    dz = (zp - z) / (1 + z)
-    nmad = 1.4826 * np.median(np.abs(dz - np.median(dz)))
-    eta = float(np.mean(np.abs(dz) > 0.15))
-    w, mu, sig = (ens.objdata[k] for k in ("weights", "means", "stds"))
-    pit = (w * ndtr((z[:, None] - mu) / sig)).sum(1)
-    crps = float(np.mean(gmm_crps_numpy(w, mu, sig, z)))
-    return dict(sigma_nmad=float(nmad), eta=eta, crps=crps, pit_ks=float(kstest(pit, "uniform").statistic),
-                bias=float(np.median(dz)))
+
+def flexzboost_row(train, test, common):
+    """FlexZBoost (RAIL's baseline) on the same ugriz catalogue photometry and splits."""
+    from rail.estimation.algos.flexzboost import FlexZBoostEstimator, FlexZBoostInformer
+
+    cat = {k: v for k, v in train.items() if k not in ("images", "is_val")}
+    conf = {k: common[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")}
+    t0 = time.perf_counter()
+    inf = FlexZBoostInformer.make_stage(name="qso_fzb_inf", ref_band="imag", nzbins=301, trainfrac=0.75,
+                                        max_basis=35, nondetect_val=99.0, seed=0, **conf)
+    inf.inform(cat)
+    t_train = time.perf_counter() - t0
+    est = FlexZBoostEstimator.make_stage(name="qso_fzb_est", model=inf.get_handle("model"), ref_band="imag",
+                                         nzbins=301, nondetect_val=99.0, qp_representation="interp",
+                                         output_mode="return", **{k: v for k, v in conf.items() if k != "redshift_col"})
+    t0 = time.perf_counter()
+    ens = est.estimate({k: v for k, v in test.items() if k != "images"}).data
+    t_est = time.perf_counter() - t0
+    row = metrics(ens, test["redshift"])
+    row.update(train_s=round(t_train, 1), estimate_s=round(t_est, 2),
+               objects_per_s=round(len(test["redshift"]) / t_est, 1))
+    return row
 
 
 def main(argv=None):
@@ -91,10 +108,18 @@ def main(argv=None):
     ap.add_argument("--members", type=int, default=2)
     ap.add_argument("--components", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss", default="crps", help="'crps', 'nll' or 'both' (alternating over members)")
+    ap.add_argument("--patience", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'auto' (training and estimation)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--no-flexzboost", action="store_true", help="skip the FlexZBoost row")
     ap.add_argument("--out", default=str(HERE / "results" / "qso_images"))
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     import rail.deepz  # noqa: F401
     from rail.estimation.algos.deepz_cnn import DeepzCNNEstimator, DeepzCNNInformer
@@ -104,9 +129,10 @@ def main(argv=None):
     train["is_val"] = np.r_[np.zeros(len(data["train"]["redshift"]), bool), np.ones(len(data["val"]["redshift"]), bool)]
     test = data["test"]
     common = dict(bands=BANDS, err_bands=ERRS, mag_limits={b: 30.0 for b in BANDS}, redshift_col="redshift",
-                  zmin=2.5, zmax=7.5, hdf5_groupname="", progress=False, device="cpu")
+                  zmin=2.5, zmax=7.5, hdf5_groupname="", progress=False, device=args.device)
     settings = dict(epochs=args.epochs, n_members=args.members, n_components=args.components, seed=args.seed,
-                    conv_channels=[16, 32, 64], dense_units=[64, 64], batch_size=128, lr=1e-3, patience=8,
+                    conv_channels=[16, 32, 64], dense_units=[64, 64], batch_size=128, lr=1e-3, patience=args.patience,
+                    loss=args.loss,
                     val_column="is_val", image_bands=list("ugriz"))
     import tempfile
 
@@ -121,7 +147,7 @@ def main(argv=None):
         inf.inform(train)
         t_train = time.perf_counter() - t0
         est = DeepzCNNEstimator.make_stage(name=f"qso_est_{int(use_images)}", model=inf.get_handle("model"),
-                                           hdf5_groupname="", output_mode="return", device="cpu")
+                                           hdf5_groupname="", output_mode="return", device=args.device)
         t0 = time.perf_counter()
         ens = est.estimate(test).data
         t_est = time.perf_counter() - t0
@@ -130,10 +156,17 @@ def main(argv=None):
                    objects_per_s=round(len(test["redshift"]) / t_est, 1),
                    epochs_run=[len(r["history"]) for r in inf.model["train"]])
         rows[label] = row
+        device = str(est.torch_device)
+        device_name = (torch.cuda.get_device_name(est.torch_device) if est.torch_device.type == "cuda"
+                       else platform.processor() or platform.machine())
         print(label, row, file=sys.stderr, flush=True)
+    if not args.no_flexzboost:
+        rows["FlexZBoost (catalog)"] = flexzboost_row(train, test, common)
+        print("FlexZBoost", rows["FlexZBoost (catalog)"], file=sys.stderr, flush=True)
 
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                   torch_threads=torch.get_num_threads(), device="cpu", torch=torch.__version__,
+                   torch_threads=torch.get_num_threads(), device=device, device_name=device_name,
+                   torch=torch.__version__,
                    date=_dt.datetime.now().isoformat(timespec="seconds"))
     n = {k: len(v["redshift"]) for k, v in data.items()}
     result = dict(data="sdss_qso_stamps (ugriz 32x32 stamps + TrainingDatasets.csv)", n=n, lost_in_join=lost,
@@ -149,7 +182,8 @@ def main(argv=None):
         f"Settings: {settings}.",
         f"Machine: {machine}.",
         "Metrics on the test split; point estimate = PDF median; eta = |dz|/(1+z) > 0.15; "
-        "objects/s = estimation throughput (5-band stamps + catalog, CPU).",
+        f"objects/s = estimation throughput (5-band stamps + catalog; CNN on {device}: {device_name}). "
+        "FlexZBoost: RAIL's baseline on the same ugriz magnitudes and splits (train + val).",
         "",
         "| model | sigma_NMAD | eta | CRPS | PIT KS | bias | train s | objects/s |",
         "|---|---|---|---|---|---|---|---|",

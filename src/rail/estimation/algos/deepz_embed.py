@@ -179,14 +179,18 @@ class EmbedMDN(nn.Module):
         return torch.softmax(self.head.logits(self.body(x)), dim=-1)
 
 
-def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301, quantiles=DEFAULT_QUANTILES):
-    """Ancil of fixed-grid mixtures (as :func:`rail.deepz.pdf.mixture_ensemble` computes them),
-    with the PDFs on the fine grid obtained as one (N, K) x (K, G) product."""
+def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301, quantiles=DEFAULT_QUANTILES,
+                         block: int = 16384):
+    """Ancil of fixed-grid mixtures truncated to [zmin, zmax] (the same keys as
+    :func:`rail.deepz.pdf.mixture_ensemble`), from the PDFs on a fine grid (spacing below
+    ``sigma``) obtained as one (N, K) x (K, G) product per ``block`` rows (bounded memory)."""
     weights = np.asarray(weights, dtype=np.float32)
     centers = np.asarray(centers, dtype=np.float64)
     fine = np.linspace(zmin, zmax, max(4 * nzbins, 1201))
-    basis = norm.pdf(fine[None, :], centers[:, None], sigma).astype(np.float32)
-    ancil = grid_summaries(weights @ basis, fine, quantiles)
+    basis = torch.as_tensor(norm.pdf(fine[None, :], centers[:, None], sigma).astype(np.float32))
+    parts = [grid_summaries(torch.as_tensor(weights[i : i + block]) @ basis, fine, quantiles)
+             for i in range(0, max(len(weights), 1), block)]
+    ancil = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     inside_k = ndtr((zmax - centers) / sigma) - ndtr((zmin - centers) / sigma)
     ancil["p_outside"] = np.clip(1.0 - weights.astype(np.float64) @ inside_k, 0.0, 1.0)
     return ancil
