@@ -79,7 +79,8 @@ if dev is not None and dev.type == "cuda":
 t0 = time.perf_counter()
 # what `ceci` / a pipeline does (CatEstimator.estimate() would also read the whole output
 # back into memory at the end, which defeats streaming for 1e7 rows)
-est.set_data("input", TableHandle("input", path=spec_json["input"]))
+# do_read=False: the input is iterated chunk by chunk, never read whole (set_data reads by default)
+est.set_data("input", TableHandle("input", path=spec_json["input"]), do_read=False)
 est.validate()
 est.run()
 est.finalize()

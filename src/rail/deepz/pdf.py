@@ -81,21 +81,37 @@ def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
     z = _tensor(zgrid, torch.float64, p.device)
     dz = torch.diff(z)
     w = torch.cat([dz[:1] / 2, 0.5 * (dz[1:] + dz[:-1]), dz[-1:] / 2])  # trapezoid weights
-    inc = 0.5 * (p[:, 1:] + p[:, :-1]) * dz.to(torch.float32)
-    cdf = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-    cdf[:, 1:] = torch.cumsum(inc, dim=1, dtype=torch.float64)
-    norm = cdf[:, -1].clone()
-    norm[norm <= 0] = 1.0
-    cdf /= norm[:, None]
-    mean = (p @ (w * z).to(torch.float32)).double() / norm
-    second = (p @ (w * z**2).to(torch.float32)).double() / norm
+    cells = (p[:, 1:] + p[:, :-1]).mul_(0.5 * dz.to(torch.float32))  # mass of each grid interval
+    cum = torch.cumsum(cells, dim=1)
+    total = cum[:, -1].double()
+    total[total <= 0] = 1.0
+    mean = (p @ (w * z).to(torch.float32)).double() / total
+    second = (p @ (w * z**2).to(torch.float32)).double() / total
     out = {"zmode": z[torch.argmax(p, dim=1)], "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
-    inv = _interp_levels(cdf, z, torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device))
-    out["zmedian"] = inv[:, 0]
+    out.update(_cumulative_quantiles(cum, total, z, quantiles))
+    return {k: _numpy64(v) for k, v in out.items()}
+
+
+def _cumulative_quantiles(cum: torch.Tensor, total: torch.Tensor, edges: torch.Tensor, quantiles) -> dict:
+    """Median and quantiles from cumulative cell masses ``cum`` (N, M) (float32; any positive
+    scale, ``total`` (N,) = the last column) over cells [edges[j], edges[j+1]], the CDF
+    linear inside a cell. One batched ``searchsorted``; the levels are scaled by the row
+    total instead of normalising ``cum``, so no second (N, M) array is made. float32
+    cumulative sums round at ~1e-6 of the total, far below any quantile's meaning."""
+    m = cum.shape[1]
+    qs = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=cum.device)
+    levels = qs[None, :] * total[:, None]  # (N, Q)
+    j = torch.searchsorted(cum, levels.to(cum.dtype).contiguous(), side="left").clamp_(0, m - 1)
+    c1 = torch.gather(cum, 1, j).double()
+    c0 = torch.where(j > 0, torch.gather(cum, 1, (j - 1).clamp(min=0)).double(), 0.0)
+    step = c1 - c0
+    frac = torch.where(step > 0, (levels - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
+    inv = edges[j] + frac * (edges[j + 1] - edges[j])
+    out = {"zmedian": inv[:, 0]}
     for i, q in enumerate(quantiles):
         out[quantile_name(q)] = inv[:, i + 1]
-    return {k: _numpy64(v) for k, v in out.items()}
+    return out
 
 
 # ---------------------------------------------------------------- Gaussian mixtures
@@ -318,37 +334,21 @@ def mixture_ensemble(
 
 
 def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES) -> tuple[dict, torch.Tensor]:
-    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
-
-    One float32 cumulative sum per row (its rounding, ~1e-6 of the total, is far below
-    any quantile's meaning); the levels are scaled by the row total rather than the CDF
-    normalised, so no second (N, nbins) array is made.
-    """
+    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities)."""
     p = _tensor(probs, torch.float32)
     e = _tensor(edges, torch.float64, p.device)
     widths = e[1:] - e[:-1]
     centers = 0.5 * (e[1:] + e[:-1])
-    n, nb = p.shape
-    cdf = torch.cumsum(p, dim=1)
-    total = cdf[:, -1].double()
+    cum = torch.cumsum(p, dim=1)
+    total = cum[:, -1].double()
     total[total <= 0] = 1.0
     mean = (p @ centers.to(torch.float32)).double() / total
     second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
     out = {"zmode": centers[torch.argmax(p, dim=1)], "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
-    qs = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=p.device)
-    levels = qs[None, :] * total[:, None]  # (N, Q) in units of the row's cumulative sum
-    j = torch.searchsorted(cdf, levels.float().contiguous(), side="left").clamp_(0, nb - 1)
-    c1 = torch.gather(cdf, 1, j).double()
-    c0 = torch.where(j > 0, torch.gather(cdf, 1, (j - 1).clamp_(min=0)).double(), 0.0)
-    step = c1 - c0
-    frac = torch.where(step > 0, (levels - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
-    inv = e[j] + frac * widths[j]
-    out["zmedian"] = inv[:, 0]
-    for i, q in enumerate(quantiles):
-        out[quantile_name(q)] = inv[:, i + 1]
+    out.update(_cumulative_quantiles(cum, total, e, quantiles))
     ancil = {k: _numpy64(v) for k, v in out.items()}
-    ancil["p_outside"] = np.zeros(n)
+    ancil["p_outside"] = np.zeros(p.shape[0])
     return ancil, total
 
 
