@@ -444,3 +444,16 @@ def test_bin_smoother_preserves_mass_and_smooths_a_comb():
     assert float(out[0, 21:38].max() - out[0, 21:38].min()) < 0.01  # comb filled in
     assert torch.all(out >= 0)
     assert torch.equal(BinSmoother(nb, 0.0)(comb), comb)
+
+
+def test_interp_ensemble_normalises_and_handles_rows_without_density():
+    from rail.deepz.pdf import interp_ensemble
+
+    z = np.linspace(0.0, 3.0, 301)
+    pdf = np.vstack([3.0 * stats.norm.pdf(z, 1.0, 0.1), np.zeros_like(z)]).astype(np.float32)
+    ens = interp_ensemble(z, pdf)
+    assert ens.gen_class.name == "interp"
+    y = ens.objdata["yvals"]
+    np.testing.assert_allclose(np.trapezoid(y, z, axis=1), [1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(y[1], 1.0 / 3.0)  # no density on the grid -> uniform, finite
+    assert ens.cdf(np.array([1.0]))[0, 0] == pytest.approx(0.5, abs=1e-3)

@@ -325,9 +325,25 @@ def mixture_ensemble(
     else:
         ancil, pdf = mixture_summaries(weights, means, sigmas, zmin, zmax, max(int(nzbins), 2), quantiles,
                                        return_grid=True)
-        ens = qp.Ensemble(qp.interp, data=dict(xvals=np.linspace(zmin, zmax, max(int(nzbins), 2)), yvals=pdf))
+        ens = interp_ensemble(np.linspace(zmin, zmax, max(int(nzbins), 2)), pdf)
     ens.set_ancil(ancil)
     return ens
+
+
+def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
+    """PDFs tabulated on ``zgrid`` (N, G) -> ``qp.interp``, each row normalised to a unit
+    trapezoid integral here (float32, in place) rather than by qp (which makes float64
+    copies and integrates twice). A row with no density on the grid (all its mass
+    outside it; see the ancil ``p_outside``) becomes uniform over the grid."""
+    z = np.asarray(zgrid, dtype=np.float64)
+    p = torch.as_tensor(np.asarray(pdf, dtype=np.float32))
+    dz = torch.as_tensor(np.diff(z), dtype=torch.float32)
+    total = ((p[:, 1:] + p[:, :-1]) * (0.5 * dz)).sum(1, keepdim=True)
+    empty = ~(total[:, 0] > 0)
+    p.div_(torch.where(total > 0, total, 1.0))
+    if bool(empty.any()):
+        p[empty] = float(1.0 / (z[-1] - z[0]))
+    return qp.Ensemble(qp.interp, data=dict(xvals=z, yvals=p.numpy(), norm=False, warn=False))
 
 
 # ---------------------------------------------------------------- histograms
