@@ -81,8 +81,7 @@ def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
     z = _tensor(zgrid, torch.float64, p.device)
     dz = torch.diff(z)
     w = torch.cat([dz[:1] / 2, 0.5 * (dz[1:] + dz[:-1]), dz[-1:] / 2])  # trapezoid weights
-    cells = (p[:, 1:] + p[:, :-1]).mul_(0.5 * dz.to(torch.float32))  # mass of each grid interval
-    cum = torch.cumsum(cells, dim=1)
+    cum = torch.cumsum(_trapezoid_cells(p, dz), dim=1)
     total = cum[:, -1].double()
     total[total <= 0] = 1.0
     mean = (p @ (w * z).to(torch.float32)).double() / total
@@ -93,21 +92,33 @@ def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
     return {k: _numpy64(v) for k, v in out.items()}
 
 
-def _cumulative_quantiles(cum: torch.Tensor, total: torch.Tensor, edges: torch.Tensor, quantiles) -> dict:
-    """Median and quantiles from cumulative cell masses ``cum`` (N, M) (float32; any positive
-    scale, ``total`` (N,) = the last column) over cells [edges[j], edges[j+1]], the CDF
-    linear inside a cell. One batched ``searchsorted``; the levels are scaled by the row
-    total instead of normalising ``cum``, so no second (N, M) array is made. float32
-    cumulative sums round at ~1e-6 of the total, far below any quantile's meaning."""
+def _trapezoid_cells(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """Trapezoid mass of each grid interval of PDFs ``p`` (N, G) with spacings ``dz`` (G-1,) (a new tensor)."""
+    return (p[:, 1:] + p[:, :-1]).mul_(0.5 * dz.to(p.dtype))
+
+
+def _invert_cumulative(cum: torch.Tensor, total: torch.Tensor, edges: torch.Tensor, levels: torch.Tensor):
+    """Levels (Q,) of the CDFs given by cumulative cell masses ``cum`` (N, M) (any positive
+    scale; ``total`` (N,) = the last column) over cells [edges[j], edges[j+1]], the CDF
+    linear inside a cell -> (N, Q) in ``edges``' dtype. One batched ``searchsorted``; the
+    levels are scaled by the row total instead of normalising ``cum``, so no second (N, M)
+    array is made. float32 cumulative sums round at ~1e-6 of the total, far below any
+    quantile's meaning."""
     m = cum.shape[1]
-    qs = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=cum.device)
-    levels = qs[None, :] * total[:, None]  # (N, Q)
-    j = torch.searchsorted(cum, levels.to(cum.dtype).contiguous(), side="left").clamp_(0, m - 1)
+    scaled = levels.to(torch.float64)[None, :] * total.to(torch.float64)[:, None]  # (N, Q)
+    j = torch.searchsorted(cum, scaled.to(cum.dtype).contiguous(), side="left").clamp_(0, m - 1)
     c1 = torch.gather(cum, 1, j).double()
     c0 = torch.where(j > 0, torch.gather(cum, 1, (j - 1).clamp(min=0)).double(), 0.0)
     step = c1 - c0
-    frac = torch.where(step > 0, (levels - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
-    inv = edges[j] + frac * (edges[j + 1] - edges[j])
+    frac = torch.where(step > 0, (scaled - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
+    return (edges[j] + frac * (edges[j + 1] - edges[j])).to(edges.dtype)
+
+
+def _cumulative_quantiles(cum: torch.Tensor, total: torch.Tensor, edges: torch.Tensor, quantiles) -> dict:
+    """``zmedian`` and the ``quantiles`` columns from cumulative cell masses (see
+    :func:`_invert_cumulative`)."""
+    qs = torch.tensor([0.5, *quantiles], dtype=torch.float64, device=cum.device)
+    inv = _invert_cumulative(cum, total, edges, qs)
     out = {"zmedian": inv[:, 0]}
     for i, q in enumerate(quantiles):
         out[quantile_name(q)] = inv[:, i + 1]
@@ -123,12 +134,6 @@ def _ndtr(t: torch.Tensor) -> torch.Tensor:
 
 def _phi(t: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
-
-
-def mixture_pdf_on_grid(weights, means, sigmas, zgrid, chunk: int = 4096):
-    """Evaluate Gaussian mixtures (N, K) on ``zgrid`` (G,) -> (N, G) float32 numpy array."""
-    w, mu, s = (_tensor(a) for a in (weights, means, sigmas))
-    return _mixture_pdf(w, mu, s, _tensor(zgrid, device=w.device), chunk).cpu().numpy()
 
 
 def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
@@ -207,12 +212,9 @@ def _mixture_quantiles(w, mu, s, zgrid, pdf_grid, levels, zmin, zmax, iterations
     units, or bracket width in z) after ``iterations`` get up to ``max_iterations`` more.
     """
     n, g = pdf_grid.shape
-    dz = zgrid[1:] - zgrid[:-1]
-    cdf = torch.zeros((n, g), dtype=pdf_grid.dtype, device=pdf_grid.device)
-    cdf[:, 1:] = torch.cumsum(0.5 * (pdf_grid[:, 1:] + pdf_grid[:, :-1]) * dz, 1)
-    tot = cdf[:, -1:].clone()
-    cdf /= torch.where(tot > 0, tot, 1.0)
-    x = _interp_levels(cdf, zgrid, levels)  # (N, Q) first guess
+    cum = torch.cumsum(_trapezoid_cells(pdf_grid, zgrid[1:] - zgrid[:-1]), dim=1)
+    tot = cum[:, -1]
+    x = _invert_cumulative(cum, torch.where(tot > 0, tot, 1.0), zgrid, levels)  # (N, Q) first guess
     nq = x.shape[1]
     q = levels[None, :]
     # exact truncated CDF: (F(x) - F(zmin)) / (F(zmax) - F(zmin))
@@ -337,8 +339,7 @@ def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
     outside it; see the ancil ``p_outside``) becomes uniform over the grid."""
     z = np.asarray(zgrid, dtype=np.float64)
     p = torch.as_tensor(np.asarray(pdf, dtype=np.float32))
-    dz = torch.as_tensor(np.diff(z), dtype=torch.float32)
-    total = ((p[:, 1:] + p[:, :-1]) * (0.5 * dz)).sum(1, keepdim=True)
+    total = _trapezoid_cells(p, torch.as_tensor(np.diff(z))).sum(1, keepdim=True)
     empty = ~(total[:, 0] > 0)
     p.div_(torch.where(total > 0, total, 1.0))
     if bool(empty.any()):
