@@ -81,21 +81,27 @@ def metrics(ens, z, limits=(2.5, 7.5)):
 
 
 def flexzboost_row(train, test, common):
-    """FlexZBoost (RAIL's baseline) on the same ugriz catalogue photometry and splits."""
-    from rail.estimation.algos.flexzboost import FlexZBoostEstimator, FlexZBoostInformer
+    """FlexZBoost (RAIL's baseline) on the same ugriz catalogue photometry and splits, with
+    the comparison registry's configuration (as in benchmarks/accuracy.py), seed 0."""
+    from rail.deepz.datasets import SDSS_WAVELENGTHS, Dataset
+    from rail.evaluation.deepz_registry import get
 
-    cat = {k: v for k, v in train.items() if k not in ("images", "is_val")}
-    conf = {k: common[k] for k in ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")}
+    catalog = {k: v for k, v in train.items() if k not in ("images", "is_val")}
+    ds = Dataset(name="sdss_qso", train=catalog, test={k: v for k, v in test.items() if k != "images"},
+                 bands=BANDS, err_bands=ERRS, mag_limits=common["mag_limits"], redshift_col=common["redshift_col"],
+                 zmin=common["zmin"], zmax=common["zmax"], wavelengths=list(SDSS_WAVELENGTHS), ref_band="imag",
+                 extra={"id_col": "id"})
+    spec = get("flexzboost")
+    inform, estimate = spec.make_configs(ds)
+    inform.update(seed=0)
     t0 = time.perf_counter()
-    inf = FlexZBoostInformer.make_stage(name="qso_fzb_inf", ref_band="imag", nzbins=301, trainfrac=0.75,
-                                        max_basis=35, nondetect_val=99.0, seed=0, **conf)
-    inf.inform(cat)
+    inf = spec.informer_class.make_stage(name="qso_fzb_inf", **inform)
+    inf.inform(ds.train)
     t_train = time.perf_counter() - t0
-    est = FlexZBoostEstimator.make_stage(name="qso_fzb_est", model=inf.get_handle("model"), ref_band="imag",
-                                         nzbins=301, nondetect_val=99.0, qp_representation="interp",
-                                         output_mode="return", **{k: v for k, v in conf.items() if k != "redshift_col"})
+    est = spec.estimator_class.make_stage(name="qso_fzb_est", model=inf.get_handle("model"), output_mode="return",
+                                          **estimate)
     t0 = time.perf_counter()
-    ens = est.estimate({k: v for k, v in test.items() if k != "images"}).data
+    ens = est.estimate(ds.test).data
     t_est = time.perf_counter() - t0
     row = metrics(ens, test["redshift"])
     row.update(train_s=round(t_train, 1), estimate_s=round(t_est, 2),
