@@ -13,6 +13,7 @@ from rail.deepz.mixtures import (
     GaussianMixtureHead,
     MixtureParams,
     binned_crps,
+    binned_nll,
     gmm_crps,
     gmm_crps_numpy,
     gmm_nll,
@@ -193,6 +194,20 @@ def test_binned_crps_equals_brute_force_step_cdf_integral():
         assert got[i] == pytest.approx(brute, rel=1e-3, abs=1e-6)
 
 
+def test_binned_nll_is_minus_log_histogram_density_at_z():
+    rng = np.random.default_rng(4)
+    nb = 40
+    edges = np.linspace(0.0, 2.0, nb + 1)
+    p = rng.dirichlet(np.ones(nb), 5)
+    z = np.array([0.0, 0.051, 1.0, 1.9999, 2.5])  # the last one beyond the range: last bin
+    got = binned_nll(torch.as_tensor(p), torch.as_tensor(z), torch.as_tensor(edges)).numpy()
+    # the same density through scipy's histogram distribution
+    from scipy.stats import rv_histogram
+    for i in range(5):
+        dens = rv_histogram((p[i], edges), density=False).pdf(min(z[i], edges[-1] - 1e-9))
+        assert got[i] == pytest.approx(-np.log(dens), rel=1e-9)
+
+
 def test_binned_crps_is_minimised_by_a_sharp_correct_pdf():
     nb = 100
     centers = torch.linspace(0.005, 0.995, nb)
@@ -302,6 +317,32 @@ def test_binned_ensemble_matches_qp_and_is_exact_hist():
     np.testing.assert_allclose(ens.ancil["zmedian"], ens.median().ravel(), atol=5e-4)
     np.testing.assert_allclose(ens.pdf(centers), p / (edges[1] - edges[0]), rtol=1e-5)
     np.testing.assert_allclose(ens.ancil["zmode"], centers[np.argmax(p, 1)])
+
+
+def test_binned_window_mode_against_brute_force():
+    rng = np.random.default_rng(5)
+    nb = 120
+    edges = np.linspace(0, 3, nb + 1)  # dz = 0.025
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    p = rng.dirichlet(np.ones(nb) * 0.2, 200)
+    # a spike beside a broad bump: the single-bin mode is the spike, the window mode the bump
+    p[0] = 0.0
+    p[0, 10] = 0.2
+    tri = 6.0 - np.abs(np.arange(60, 71) - 65.0)
+    p[0, 60:71] = 0.8 * tri / tri.sum()  # peaks at bin 65, every bin below the spike
+    p[1] = 0.0
+    p[1, 0:3] = [0.5, 0.3, 0.2]  # mass against zmin: window cut by the edge, compared per bin
+    ens = binned_ensemble(p, edges, mode_window=0.125)  # 5 bins
+    half = 2
+    want = []
+    for row in p:
+        means = [row[max(i - half, 0):i + half + 1].mean() for i in range(nb)]
+        want.append(centers[int(np.argmax(means))])
+    np.testing.assert_allclose(ens.ancil["zmode"], want, atol=1e-12)
+    assert ens.ancil["zmode"][0] == pytest.approx(centers[65])
+    assert ens.ancil["zmode"][1] == pytest.approx(centers[0])
+    # windows narrower than two bins: the most probable bin
+    np.testing.assert_allclose(binned_ensemble(p, edges, mode_window=0.02).ancil["zmode"], centers[np.argmax(p, 1)])
 
 
 def test_cdf_inverse_against_per_row_interp():

@@ -173,6 +173,14 @@ def test_option_values_are_checked():
         DeepzNNCInformer.make_stage(name=_name("inf"), optimizer="sgd")
 
 
+def test_loss_and_mode_options_are_checked(trained, dc2):
+    inf = DeepzNNCInformer.make_stage(name=_name("inf"), model="unused.pkl", nll_weight=-1.0, **QUICK)
+    with pytest.raises(ValueError, match="nll_weight"):
+        inf.inform(dc2.train)
+    with pytest.raises(ValueError, match="mode_window"):
+        _estimate(str(trained[1]), dc2.test, mode_window=-0.1)
+
+
 def test_redshift_checks(dc2):
     small = {k: v[:300].copy() for k, v in dc2.train.items()}
     small["redshift"][0] = 3.5

@@ -226,6 +226,20 @@ def binned_crps(logits_or_probs: torch.Tensor, z: torch.Tensor, centers: torch.T
     return ((cdf - step) ** 2).sum(-1) * dz
 
 
+def binned_nll(probs: torch.Tensor, z: torch.Tensor, edges: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Negative log of the histogram density at ``z``, per object.
+
+    ``probs`` (N, nbins) are bin probabilities over evenly spaced ``edges`` (nbins + 1,);
+    ``-log(p_b / dz)`` with ``b`` the bin holding ``z`` (redshifts outside the edges fall
+    in the first / last bin). Unlike the CRPS, it rewards mass at the true redshift itself,
+    not only a CDF that crosses there.
+    """
+    dz = edges[1] - edges[0]
+    idx = torch.clamp(((z - edges[0]) / dz).long(), 0, probs.shape[-1] - 1)
+    p = probs.gather(-1, idx.reshape(-1, 1)).reshape(-1)
+    return -torch.log(p.clamp_min(eps) / dz)
+
+
 def gmm_crps_numpy(weights: np.ndarray, means: np.ndarray, sigmas: np.ndarray, z: np.ndarray) -> np.ndarray:
     """NumPy version of :func:`gmm_crps` for evaluation (float64), shape (N,)."""
     with torch.no_grad():

@@ -350,8 +350,29 @@ def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
 # ---------------------------------------------------------------- histograms
 
 
-def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES) -> tuple[dict, torch.Tensor]:
-    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities)."""
+def _window_mode(cum: torch.Tensor, half: int) -> torch.Tensor:
+    """Index of the bin centring the ``2 half + 1``-bin window of highest mean probability.
+
+    ``cum`` is the row-wise cumulative sum of the bin probabilities. Window sums come from
+    differences of ``cum`` (no convolution); windows cut by the range edges are compared by
+    their mean per bin, so the mode is not pushed away from ``zmin``/``zmax``.
+    """
+    n = cum.shape[1]
+    i = torch.arange(n, device=cum.device)
+    lo = torch.clamp(i - half, min=0)
+    hi = torch.clamp(i + half + 1, max=n)
+    c0 = torch.nn.functional.pad(cum, (1, 0))
+    mean = (c0.index_select(1, hi) - c0.index_select(1, lo)) * (1.0 / (hi - lo).to(cum.dtype))
+    return torch.argmax(mean, dim=1)
+
+
+def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
+
+    ``mode_window`` (redshift units): zmode is the centre of the window of about this width
+    (an odd number of bins) holding the most probability per bin; 0 or less than two bins:
+    the centre of the most probable bin.
+    """
     p = _tensor(probs, torch.float32)
     e = _tensor(edges, torch.float64, p.device)
     widths = e[1:] - e[:-1]
@@ -361,7 +382,9 @@ def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES) -> tuple[dict, t
     total[total <= 0] = 1.0
     mean = (p @ centers.to(torch.float32)).double() / total
     second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
-    out = {"zmode": centers[torch.argmax(p, dim=1)], "zmean": mean,
+    half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
+    imode = _window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)
+    out = {"zmode": centers[imode], "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
     out.update(_cumulative_quantiles(cum, total, e, quantiles))
     ancil = {k: _numpy64(v) for k, v in out.items()}
@@ -374,20 +397,22 @@ def binned_ensemble(
     edges,
     representation: str = "hist",
     quantiles=DEFAULT_QUANTILES,
+    mode_window: float = 0.0,
 ) -> qp.Ensemble:
     """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
 
     ``probs`` (numpy array or tensor, on any device) must be normalised per row (a softmax
     output). ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
     stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
-    the most probable bin; zmean, zstd, zmedian and quantiles are those of the
-    piecewise-constant PDF.
+    the most probable bin, or with ``mode_window`` > 0 (redshift units) the centre of the
+    most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
+    and quantiles are those of the piecewise-constant PDF.
     """
     if representation not in ("hist", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
     p = _tensor(probs, torch.float32)
     edges = np.asarray(edges, dtype=np.float64)
-    ancil, total = binned_summaries(p, edges, quantiles)
+    ancil, total = binned_summaries(p, edges, quantiles, mode_window)
     inv_widths = torch.as_tensor(1.0 / np.diff(edges), dtype=torch.float32, device=p.device)
     dens = (p * (1.0 / total).float()[:, None]).mul_(inv_widths[None, :]).cpu().numpy()
     if representation == "hist":
