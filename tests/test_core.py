@@ -21,7 +21,7 @@ from rail.deepz.mixtures import (
 from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble, mixture_summaries
 from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
 from rail.deepz.scaling import Standardizer
-from rail.deepz.training import TrainConfig, resolve_device, split_indices, train_model
+from rail.deepz.training import TrainConfig, fuse_linear_batchnorm, resolve_device, split_indices, train_model
 
 BANDS = ["mag_g", "mag_r", "mag_i"]
 ERRS = ["err_g", "err_r", "err_i"]
@@ -341,6 +341,9 @@ def test_binned_window_mode_against_brute_force():
     np.testing.assert_allclose(ens.ancil["zmode"], want, atol=1e-12)
     assert ens.ancil["zmode"][0] == pytest.approx(centers[65])
     assert ens.ancil["zmode"][1] == pytest.approx(centers[0])
+    # a window wider than the range: the widest that fits (here 119 bins)
+    wide = binned_ensemble(p[:3], edges, mode_window=10.0).ancil["zmode"]
+    assert np.all(np.isfinite(wide)) and np.all((wide > 0) & (wide < 3))
     # windows narrower than two bins: the most probable bin
     np.testing.assert_allclose(binned_ensemble(p, edges, mode_window=0.02).ancil["zmode"], centers[np.argmax(p, 1)])
 
@@ -498,3 +501,24 @@ def test_interp_ensemble_normalises_and_handles_rows_without_density():
     np.testing.assert_allclose(np.trapezoid(y, z, axis=1), [1.0, 1.0], rtol=1e-5)
     np.testing.assert_allclose(y[1], 1.0 / 3.0)  # no density on the grid -> uniform, finite
     assert ens.cdf(np.array([1.0]))[0, 0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_fuse_linear_batchnorm_keeps_eval_outputs():
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(7, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4), nn.BatchNorm1d(4))
+    net.train()
+    with torch.no_grad():
+        for _ in range(5):  # non-trivial running statistics
+            net(torch.randn(64, 7) * 3 + 1)
+    net.eval()
+    x = torch.randn(200, 7)
+    with torch.no_grad():
+        want = net(x)
+        fused = fuse_linear_batchnorm(copy.deepcopy(net))
+        got = fused(x)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -353,17 +353,32 @@ def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
 def _window_mode(cum: torch.Tensor, half: int) -> torch.Tensor:
     """Index of the bin centring the ``2 half + 1``-bin window of highest mean probability.
 
-    ``cum`` is the row-wise cumulative sum of the bin probabilities. Window sums come from
-    differences of ``cum`` (no convolution); windows cut by the range edges are compared by
-    their mean per bin, so the mode is not pushed away from ``zmin``/``zmax``.
+    ``cum`` is the row-wise (inclusive) cumulative sum of the bin probabilities. Window sums
+    are differences of ``cum`` (no convolution); windows cut by the range edges are compared
+    by their mean per bin, so the mode is not pushed away from ``zmin``/``zmax``. Ties go to
+    the lowest bin.
     """
     n = cum.shape[1]
-    i = torch.arange(n, device=cum.device)
-    lo = torch.clamp(i - half, min=0)
-    hi = torch.clamp(i + half + 1, max=n)
-    c0 = torch.nn.functional.pad(cum, (1, 0))
-    mean = (c0.index_select(1, hi) - c0.index_select(1, lo)) * (1.0 / (hi - lo).to(cum.dtype))
-    return torch.argmax(mean, dim=1)
+    h = int(half)
+    w = 2 * h + 1
+    if h < 1 or w >= n:
+        raise ValueError(f"window of {w} bins needs 3 <= width < {n} bins")
+    # bins h+1 .. n-h-1: full windows [i-h, i+h], sum = cum[i+h] - cum[i-h-1]
+    mid_val, mid_idx = torch.max(cum[:, w:] - cum[:, : n - w], dim=1)
+    best_val, best_idx = mid_val / w, mid_idx + (h + 1)
+    # bins 0 .. h: windows [0, i+h] of i+h+1 bins
+    i_left = torch.arange(h + 1, device=cum.device)
+    left_val, left_idx = torch.max(cum[:, h: w] / (i_left + h + 1).to(cum.dtype), dim=1)
+    # bins n-h .. n-1: windows [i-h, n-1] of n-i+h bins
+    i_right = torch.arange(n - h, n, device=cum.device)
+    right = (cum[:, -1:] - cum[:, n - w: n - h - 1]) / (n - i_right + h).to(cum.dtype)
+    right_val, right_idx = torch.max(right, dim=1)
+    right_idx = right_idx + (n - h)
+    # lowest index wins ties: left < mid < right
+    take = right_val > best_val
+    best_val, best_idx = torch.where(take, right_val, best_val), torch.where(take, right_idx, best_idx)
+    take = left_val >= best_val
+    return torch.where(take, left_idx, best_idx)
 
 
 def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0) -> tuple[dict, torch.Tensor]:
@@ -383,6 +398,7 @@ def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: flo
     mean = (p @ centers.to(torch.float32)).double() / total
     second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
     half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
+    half = min(half, (p.shape[1] - 2) // 2)  # at least one full window inside the range
     imode = _window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)
     out = {"zmode": centers[imode], "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}

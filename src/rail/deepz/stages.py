@@ -131,7 +131,7 @@ TRAINING_OPTIONS = dict(
         str, "",
         msg="name of a boolean column marking validation rows (overrides val_fraction)",
     ),
-    seed=Param(int, 42, msg="random seed: CPU training is deterministic for a given seed"),
+    seed=Param(int, 42, msg="random seed: CPU training is deterministic for a given seed and torch thread count"),
     device=Param(str, "auto", msg="'auto' (CUDA if available), 'cpu' or 'cuda'"),
     mixed_precision=Param(bool, False, msg="bfloat16 autocast on CUDA (ignored on CPU)"),
     progress=Param(bool, True, msg="print a line per epoch with train/val loss"),

@@ -83,7 +83,8 @@ class TrainConfig:
     min_delta : float
         Minimum decrease of the validation loss that counts as an improvement.
     seed : int
-        Seeds weight initialisation and batch order; CPU training is bit-for-bit repeatable.
+        Seeds weight initialisation and batch order; CPU training is bit-for-bit repeatable
+        for a given number of torch threads (another thread count changes float rounding).
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     mixed_precision : bool
@@ -338,6 +339,26 @@ def predict_batched(
     return outs
 
 
+def fuse_linear_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every ``BatchNorm1d`` that directly follows a ``Linear`` in an ``nn.Sequential``
+    into that layer's weights (eval-mode inference only), in place; returns ``module``.
+
+    A batch norm in eval mode is a fixed affine map, so ``BN(Wx + b)`` is one linear layer
+    (:func:`torch.nn.utils.fusion.fuse_linear_bn_eval`): the same outputs up to float
+    rounding, one pass over the activations fewer. The module is put in eval mode.
+    """
+    from torch.nn.utils.fusion import fuse_linear_bn_eval
+
+    module.eval()
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            lin, bn = seq[i], seq[i + 1]
+            if isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats:
+                seq[i] = fuse_linear_bn_eval(lin, bn)
+                seq[i + 1] = nn.Identity()
+    return module
+
+
 def _to_cpu_float(out):
     if isinstance(out, torch.Tensor):
         return out.float().cpu()
@@ -350,6 +371,8 @@ def _to_cpu_float(out):
 
 def concat_outputs(outs: list):
     first = outs[0]
+    if len(outs) == 1:
+        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(outs)
     if hasattr(first, "__dataclass_fields__"):

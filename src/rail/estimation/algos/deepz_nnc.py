@@ -50,7 +50,13 @@ from rail.deepz.pdf import binned_ensemble
 from rail.deepz.photometry import Photometry
 from rail.deepz.scaling import Standardizer
 from rail.deepz.stages import DeepzEstimator, DeepzInformer, with_defaults
-from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
+from rail.deepz.training import (
+    concat_outputs,
+    fuse_linear_batchnorm,
+    predict_batched,
+    split_indices,
+    train_model,
+)
 
 FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
@@ -250,6 +256,12 @@ class DeepzNNCEstimator(DeepzEstimator):
         net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"],
                          arch.get("smoothing_bins", 0.0))
         net.load_state_dict(model["state_dict"])
+        # inference-only rewrites, exact up to float rounding: batch norms folded into the
+        # linear layers, and the softmax temperature into the head (logits / T)
+        fuse_linear_batchnorm(net)
+        with torch.no_grad():
+            net.head.linear.weight.div_(model["temperature"])
+            net.head.linear.bias.div_(model["temperature"])
         self.scaler = Standardizer.from_dict(model["scalers"]["x"])
         # logits come back to host memory; smooth them there (no device round trip)
         self.smoother = BinSmoother(arch["n_bins"], arch.get("smoothing_bins", 0.0))
@@ -262,6 +274,6 @@ class DeepzNNCEstimator(DeepzEstimator):
                             self.config.mixed_precision)
         )
         with torch.no_grad():
-            probs = self.smoother(torch.softmax(logits / self.model["temperature"], dim=-1)).numpy()
+            probs = self.smoother(torch.softmax(logits, dim=-1))  # temperature is in the head
         return binned_ensemble(probs, self.model["edges"], self.config.qp_representation,
                                mode_window=self.config.mode_window)
