@@ -234,7 +234,8 @@ def run_child(spec_key, model, infile, outfile, cfg, threads, env_extra=None) ->
 
 
 def markdown(report: dict) -> str:
-    runs = sorted(report["runs"], key=lambda r: (r["kind"], r["estimator"], r["device_name"], r["rows"]))
+    runs = sorted(report["runs"], key=lambda r: (r["kind"], r["estimator"], r["device_name"],
+                                                 r.get("precision", "fp32"), r["rows"]))
     lines = [
         "# Estimation speed and peak memory",
         "",
@@ -245,9 +246,9 @@ def markdown(report: dict) -> str:
         "load avg = 1-minute load average when the benchmark started (above the CPU count: a busy, shared "
         "machine, figures are lower bounds). Regenerate: `python benchmarks/speed_memory.py` (table only: `--table`).",
         "",
-        "| estimator | device | rows | chunk | threads | wall s | objects/s | target | peak RSS MB | "
+        "| estimator | device | precision | rows | chunk | threads | wall s | objects/s | target | peak RSS MB | "
         "RSS after load MB | GPU peak MB | output MB/1e5 rows | load avg | date | commit |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in runs:
         tgt = TARGETS[r["kind"]]
@@ -255,7 +256,7 @@ def markdown(report: dict) -> str:
         gpu = f"{r['gpu_peak_mb']:,.0f}" if r.get("gpu_peak_mb") is not None else "-"
         per = f"{r['output_mb'] * 1e5 / r['rows']:,.1f}" if r.get("output_mb") else "-"
         lines.append(
-            f"| {r['estimator']} | {r['device_name']} | {r['rows']:,} | {r['chunk_size']:,} | {r['torch_threads']} | "
+            f"| {r['estimator']} | {r['device_name']} | {r.get('precision', 'fp32')} | {r['rows']:,} | {r['chunk_size']:,} | {r['torch_threads']} | "
             f"{r['wall_s']:,.1f} | {r['objects_per_s']:,.0f} | {ok} | {r['peak_rss_mb']:,.0f} | "
             f"{r['rss_after_load_mb']:,.0f} | {gpu} | {per} | {r['machine'].get('load_average_1min_at_start', 0):.1f} | "
             f"{r['date'][:10]} | {r['commit'][:8]} |"
@@ -264,11 +265,11 @@ def markdown(report: dict) -> str:
     flat = []
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r["estimator"], r["device_name"]), {})[r["rows"]] = r["peak_rss_mb"]
-    for (key, dev), by_n in groups.items():
+        groups.setdefault((r["estimator"], r["device_name"], r.get("precision", "fp32")), {})[r["rows"]] = r["peak_rss_mb"]
+    for (key, dev, prec), by_n in groups.items():
         ns = sorted(by_n)
         if len(ns) >= 2:
-            flat.append(f"- {key} ({dev}): peak RSS " + " -> ".join(f"{by_n[n]:,.0f} MB @ {n:.0e}" for n in ns)
+            flat.append(f"- {key} ({dev}, {prec}): peak RSS " + " -> ".join(f"{by_n[n]:,.0f} MB @ {n:.0e}" for n in ns)
                         + f" (ratio largest/second largest {by_n[ns[-1]] / by_n[ns[-2]]:.2f})")
     if flat:
         lines += ["", "Peak memory vs input size (flat = streaming works):", "", *flat]
@@ -372,6 +373,7 @@ def main(argv=None):
             outfile.unlink(missing_ok=True)
             bytes_per_row = out_bytes / n if out_bytes else bytes_per_row
             r.update(estimator=spec.key, kind=kind, rows=n, chunk_size=chunk, objects_per_s=n / r["wall_s"],
+                     precision="bf16" if cfg.get("mixed_precision") else "fp32",
                      output_mb=out_bytes / 2**20, date=date, commit=commit, machine=info,
                      estimate_config={k: v for k, v in cfg.items() if k not in ("bands", "err_bands", "mag_limits")},
                      training=train_info,
@@ -386,7 +388,7 @@ def main(argv=None):
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
-    keyf = lambda r: (r["estimator"], r["rows"], r["device_name"])  # noqa: E731
+    keyf = lambda r: (r["estimator"], r["rows"], r["device_name"], r.get("precision", "fp32"))  # noqa: E731
     replaced = {keyf(r) for r in new_runs}
     report["runs"] = [r for r in report["runs"] if keyf(r) not in replaced] + new_runs
     report["notes"] = sorted(notes)

@@ -77,6 +77,18 @@ def test_learns_better_than_constant_and_pdfs_normalised(trained, dc2):
     assert np.all(ens.ancil["z_q2p5"] <= ens.ancil["zmedian"] + 1e-9)
 
 
+def test_bf16_inference_on_cpu_stays_close_to_float32(trained, dc2):
+    inf, _ = trained
+    ref = _estimate(inf.get_handle("model"), dc2.test)
+    bf = _estimate(inf.get_handle("model"), dc2.test, mixed_precision=True)
+    z = dc2.test["redshift"]
+    np.testing.assert_allclose(np.ravel(bf.cdf(3.0) - bf.cdf(0.0)), 1.0, atol=1e-5)
+    diff = np.abs(bf.ancil["zmedian"] - ref.ancil["zmedian"])
+    assert np.median(diff) < 2e-3 and np.percentile(diff, 95) < 2e-2
+    assert _nmad(bf.ancil["zmedian"], z) == pytest.approx(_nmad(ref.ancil["zmedian"], z), rel=0.05)
+    assert not np.array_equal(bf.ancil["zmean"], ref.ancil["zmean"])  # bf16 was really used
+
+
 def test_chunked_file_output_aligned_with_ids(trained, dc2, tmp_path):
     inf, path = trained
     test = {k: v[:1000] for k, v in dc2.test.items()}

@@ -414,23 +414,39 @@ def binned_ensemble(
     representation: str = "hist",
     quantiles=DEFAULT_QUANTILES,
     mode_window: float = 0.0,
+    prob_fn=None,
+    block_rows: int = 8192,
 ) -> qp.Ensemble:
     """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
 
     ``probs`` (numpy array or tensor, on any device) must be normalised per row (a softmax
-    output). ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
+    output), or become so through ``prob_fn`` (e.g. logits -> softmax), which is applied
+    block by block. ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
     stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
     the most probable bin, or with ``mode_window`` > 0 (redshift units) the centre of the
     most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
     and quantiles are those of the piecewise-constant PDF.
+
+    Rows are processed ``block_rows`` at a time into one preallocated output: the (N, nbins)
+    temporaries of a whole chunk (tens of MB each, freshly mapped and page-faulted every
+    chunk) cost more than the arithmetic on them.
     """
     if representation not in ("hist", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
-    p = _tensor(probs, torch.float32)
+    x = _tensor(probs, torch.float32)
     edges = np.asarray(edges, dtype=np.float64)
-    ancil, total = binned_summaries(p, edges, quantiles, mode_window)
-    inv_widths = torch.as_tensor(1.0 / np.diff(edges), dtype=torch.float32, device=p.device)
-    dens = (p * (1.0 / total).float()[:, None]).mul_(inv_widths[None, :]).cpu().numpy()
+    n, nb = x.shape
+    inv_widths = torch.as_tensor(1.0 / np.diff(edges), dtype=torch.float32, device=x.device)
+    dens = np.empty((n, nb), dtype=np.float32)
+    parts = []
+    for i in range(0, max(n, 1), block_rows):
+        p = x[i: i + block_rows]
+        if prob_fn is not None:
+            p = prob_fn(p)
+        ancil_b, total = binned_summaries(p, edges, quantiles, mode_window)
+        parts.append(ancil_b)
+        dens[i: i + len(p)] = (p * (1.0 / total).float()[:, None]).mul_(inv_widths[None, :]).cpu().numpy()
+    ancil = {k: np.concatenate([a[k] for a in parts]) for k in parts[0]}
     if representation == "hist":
         ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
     else:

@@ -144,7 +144,8 @@ ESTIMATION_OPTIONS = dict(
     ),
     err_bands=Param(list, [], msg="error columns; empty = the model's"),
     device=Param(str, "auto", msg="'auto' (CUDA if available), 'cpu' or 'cuda'"),
-    mixed_precision=Param(bool, False, msg="bfloat16 autocast on CUDA (ignored on CPU)"),
+    mixed_precision=Param(bool, False, msg="bfloat16 autocast for inference, on CUDA or CPU (fast on CPUs with AMX / AVX512-BF16); "
+        "PDFs then differ from float32 by bf16 rounding (see benchmarks/README.md)"),
     inference_batch_size=Param(int, 65536, msg="objects per forward pass at estimation"),
 )
 

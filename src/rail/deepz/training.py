@@ -328,12 +328,12 @@ def predict_batched(
     """
     model.eval()
     outs = []
-    use_amp = mixed_precision and device.type == "cuda"
+    use_amp = bool(mixed_precision) and device.type in ("cuda", "cpu")
     n = len(inputs[0])
     with torch.inference_mode():
         for i in range(0, n, batch_size):
             batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(*batch)
             outs.append(_to_cpu_float(out))
     return outs

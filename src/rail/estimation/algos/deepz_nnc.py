@@ -108,7 +108,11 @@ class NNCNetwork(nn.Module):
         self.smoother = BinSmoother(n_bins, smoothing_bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        h = self.body(x)
+        # the head stays in float32 under autocast: bf16 logits (3 significant digits)
+        # would move the bin probabilities by several per cent
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(h.float())
 
     def probs(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         return self.smoother(torch.softmax(logits / temperature, dim=-1))
@@ -273,7 +277,7 @@ class DeepzNNCEstimator(DeepzEstimator):
             predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
                             self.config.mixed_precision)
         )
-        with torch.no_grad():
-            probs = self.smoother(torch.softmax(logits, dim=-1))  # temperature is in the head
-        return binned_ensemble(probs, self.model["edges"], self.config.qp_representation,
-                               mode_window=self.config.mode_window)
+        with torch.no_grad():  # temperature is in the head; softmax + smoothing block by block
+            return binned_ensemble(logits, self.model["edges"], self.config.qp_representation,
+                                   mode_window=self.config.mode_window,
+                                   prob_fn=lambda x: self.smoother(torch.softmax(x, dim=-1)))
