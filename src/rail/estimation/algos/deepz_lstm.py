@@ -57,8 +57,10 @@ what makes missing bands degrade gracefully.
   0.0213 / 0.0214 (seeds 42 / 1) vs 0.0223 / 0.0222 with ``last``, RAIL outlier rate 0.093
   vs 0.094, training 124-126 s vs 139-142 s (1 thread, two runs at a time); ``mean``
   gave 0.0224. On BOSS: 0.0189 vs 0.0188, outlier rate 0.058 vs 0.057, PIT KS 0.025 vs
-  0.009 (both within 0.03). It costs inference speed: 26k vs 29k objects/s at 1e7 rows
-  (benchmarks/results/speed_memory.md).
+  0.009 (both within 0.03). On zCOSMOS (12 bands, benchmarks/zcosmos_ablation.py, 40
+  epochs) the all-band sigma_NMAD (zmean) is 0.0165 vs 0.0233 with ``last``: the end states
+  of a 12-step sequence lose what the middle bands carry. It costs inference speed: 26k vs
+  29k objects/s at 1e7 rows (benchmarks/results/speed_memory.md).
 * ``lstm_units=[64, 32]``: the paper's 128/64 BiLSTM runs at ~9k objects/s (network only,
   1 thread, 20k objects of 6 bands), below the 20k/s target; 64/32 runs at ~25k/s and
   trains in about half the time, for +0.0014 in sigma_IQR on DC2.
