@@ -235,7 +235,7 @@ def run_child(spec_key, model, infile, outfile, cfg, threads, env_extra=None) ->
 
 def markdown(report: dict) -> str:
     runs = sorted(report["runs"], key=lambda r: (r["kind"], r["estimator"], r["device_name"],
-                                                 r.get("precision", "fp32"), r["rows"]))
+                                                 r["precision"], r["rows"]))
     lines = [
         "# Estimation speed and peak memory",
         "",
@@ -256,7 +256,7 @@ def markdown(report: dict) -> str:
         gpu = f"{r['gpu_peak_mb']:,.0f}" if r.get("gpu_peak_mb") is not None else "-"
         per = f"{r['output_mb'] * 1e5 / r['rows']:,.1f}" if r.get("output_mb") else "-"
         lines.append(
-            f"| {r['estimator']} | {r['device_name']} | {r.get('precision', 'fp32')} | {r['rows']:,} | {r['chunk_size']:,} | {r['torch_threads']} | "
+            f"| {r['estimator']} | {r['device_name']} | {r['precision']} | {r['rows']:,} | {r['chunk_size']:,} | {r['torch_threads']} | "
             f"{r['wall_s']:,.1f} | {r['objects_per_s']:,.0f} | {ok} | {r['peak_rss_mb']:,.0f} | "
             f"{r['rss_after_load_mb']:,.0f} | {gpu} | {per} | {r['machine'].get('load_average_1min_at_start', 0):.1f} | "
             f"{r['date'][:10]} | {r['commit'][:8]} |"
@@ -265,7 +265,7 @@ def markdown(report: dict) -> str:
     flat = []
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r["estimator"], r["device_name"], r.get("precision", "fp32")), {})[r["rows"]] = r["peak_rss_mb"]
+        groups.setdefault((r["estimator"], r["device_name"], r["precision"]), {})[r["rows"]] = r["peak_rss_mb"]
     for (key, dev, prec), by_n in groups.items():
         ns = sorted(by_n)
         if len(ns) >= 2:
@@ -302,6 +302,8 @@ def main(argv=None):
     report = json.loads(jpath.read_text()) if jpath.exists() else {"runs": []}
     if "runs" not in report or (report["runs"] and "kind" not in report["runs"][0]):
         report = {"runs": []}  # older format
+    for r in report["runs"]:
+        r.setdefault("precision", "fp32")  # rows from before the precision column were float32
     if args.table:
         print(markdown(report))
         return
@@ -388,7 +390,7 @@ def main(argv=None):
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
-    keyf = lambda r: (r["estimator"], r["rows"], r["device_name"], r.get("precision", "fp32"))  # noqa: E731
+    keyf = lambda r: (r["estimator"], r["rows"], r["device_name"], r["precision"])  # noqa: E731
     replaced = {keyf(r) for r in new_runs}
     report["runs"] = [r for r in report["runs"] if keyf(r) not in replaced] + new_runs
     report["notes"] = sorted(notes)
