@@ -448,6 +448,17 @@ def test_early_stopping_restores_best_weights():
     assert val == pytest.approx(res.best_val_loss, rel=1e-5)
 
 
+def test_onecycle_schedule_warms_up_then_decays_and_learns():
+    m, res = _fit(3, epochs=20, patience=20, lr_schedule="onecycle")
+    lrs = [h["lr"] for h in res.history]  # learning rate at the end of each epoch
+    peak = int(np.argmax(lrs))
+    assert 0 < peak < len(lrs) - 1
+    assert lrs[0] < 0.2 * 1e-2 and max(lrs) == pytest.approx(1e-2, rel=0.05)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :])) and lrs[-1] < 0.05 * max(lrs)
+    assert len(res.history) == 20 and res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
+
+
 def test_train_config_errors_name_the_option():
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="sgd").validate()

@@ -119,7 +119,7 @@ TRAINING_OPTIONS = dict(
     lr=Param(float, 5e-4, msg="initial learning rate"),
     weight_decay=Param(float, 1e-5, msg="weight decay"),
     optimizer=Param(str, "adamw", msg="'adamw' or 'adam'"),
-    lr_schedule=Param(str, "plateau", msg="'plateau', 'step' or 'none'"),
+    lr_schedule=Param(str, "plateau", msg="'plateau', 'step', 'onecycle' (warm-up then cosine decay to ~0 over 'epochs', max lr 'lr', stepped per batch) or 'none'"),
     lr_factor=Param(float, 0.5, msg="learning-rate multiplier of the schedule"),
     lr_patience=Param(int, 5, msg="plateau schedule: epochs without improvement before lowering lr"),
     lr_step=Param(int, 50, msg="step schedule: epochs between lr reductions"),

@@ -2,7 +2,7 @@
 
 :func:`train_model` fits any ``nn.Module`` whose ``forward`` takes the input tensors of a
 batch and whose output, passed with the true redshifts to ``loss_fn``, gives one loss per
-object. It provides: AdamW/Adam, a plateau or step learning-rate schedule, gradient
+object. It provides: AdamW/Adam, a plateau, step or one-cycle learning-rate schedule, gradient
 clipping, early stopping that restores the best weights, deterministic CPU training
 from ``seed``, device selection (``auto``/``cpu``/``cuda``), optional mixed precision on
 CUDA, a one-line-per-epoch progress display that can be turned off, and a history list
@@ -27,6 +27,7 @@ from torch import nn
 log = logging.getLogger("rail.deepz")
 
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("plateau", "step", "onecycle", "none")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +73,10 @@ class TrainConfig:
     lr_schedule : str
         ``plateau`` (multiply by ``lr_factor`` after ``lr_patience`` epochs without
         validation improvement), ``step`` (multiply by ``lr_factor`` every ``lr_step``
-        epochs) or ``none``.
+        epochs), ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR``: warm-up from
+        ``lr``/25 to ``lr`` over the first 30 % of ``epochs``, then cosine decay to ~0,
+        stepped per batch; the run is planned for ``epochs``, so set ``patience`` >=
+        ``epochs`` to run the whole cycle) or ``none``.
     lr_factor, lr_patience, lr_step : float, int, int
         Schedule parameters.
     clip_norm : float
@@ -113,10 +117,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.optimizer not in ("adamw", "adam"):
             raise ValueError(f"Option 'optimizer'={self.optimizer!r} is not 'adamw' or 'adam'")
-        if self.lr_schedule not in ("plateau", "step", "none"):
-            raise ValueError(
-                f"Option 'lr_schedule'={self.lr_schedule!r} is not 'plateau', 'step' or 'none'"
-            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Option 'lr_schedule'={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Option {name!r} must be >= 1, got {getattr(self, name)}")
@@ -243,6 +245,11 @@ def train_model(
         )
     elif cfg.lr_schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_factor)
+    elif cfg.lr_schedule == "onecycle":
+        steps_per_epoch = sum(1 for i in range(0, len(tz), cfg.batch_size) if len(tz) - i >= 2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=max(steps_per_epoch, 1)
+        )
     else:
         sched = None
 
@@ -276,6 +283,8 @@ def train_model(
             if cfg.clip_norm and cfg.clip_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             opt.step()
+            if cfg.lr_schedule == "onecycle":
+                sched.step()
             tot += float(loss.detach()) * len(zb)
             cnt += len(zb)
         train_loss = tot / max(cnt, 1)
@@ -291,11 +300,10 @@ def train_model(
                 file=sys.stderr,
                 flush=True,
             )
-        if sched is not None:
-            if cfg.lr_schedule == "plateau":
-                sched.step(val_loss)
-            else:
-                sched.step()
+        if cfg.lr_schedule == "plateau":
+            sched.step(val_loss)
+        elif cfg.lr_schedule == "step":
+            sched.step()
         if val_loss < result.best_val_loss - cfg.min_delta:
             result.best_val_loss = val_loss
             result.best_epoch = epoch
