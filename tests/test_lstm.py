@@ -9,7 +9,7 @@ from rail.deepz.mixtures import gmm_crps_numpy
 from rail.deepz.photometry import BadPhotometryError, Photometry, extract_photometry
 from rail.deepz.sequences import BandSequencer, band_order
 from rail.deepz.stages import ModelFormatError
-from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
+from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer, LSTMMDN
 
 DC2_WAVELENGTHS = [3671.0, 4827.0, 6223.0, 7546.0, 8691.0, 9712.0]
 QUICK = dict(lstm_units=[32], dense_units=[32], n_components=5, epochs=40, batch_size=128, patience=10, lr=3e-3,
@@ -235,3 +235,27 @@ def test_refuses_other_method(tmp_path, dc2):
         assert pickle.load(f)["method"] == "nnc"
     with pytest.raises(ModelFormatError, match="'nnc' model"):
         _estimate(str(path), {k: v[:10] for k, v in dc2.test.items()})
+
+
+@pytest.mark.parametrize("aggregation", ["last", "mean", "attention", "flatten"])
+@pytest.mark.parametrize("bidirectional,dense", [(True, [16]), (False, [16]), (True, [])])
+def test_fold_batch_norms_keeps_outputs(aggregation, bidirectional, dense):
+    torch.manual_seed(0)
+    net = LSTMMDN(5, [12, 8, 6], bidirectional=bidirectional, aggregation=aggregation, dense_units=dense,
+                  n_components=4, dropout=0.2)
+    for norm in net.norms:  # non-trivial statistics and affine parameters
+        with torch.no_grad():
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.2, 3)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    net.eval()
+    x = torch.randn(300, 5, 3)
+    x[..., 2] = (torch.rand(300, 5) > 0.2).float()
+    with torch.no_grad():
+        ref = net(x)
+        out = net.fold_batch_norms()(x)
+    n_left = sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.norms)
+    assert n_left == (1 if aggregation == "attention" else 0)
+    for key in ("weights", "means", "sigmas"):
+        torch.testing.assert_close(getattr(out, key), getattr(ref, key), rtol=1e-4, atol=1e-5)

@@ -367,6 +367,28 @@ def fuse_linear_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def batchnorm_affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode batch norm as ``x * scale + shift`` per channel: (scale, shift)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
+@torch.no_grad()
+def fold_input_affine_(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make ``x -> weight @ x + bias`` equal ``x -> weight @ (x * scale + shift) + bias``, in place.
+
+    Folds a per-feature affine map (an eval-mode batch norm, :func:`batchnorm_affine`) that
+    precedes a linear map (a ``Linear`` layer, an LSTM's input projection) into its weights.
+    """
+    bias.add_(weight @ shift.to(weight.dtype))
+    weight.mul_(scale.to(weight.dtype)[None, :])
+
+
 def _to_cpu_float(out):
     if isinstance(out, torch.Tensor):
         return out.float().cpu()

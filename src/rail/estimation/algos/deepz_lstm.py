@@ -126,7 +126,14 @@ from rail.deepz.stages import (
     check_option_choice,
     with_defaults,
 )
-from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
+from rail.deepz.training import (
+    batchnorm_affine,
+    concat_outputs,
+    fold_input_affine_,
+    predict_batched,
+    split_indices,
+    train_model,
+)
 
 AGGREGATIONS = ("last", "mean", "attention", "flatten")
 LOSSES = ("nll", "crps")
@@ -237,6 +244,37 @@ class LSTMMDN(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.head(self.dense(self.encode(x)))
+
+    def fold_batch_norms(self) -> "LSTMMDN":
+        """Inference only: fold each eval-mode batch norm into the layer that reads its output
+        (the next LSTM's input projection; after the last LSTM, the first dense layer or the
+        mixture head), in place; puts the module in eval mode and returns it.
+
+        Same outputs up to float rounding, without the batch-norm passes and the transposed
+        copies around them. With ``aggregation='attention'`` the last norm is kept (the
+        attention scores read the normalised outputs too).
+        """
+        self.eval()
+        for i, norm in enumerate(self.norms):
+            if not isinstance(norm, nn.BatchNorm1d):
+                continue
+            scale, shift = batchnorm_affine(norm)
+            if i + 1 < len(self.lstms):
+                nxt = self.lstms[i + 1]
+                sfx = ["_l0", "_l0_reverse"] if nxt.bidirectional else ["_l0"]
+                targets = [(getattr(nxt, "weight_ih" + x), getattr(nxt, "bias_ih" + x)) for x in sfx]
+            elif self.aggregation == "attention":
+                continue
+            else:
+                if self.aggregation == "flatten":  # features are step-major: (step, channel)
+                    scale, shift = scale.repeat(self.n_bands), shift.repeat(self.n_bands)
+                linears = [m for m in self.dense if isinstance(m, nn.Linear)][:1] or [
+                    self.head.logits, self.head.mu, self.head.raw_sigma]
+                targets = [(lin.weight, lin.bias) for lin in linears]
+            for weight, bias in targets:
+                fold_input_affine_(weight, bias, scale, shift)
+            self.norms[i] = nn.Identity()
+        return self
 
 
 def make_band_dropout(p: float):
@@ -412,7 +450,7 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
         net = LSTMMDN(**model["arch"])
         net.load_state_dict(model["state_dict"])
         self.sequencer = BandSequencer.from_dict(model["scalers"]["sequence"])
-        return net
+        return net.fold_batch_norms()
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model
