@@ -14,6 +14,8 @@ from rail.deepz.mixtures import (
     MixtureParams,
     binned_crps,
     binned_nll,
+    exp_floored,
+    gaussian_basis,
     gmm_crps,
     gmm_crps_numpy,
     gmm_nll,
@@ -533,3 +535,32 @@ def test_fuse_linear_batchnorm_keeps_eval_outputs():
         got = fused(x)
     assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gaussian_basis_matches_scipy_without_subnormals():
+    from scipy.stats import norm
+
+    grid, centers = np.linspace(0, 3, 1201), np.linspace(0, 3, 200)
+    basis = gaussian_basis(grid, centers, 0.0037).numpy()
+    ref = norm.pdf(grid[None, :], centers[:, None], 0.0037)
+    assert basis.dtype == np.float32 and basis.shape == (200, 1201)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((basis > 0) & (basis < tiny))  # no subnormal float32 entries
+    assert np.any((ref > 0) & (ref < tiny))  # which a plain float32 cast would have
+    np.testing.assert_allclose(basis, ref, rtol=1e-6, atol=1e-30)
+
+
+def test_exp_floored_and_crps_gradients_far_from_the_components():
+    a = torch.tensor([-1e5, -100.0, -3.0, 0.5], requires_grad=True)
+    y = exp_floored(a)
+    assert float(y[0]) > 0 and float(y[0]) == pytest.approx(np.exp(-80.0), rel=1e-5)
+    assert float(y[2]) == pytest.approx(np.exp(-3.0), rel=1e-6)
+    y.sum().backward()
+    assert torch.all(torch.isfinite(a.grad)) and float(a.grad[0]) == 0.0
+    # a mixture far from z: CRPS ~ |z - mu| and finite gradients
+    params = MixtureParams(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.1, 0.2]], requires_grad=True),
+                           torch.tensor([[0.001, 0.002]]))
+    crps = gmm_crps(params, torch.tensor([2.9]))
+    assert float(crps.detach()) == pytest.approx(2.75 - 0.5 * 0.05, abs=1e-3)  # E|X-z| - E|X-X'|/2
+    crps.sum().backward()
+    assert torch.all(torch.isfinite(params.means.grad))

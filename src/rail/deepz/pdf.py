@@ -29,6 +29,8 @@ import numpy as np
 import qp
 import torch
 
+from rail.deepz.mixtures import EXP_FLOOR
+
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -132,22 +134,19 @@ def _ndtr(t: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(t)
 
 
-# Two slow paths of the CPU float kernels, both hit by Gaussian mixtures evaluated far from
-# most of their components (measured, float32, one thread): exp() of an argument whose result
-# underflows (below about -87; -708 in float64) costs 18-28 ns per element instead of 0.25,
-# and a multiplication with a subnormal operand or result (below 1.2e-38) 9-12 ns instead of
-# 2.5. So terms w_k N(x | mu_k, s_k) are computed as exp(log(w_k / s_k) - t^2 / 2 - log
-# sqrt(2 pi)) with the argument floored at -80 (1.8e-35: a change far below float32
-# resolution of any density it is added to, which is >= 1e-7 relative), and CDF terms
-# w_k Phi(t) with w_k >= 1e-15 and t >= -9 (Phi(-9) = 1e-19; changes a CDF by < 2e-14).
-_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0, torch.bfloat16: -80.0, torch.float16: -9.0}
+# Terms w_k N(x | mu_k, s_k) are computed as exp(log(w_k / s_k) - t^2 / 2 - log sqrt(2 pi))
+# with the argument floored (rail.deepz.mixtures.EXP_FLOOR: no underflowing exp, no subnormal
+# products; 1.8e-35 is far below float32 resolution of any density it is added to), and
+# CDF terms w_k Phi(t) with w_k >= 1e-15 and t >= -9 (Phi(-9) = 1e-19; changes a CDF by
+# < 2e-14). On real LSTM mixtures (20k DC2 objects, 1 thread) this took the summaries from
+# 42-43k to 52k objects/s.
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 _CDF_T_FLOOR, _CDF_W_FLOOR = -9.0, 1e-15
 
 
 def _exp_floored_(a: torch.Tensor) -> torch.Tensor:
     """In place ``exp(a)``, ``a`` floored first so that the result is a normal float (see above)."""
-    return a.clamp_(min=_EXP_FLOOR.get(a.dtype, -80.0)).exp_()
+    return a.clamp_(min=EXP_FLOOR.get(a.dtype, -80.0)).exp_()
 
 
 def _phi(t: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,10 @@ import torch
 from ceci.config import StageParameter as Param
 from rail.core.data import ModelHandle, QPHandle, TableHandle
 from scipy.special import ndtr
-from scipy.stats import norm
 from torch import nn
 
 from rail.deepz.encoders import ENCODER_KINDS, encoder_from_dict, make_encoder
-from rail.deepz.mixtures import FixedGridMixtureHead, fixed_grid_crps, fixed_grid_pair_matrix
+from rail.deepz.mixtures import FixedGridMixtureHead, fixed_grid_crps, fixed_grid_pair_matrix, gaussian_basis
 from rail.deepz.pdf import DEFAULT_QUANTILES, grid_summaries, interp_ensemble
 from rail.deepz.scaling import Standardizer
 from rail.deepz.som import METRICS, SOMFlagModel, needs_photometry, som_feature_matrix
@@ -187,7 +186,7 @@ def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
     weights = np.asarray(weights, dtype=np.float32)
     centers = np.asarray(centers, dtype=np.float64)
     fine = np.linspace(zmin, zmax, max(nzbins, 1201))  # spacing <= 0.0025 for [0, 3]
-    basis = torch.as_tensor(norm.pdf(fine[None, :], centers[:, None], sigma).astype(np.float32))
+    basis = gaussian_basis(fine, centers, sigma)
     parts = [grid_summaries(torch.as_tensor(weights[i : i + block]) @ basis, fine, quantiles)
              for i in range(0, max(len(weights), 1), block)]
     ancil = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -208,17 +207,23 @@ def fixed_grid_ensemble(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
 
     ``interp`` samples the PDF on the grid: choose ``nzbins`` so that the spacing is well
     below sigma (e.g. >= 3 (zmax - zmin) / sigma), or the narrow components are aliased.
+
+    The ``mixmod`` parameters are stored in float32, the precision of the network's softmax
+    (float64 would double the output, 4.8 kB per object for 200 components, for no
+    information); the weights must be finite and non-negative (a softmax output), so qp's
+    per-element input checks are skipped.
     """
-    weights = np.asarray(weights, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float32)
     n, k = weights.shape
     ancil = fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins)
     if representation == "mixmod":
-        means = np.broadcast_to(np.asarray(centers, dtype=np.float64), (n, k)).copy()
-        ens = qp.Ensemble(qp.mixmod, data=dict(weights=weights, means=means, stds=np.full((n, k), float(sigma))))
+        means = np.broadcast_to(np.asarray(centers, dtype=np.float32), (n, k)).copy()
+        ens = qp.Ensemble(qp.mixmod, data=dict(weights=weights, means=means, warn=False,
+                                               stds=np.full((n, k), float(sigma), dtype=np.float32)))
     elif representation == "interp":
         zgrid = np.linspace(zmin, zmax, nzbins)
-        basis = norm.pdf(zgrid[None, :], np.asarray(centers)[:, None], sigma).astype(np.float32)
-        ens = interp_ensemble(zgrid, weights.astype(np.float32) @ basis)
+        basis = gaussian_basis(zgrid, centers, sigma).numpy()
+        ens = interp_ensemble(zgrid, weights @ basis)
     else:
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'mixmod' or 'interp'")
     ens.set_ancil({key: np.asarray(v) for key, v in ancil.items()})
