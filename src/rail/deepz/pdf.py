@@ -172,19 +172,21 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def _mixture_at(w, mu, s, x):
-    """Density and CDF of mixtures (N, K) at points x (N, P) -> two (N, P) tensors."""
+def _mixture_at(w, mu, s, x, pdf: bool = True, cdf: bool = True):
+    """Density and CDF of mixtures (N, K) at points x (N, P) -> two (N, P) tensors
+    (None for the one not asked for)."""
     t = (x[:, :, None] - mu[:, None, :]) / s[:, None, :]
-    pdf = _exp_floored_(_log_coef(w, s)[:, None, :] - 0.5 * t * t).sum(-1)
-    cdf = (w.clamp(min=_CDF_W_FLOOR)[:, None, :] * _ndtr(t.clamp_(min=_CDF_T_FLOOR))).sum(-1)
-    return pdf, cdf
+    dens = _exp_floored_(_log_coef(w, s)[:, None, :] - 0.5 * t * t).sum(-1) if pdf else None
+    if not cdf:
+        return dens, None
+    return dens, (w.clamp(min=_CDF_W_FLOOR)[:, None, :] * _ndtr(t.clamp_(min=_CDF_T_FLOOR))).sum(-1)
 
 
 def _mixture_mode(w, mu, s, zgrid, pdf_grid, zmin, zmax, iterations: int = 6, starts: int = 3):
     """Highest mode in [zmin, zmax]: the ``starts`` densest of (grid maximum, component means),
     each refined by fixed-point (mean-shift) iterations on the exact density; the best wins."""
     cand = torch.cat([zgrid[torch.argmax(pdf_grid, dim=1)][:, None], mu.clamp(zmin, zmax)], dim=1)
-    p_cand, _ = _mixture_at(w, mu, s, cand)
+    p_cand, _ = _mixture_at(w, mu, s, cand, cdf=False)
     p0, top = torch.topk(p_cand, min(starts, cand.shape[1]), dim=1)
     x0 = torch.gather(cand, 1, top)  # (N, S)
     x = x0
@@ -195,7 +197,7 @@ def _mixture_mode(w, mu, s, zgrid, pdf_grid, zmin, zmax, iterations: int = 6, st
         den = r.sum(-1)
         ok = den > 0
         x = torch.where(ok, (r * mu[:, None, :]).sum(-1) / torch.where(ok, den, 1.0), x).clamp(zmin, zmax)
-    p1, _ = _mixture_at(w, mu, s, x)
+    p1, _ = _mixture_at(w, mu, s, x, cdf=False)
     better = p1 >= p0
     x, p = torch.where(better, x, x0), torch.where(better, p1, p0)
     return torch.gather(x, 1, torch.argmax(p, dim=1, keepdim=True))[:, 0]
@@ -244,7 +246,7 @@ def _mixture_quantiles(w, mu, s, zgrid, pdf_grid, levels, zmin, zmax, iterations
     ends = torch.tensor([zmin, zmax], dtype=w.dtype, device=w.device).expand(n, 2)
     h = float(zgrid[1] - zgrid[0]) if g > 1 else float(zmax - zmin)
     lo, hi = (x - 2 * h).clamp(min=zmin), (x + 2 * h).clamp(max=zmax)
-    _, f_all = _mixture_at(w, mu, s, torch.cat([ends, lo, hi], dim=1))
+    _, f_all = _mixture_at(w, mu, s, torch.cat([ends, lo, hi], dim=1), pdf=False)
     fa, mass = f_all[:, :1], f_all[:, 1:2] - f_all[:, :1]
     good = mass[:, 0] > 1e-12
     mass = torch.where(mass > 1e-12, mass, 1.0)
@@ -279,7 +281,7 @@ def _polish(w, mu, s, x, lo, hi, fa, mass, q, iterations):
         x_new = x - f / torch.where(dens > 0, dens, 1.0)
         use = (dens > 0) & (x_new >= lo) & (x_new <= hi) & torch.isfinite(x_new)
         x = torch.where(use, x_new, 0.5 * (lo + hi))
-    _, cdf_x = _mixture_at(w, mu, s, x)
+    _, cdf_x = _mixture_at(w, mu, s, x, pdf=False)
     return x, lo, hi, (cdf_x - fa) / mass - q
 
 
