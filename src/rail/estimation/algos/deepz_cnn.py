@@ -294,7 +294,7 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
             img = self._images(data, col, info["bands"], (info["height"], info["width"]), policy)
             inputs.append(preprocess_images(img, info["scale"], info["colors"]))
         params = concat_outputs(
-            predict_batched(self.net, inputs, self.torch_device, self.config.inference_batch_size,
+            predict_batched(self.net, inputs, self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)
         )
         w, mu, sig = params.detach_numpy()

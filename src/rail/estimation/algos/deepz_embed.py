@@ -434,10 +434,10 @@ class DeepzEmbedEstimator(DeepzEstimator):
 
     def _estimate_chunk(self, data: Mapping):
         phot = self._photometry(data) if self._needs_phot else None
-        emb = self.encoder.encode(data, phot, device=self.torch_device, batch_size=self.config.inference_batch_size)
+        emb = self.encoder.encode(data, phot, device=self.torch_device, batch_size=self.inference_batch_size)
         x = self.scaler.transform(emb)
         w = concat_outputs(
-            predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
+            predict_batched(self.net, [x], self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)
         ).numpy()
         m = self.model

@@ -457,7 +457,7 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
         m = self.model
         x = self._sequences(self._photometry(data), self.sequencer, m["photometry"]["missing_policy"])
         params = concat_outputs(
-            predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
+            predict_batched(self.net, [x], self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)
         )
         w, mu, sig = params.detach_numpy()

@@ -274,7 +274,7 @@ class DeepzNNCEstimator(DeepzEstimator):
     def _estimate_chunk(self, data: Mapping):
         x = self.scaler.transform(_features(self._photometry(data), self.model["arch"]["features"]))
         logits = concat_outputs(
-            predict_batched(self.net, [x], self.torch_device, self.config.inference_batch_size,
+            predict_batched(self.net, [x], self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)
         )
         with torch.no_grad():  # temperature is in the head; softmax + smoothing block by block
