@@ -565,3 +565,13 @@ def test_exp_floored_and_crps_gradients_far_from_the_components():
     assert float(crps.detach()) == pytest.approx(2.75 - 0.5 * 0.05, abs=1e-3)  # E|X-z| - E|X-X'|/2
     crps.sum().backward()
     assert torch.all(torch.isfinite(params.means.grad))
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_binned_ensemble_densities_for_even_and_uneven_bins(even):
+    rng = np.random.default_rng(0)
+    edges = np.linspace(0, 3, 31) if even else np.sort(np.r_[0.0, rng.uniform(0, 3, 29), 3.0])
+    p = rng.dirichlet(np.ones(30), 100).astype(np.float32) * 2.0  # rows summing to 2: renormalised
+    ens = binned_ensemble(p, edges, block_rows=32)
+    ref = p / p.sum(1, keepdims=True) / np.diff(edges)
+    np.testing.assert_allclose(ens.objdata["pdfs"], ref, rtol=1e-5)

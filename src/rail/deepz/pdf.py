@@ -461,7 +461,9 @@ def binned_ensemble(
     x = _tensor(probs, torch.float32)
     edges = np.asarray(edges, dtype=np.float64)
     n, nb = x.shape
-    inv_widths = torch.as_tensor(1.0 / np.diff(edges), dtype=torch.float32, device=x.device)
+    widths = np.diff(edges)
+    uniform = bool(np.allclose(widths, widths[0], rtol=1e-9, atol=0.0))
+    inv_widths = torch.as_tensor(1.0 / widths, dtype=torch.float32, device=x.device)
     dens = np.empty((n, nb), dtype=np.float32)
     parts = []
     for i in range(0, max(n, 1), block_rows):
@@ -470,7 +472,15 @@ def binned_ensemble(
             p = prob_fn(p)
         ancil_b, total = binned_summaries(p, edges, quantiles, mode_window)
         parts.append(ancil_b)
-        dens[i: i + len(p)] = (p * (1.0 / total).float()[:, None]).mul_(inv_widths[None, :]).cpu().numpy()
+        # density = p / total / width, written straight into the output rows (one pass on CPU
+        # for even bins)
+        out = torch.from_numpy(dens[i: i + len(p)])
+        scale = ((1.0 / widths[0]) / total if uniform else 1.0 / total).float()[:, None]
+        q = torch.mul(p, scale, out=out) if p.device.type == "cpu" else p * scale
+        if not uniform:
+            q.mul_(inv_widths[None, :])
+        if q is not out:
+            out.copy_(q)
     ancil = {k: np.concatenate([a[k] for a in parts]) for k in parts[0]}
     if representation == "hist":
         ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
