@@ -383,6 +383,12 @@ def test_unknown_config_keys_are_refused():
         DeepzSOMFlagInformer.make_stage(name=_name("finf"), som_flag_metrics=["mad"])
 
 
+def test_negative_nll_weight_is_refused(dc2):
+    inf = DeepzEmbedInformer.make_stage(name=_name("inf"), model="unused.pkl", nll_weight=-0.1, hdf5_groupname="")
+    with pytest.raises(ValueError, match="nll_weight"):
+        inf.inform({k: v[:200] for k, v in dc2.train.items()})
+
+
 def test_registry_quick_config(dc2):
     from rail.evaluation import deepz_registry as reg
 
