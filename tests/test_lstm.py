@@ -121,6 +121,34 @@ def test_unknown_config_key_and_bad_options(dc2):
     inf = DeepzLSTMInformer.make_stage(name=_name("bad"), **{**QUICK, "wavelengths": [1.0, 2.0]})
     with pytest.raises(ValueError, match="wavelengths"):
         inf.inform(dc2.train)
+    inf = DeepzLSTMInformer.make_stage(name=_name("bad"), **{**QUICK, "aux_loss_weight": -0.5})
+    with pytest.raises(ValueError, match="aux_loss_weight"):
+        inf.inform(dc2.train)
+
+
+def test_aux_loss_is_what_training_minimises(dc2):
+    """loss='crps' + aux_loss_weight w: the stored best validation loss is mean(CRPS + w NLL)
+    of the restored network on the validation split."""
+    from rail.deepz.mixtures import gmm_crps, gmm_nll
+    from rail.deepz.training import split_indices
+
+    sub = {k: v[:1500] for k, v in dc2.train.items()}
+    cfg = {**QUICK, "epochs": 3, "patience": 3, "loss": "crps", "aux_loss_weight": 0.5, "band_dropout": 0.0}
+    inf = DeepzLSTMInformer.make_stage(name=_name("aux"), **cfg)
+    inf.inform(sub)
+    m = inf.model
+    net = LSTMMDN(**m["arch"])
+    net.load_state_dict(m["state_dict"])
+    net.eval()
+    phot = inf._photometry(sub)
+    x = BandSequencer.from_dict(m["scalers"]["sequence"]).transform(phot, phot.valid)
+    _, va = split_indices(len(sub["redshift"]), inf.config.val_fraction, inf.config.seed)
+    with torch.no_grad():
+        out = net(torch.as_tensor(x[va]))
+        zv = torch.as_tensor(sub["redshift"][va], dtype=torch.float32)
+        crps, nll = gmm_crps(out, zv).mean(), gmm_nll(out, zv).mean()
+    assert m["train"]["best_val_loss"] == pytest.approx(float(crps + 0.5 * nll), rel=1e-4)
+    assert abs(float(nll)) * 0.5 > 1e-3 * abs(float(crps))  # the NLL term is not negligible
 
 
 def test_trained_model_beats_trivial_baseline(trained, dc2):

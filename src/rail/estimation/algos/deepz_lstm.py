@@ -377,6 +377,8 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             raise ValueError(
                 f"Option 'width_calibration'={cfg.width_calibration!r} is not one of {WIDTH_CALIBRATIONS}"
             )
+        if cfg.aux_loss_weight < 0:
+            raise ValueError(f"Option 'aux_loss_weight' must be >= 0, got {cfg.aux_loss_weight}")
         if not 0.0 <= cfg.band_dropout < 1.0:
             raise ValueError(f"Option 'band_dropout' must be in [0, 1), got {cfg.band_dropout}")
         order = band_order(cfg.bands, cfg.wavelengths)
