@@ -344,3 +344,14 @@ def test_notebooks_execute_quick(name, tmp_path, monkeypatch):
         return  # data absent: the notebook skipped gracefully
     assert "sigma_nmad" in text
     assert any(tmp_path.rglob("metrics.csv"))
+
+
+def test_all_runs_deep_estimators_before_the_baselines():
+    from rail.evaluation import deepz_registry as reg
+    from rail.evaluation.deepz_compare import _resolve_keys
+
+    keys = _resolve_keys("all")
+    assert sorted(keys) == sorted(reg.ESTIMATORS)
+    flags = [reg.ESTIMATORS[k].baseline for k in keys]
+    assert flags == sorted(flags) and any(flags) and not all(flags)
+    assert _resolve_keys("flexzboost,nnc") == ["flexzboost", "nnc"]  # an explicit order is kept

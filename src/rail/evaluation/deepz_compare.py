@@ -225,7 +225,12 @@ def _resolve_keys(estimators) -> list[str]:
     from . import deepz_registry as reg
 
     if estimators is None or estimators == "all" or estimators == ["all"]:
-        return list(reg.ESTIMATORS)
+        # deep estimators first, baselines last: in one process, after FlexZBoost (xgboost) has
+        # trained, torch's multi-threaded LSTM training ran ~3x slower (DC2, 2 threads: 84 s
+        # vs 28 s; 60 training steps 1.6 s vs 0.56 s; one thread unaffected). Cause not found:
+        # no thread stays busy, the CPU affinity is unchanged, limiting scikit-learn's OpenMP
+        # pool does not help. Running the torch estimators first sidesteps it.
+        return sorted(reg.ESTIMATORS, key=lambda k: reg.ESTIMATORS[k].baseline)
     if isinstance(estimators, str):
         estimators = [e.strip() for e in estimators.split(",") if e.strip()]
     for key in estimators:
