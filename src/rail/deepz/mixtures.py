@@ -198,10 +198,19 @@ def gmm_nll(params: MixtureParams, z: torch.Tensor) -> torch.Tensor:
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0, torch.bfloat16: -80.0, torch.float16: -9.0}
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    return EXP_FLOOR.get(dtype, -80.0)
+
+
 def exp_floored(a: torch.Tensor) -> torch.Tensor:
     """``exp(a)`` with ``a`` floored at :data:`EXP_FLOOR` of its dtype (differentiable; the
     gradient below the floor is 0 instead of < 1e-34)."""
-    return torch.exp(a.clamp(min=EXP_FLOOR.get(a.dtype, -80.0)))
+    return torch.exp(a.clamp(min=_exp_floor(a.dtype)))
+
+
+def exp_floored_(a: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`exp_floored` (no autograd; for the inference-time mixture summaries)."""
+    return a.clamp_(min=_exp_floor(a.dtype)).exp_()
 
 
 def gaussian_basis(grid, centers, sigma: float) -> torch.Tensor:

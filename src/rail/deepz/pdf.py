@@ -29,7 +29,7 @@ import numpy as np
 import qp
 import torch
 
-from rail.deepz.mixtures import EXP_FLOOR
+from rail.deepz.mixtures import exp_floored_
 
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -144,13 +144,8 @@ _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 _CDF_T_FLOOR, _CDF_W_FLOOR = -9.0, 1e-15
 
 
-def _exp_floored_(a: torch.Tensor) -> torch.Tensor:
-    """In place ``exp(a)``, ``a`` floored first so that the result is a normal float (see above)."""
-    return a.clamp_(min=EXP_FLOOR.get(a.dtype, -80.0)).exp_()
-
-
 def _phi(t: torch.Tensor) -> torch.Tensor:
-    return _exp_floored_(-0.5 * t * t).mul_(_INV_SQRT_2PI)
+    return exp_floored_(-0.5 * t * t).mul_(_INV_SQRT_2PI)
 
 
 def _log_coef(w: torch.Tensor, s: torch.Tensor, power: int = 1) -> torch.Tensor:
@@ -168,7 +163,7 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
         o, m, iv, c = out[i : i + chunk], mu[i : i + chunk], inv_s[i : i + chunk], logc[i : i + chunk]
         for k in range(w.shape[1]):
             t = z[None, :] - m[:, k, None]
-            o.add_(_exp_floored_(t.mul_(iv[:, k, None]).square_().mul_(-0.5).add_(c[:, k, None])))
+            o.add_(exp_floored_(t.mul_(iv[:, k, None]).square_().mul_(-0.5).add_(c[:, k, None])))
     return out
 
 
@@ -176,7 +171,7 @@ def _mixture_at(w, mu, s, x, pdf: bool = True, cdf: bool = True):
     """Density and CDF of mixtures (N, K) at points x (N, P) -> two (N, P) tensors
     (None for the one not asked for)."""
     t = (x[:, :, None] - mu[:, None, :]) / s[:, None, :]
-    dens = _exp_floored_(_log_coef(w, s)[:, None, :] - 0.5 * t * t).sum(-1) if pdf else None
+    dens = exp_floored_(_log_coef(w, s)[:, None, :] - 0.5 * t * t).sum(-1) if pdf else None
     if not cdf:
         return dens, None
     return dens, (w.clamp(min=_CDF_W_FLOOR)[:, None, :] * _ndtr(t.clamp_(min=_CDF_T_FLOOR))).sum(-1)
@@ -193,7 +188,7 @@ def _mixture_mode(w, mu, s, zgrid, pdf_grid, zmin, zmax, iterations: int = 6, st
     logc3 = _log_coef(w, s, power=3)[:, None, :]  # w / s^3 / sqrt(2 pi)
     for _ in range(iterations):  # fixed point of d pdf / dz = 0
         t = (x[:, :, None] - mu[:, None, :]) / s[:, None, :]
-        r = _exp_floored_(logc3 - 0.5 * t * t)
+        r = exp_floored_(logc3 - 0.5 * t * t)
         den = r.sum(-1)
         ok = den > 0
         x = torch.where(ok, (r * mu[:, None, :]).sum(-1) / torch.where(ok, den, 1.0), x).clamp(zmin, zmax)
