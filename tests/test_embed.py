@@ -24,7 +24,9 @@ from rail.estimation.algos.deepz_embed import (
     DeepzEmbedInformer,
     DeepzSOMFlagger,
     DeepzSOMFlagInformer,
+    RepeatedRows,
     fixed_grid_ensemble,
+    fixed_grid_summaries,
 )
 
 QUICK = dict(hdf5_groupname="", epochs=25, ae_epochs=15, hidden_layers=[64, 64, 64], ae_hidden=[32],
@@ -100,6 +102,41 @@ def test_fixed_grid_ensemble_ancil_is_exact():
     np.testing.assert_allclose(ens.ancil["zmean"][inside], (w * c).sum(1)[inside], atol=2e-3)
     x = np.linspace(0, 3, 3001)
     np.testing.assert_allclose(ens.ancil["zmode"], x[np.argmax(ens.pdf(x), axis=1)], atol=5e-3)
+
+
+def test_repeated_rows_are_shared_read_only_views():
+    rows = RepeatedRows()
+    c = np.linspace(0, 3, 200)
+    a = rows(c, 1000)
+    assert a.shape == (1000, 200) and a.dtype == np.float32 and not a.flags.writeable
+    np.testing.assert_array_equal(a, np.broadcast_to(c.astype(np.float32), (1000, 200)))
+    b = rows(c, 10)  # a shorter chunk: a view of the same memory, no new array
+    assert b.shape == (10, 200) and np.shares_memory(a, b)
+    big = rows(c, 3000)  # a longer chunk grows the kept array
+    assert big.shape == (3000, 200) and np.all(big == big[0])
+    other = rows(np.full(200, 0.0037), 10)  # another row has its own array
+    assert not np.shares_memory(other, big) and np.all(other == np.float32(0.0037))
+    with pytest.raises(ValueError, match="read-only"):
+        a[0, 0] = 1.0
+
+
+def test_fixed_grid_ensemble_with_shared_rows_is_unchanged():
+    rng = np.random.default_rng(2)
+    c = np.linspace(0, 3, 200)
+    w = rng.dirichlet(np.full(200, 0.05), size=50).astype(np.float32)
+    rows = RepeatedRows()
+    fixed_grid_ensemble(w[:40], c, 0.0037, 0.0, 3.0, rows=rows)  # a previous, larger chunk
+    ens = fixed_grid_ensemble(w[:30], c, 0.0037, 0.0, 3.0, rows=rows)
+    ref = fixed_grid_ensemble(w[:30], c, 0.0037, 0.0, 3.0)
+    for key in ("weights", "means", "stds"):
+        np.testing.assert_array_equal(ens.objdata[key], ref.objdata[key])
+    x = np.linspace(0, 3, 301)
+    np.testing.assert_array_equal(ens.pdf(x), ref.pdf(x))
+    # the summaries do not depend on the block size
+    small = fixed_grid_summaries(w, c, 0.0037, 0.0, 3.0, block=7)
+    full = fixed_grid_summaries(w, c, 0.0037, 0.0, 3.0, block=4096)
+    for key in full:
+        np.testing.assert_allclose(small[key], full[key], rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ encoders

@@ -172,6 +172,19 @@ def test_trained_model_beats_trivial_baseline(trained, dc2):
     np.testing.assert_allclose(np.trapezoid(ens.pdf(grid)[:50], grid, axis=1), 1.0, atol=1e-3)
 
 
+def test_auto_batch_and_explicit_batch_give_the_same_pdfs(trained, dc2):
+    """0 = automatic: 2048 on CPU for the LSTM (its oneDNN buffers stay below the mmap threshold)."""
+    inf, path = trained
+    sub = {k: v[:3000] for k, v in dc2.test.items()}
+    est = DeepzLSTMEstimator.make_stage(name=_name("est"), model=str(path), device="cpu", hdf5_groupname="")
+    est.open_model(**est.config)
+    assert est.inference_batch_size == 2048
+    ref = _estimate(str(path), sub, device="cpu")
+    other = _estimate(str(path), sub, device="cpu", inference_batch_size=4096)
+    for a, b in zip(_mixture(ref), _mixture(other)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_interp_representation_truncates(trained, dc2):
     inf, _ = trained
     sub = {k: v[:300] for k, v in dc2.test.items()}

@@ -148,9 +148,9 @@ ESTIMATION_OPTIONS = dict(
         "PDFs then differ from float32 by bf16 rounding (see benchmarks/README.md)"),
     inference_batch_size=Param(
         int, 0,
-        msg="objects per forward pass at estimation; 0 = automatic: 4096 on CPU (small batches keep the "
-        "activations in cache: 1.4-2x the throughput of 65536-object batches, benchmarks/README.md), "
-        "65536 on CUDA",
+        msg="objects per forward pass at estimation; 0 = automatic: on CPU 4096 (LSTM 2048; small batches "
+        "keep the activations in cache and the temporaries below glibc's 32 MB mmap threshold, "
+        "benchmarks/README.md), 65536 on CUDA",
     ),
 )
 
@@ -299,6 +299,8 @@ class DeepzEstimator(CatEstimator):
     name = "DeepzEstimator"
     interactive_function = "deepz_estimator"
     method = ""
+    #: objects per forward pass on CPU when ``inference_batch_size`` is 0
+    auto_batch_cpu = AUTO_BATCH_CPU
     config_options = CatEstimator.config_options.copy()
     config_options.update(ESTIMATION_OPTIONS)
 
@@ -334,7 +336,7 @@ class DeepzEstimator(CatEstimator):
         if self.config.inference_batch_size > 0:
             return int(self.config.inference_batch_size)
         on_cuda = self.torch_device is not None and self.torch_device.type == "cuda"
-        return AUTO_BATCH_CUDA if on_cuda else AUTO_BATCH_CPU
+        return AUTO_BATCH_CUDA if on_cuda else self.auto_batch_cpu
 
     def _check_model(self, model) -> None:
         if not isinstance(model, dict) or model.get("format") != FORMAT:
