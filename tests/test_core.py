@@ -424,7 +424,7 @@ def _fit(seed, **kw):
     x, z = _toy()
     torch.manual_seed(seed)
     m = _Tiny()
-    cfg = TrainConfig(epochs=kw.pop("epochs", 15), batch_size=64, lr=1e-2, seed=seed, device="cpu", progress=False, **kw)
+    cfg = TrainConfig(epochs=kw.pop("epochs", 15), batch_size=kw.pop("batch_size", 64), lr=1e-2, seed=seed, device="cpu", progress=False, **kw)
     res = train_model(m, lambda o, t: (o - t) ** 2, [x[:500]], z[:500], [x[500:]], z[500:], cfg)
     return m, res
 
@@ -459,6 +459,18 @@ def test_onecycle_schedule_warms_up_then_decays_and_learns():
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :])) and lrs[-1] < 0.05 * max(lrs)
     assert len(res.history) == 20 and res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
+
+
+def test_a_last_batch_of_one_is_dropped_and_the_schedule_counts_the_same_batches():
+    from rail.deepz.training import MIN_TRAIN_BATCH, _batch_starts
+
+    assert list(_batch_starts(500, 499, MIN_TRAIN_BATCH)) == [0]  # 499 + 1: the 1 is dropped
+    assert list(_batch_starts(500, 498, MIN_TRAIN_BATCH)) == [0, 498]
+    assert list(_batch_starts(500, 499)) == [0, 499]  # evaluation keeps every object
+    # one-cycle raises if stepped more often than it was told, and does not anneal to ~0 by
+    # the last step if told more: it must count the kept batches (one per epoch here)
+    _, res = _fit(3, epochs=6, patience=6, lr_schedule="onecycle", batch_size=499)
+    assert len(res.history) == 6 and min(h["lr"] for h in res.history[:-1]) < 1e-6
 
 
 def test_train_config_errors_name_the_option():

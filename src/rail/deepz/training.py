@@ -168,9 +168,20 @@ def _to_tensors(arrays: Sequence[np.ndarray], device: torch.device) -> list[torc
     return [torch.as_tensor(np.ascontiguousarray(a)).to(device) for a in arrays]
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator | None):
+#: smallest training batch: batch norm cannot train on a batch of one object, so a last
+#: batch smaller than this is dropped (the one-cycle schedule counts the same batches)
+MIN_TRAIN_BATCH = 2
+
+
+def _batch_starts(n: int, batch_size: int, min_size: int = 1) -> range | list[int]:
+    """Start indices of the batches of ``n`` objects, without a last batch below ``min_size``."""
+    starts = range(0, n, batch_size)
+    return [i for i in starts if n - i >= min_size] if min_size > 1 else starts
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None, min_size: int = 1):
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
+    for i in _batch_starts(n, batch_size, min_size):
         yield order[i : i + batch_size]
 
 
@@ -246,7 +257,7 @@ def train_model(
     elif cfg.lr_schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_factor)
     elif cfg.lr_schedule == "onecycle":
-        steps_per_epoch = sum(1 for i in range(0, len(tz), cfg.batch_size) if len(tz) - i >= 2)
+        steps_per_epoch = len(_batch_starts(len(tz), cfg.batch_size, MIN_TRAIN_BATCH))
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=max(steps_per_epoch, 1)
         )
@@ -258,13 +269,10 @@ def train_model(
     since_best = 0
     t0 = time.perf_counter()
     n = len(tz)
-    # drop a last batch of one object: batch norm cannot train on it
     for epoch in range(cfg.epochs):
         model.train()
         tot, cnt = 0.0, 0
-        for idx in _batches(n, cfg.batch_size, gen):
-            if len(idx) < 2:
-                continue
+        for idx in _batches(n, cfg.batch_size, gen, MIN_TRAIN_BATCH):
             idx_d = idx.to(data_device)
             batch = [t[idx_d].to(device, non_blocking=True) for t in tr]
             zb = tz[idx_d].to(device, non_blocking=True)
