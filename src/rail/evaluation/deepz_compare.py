@@ -14,7 +14,11 @@ Either way the estimates are streamed chunk by chunk through
 * ``metrics.csv`` and ``metrics.hdf5``: one tidy table, columns
   ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
   ``redshift`` or ``magnitude``; inform/estimate wall times are rows with metric
-  ``inform_time_s`` / ``estimate_time_s``);
+  ``inform_time_s`` / ``estimate_time_s``; the latter is RAIL's ``estimate()`` call, which
+  after writing the output reads it back whole: for the embedding MDN's ``qp.interp``
+  output on a 1622-point grid, qp's re-normalisation on reading is most of it (4.4 of 5.3 s
+  on DC2's 20,449 objects); the throughput of the stages themselves is measured by
+  ``benchmarks/speed_memory.py``);
 * ``pit_qq.png``, ``zphot_zspec.png``, ``metrics_vs_redshift.png``,
   ``metrics_vs_magnitude.png``, ``example_pdfs.png``;
 
