@@ -587,3 +587,39 @@ def test_binned_ensemble_densities_for_even_and_uneven_bins(even):
     ens = binned_ensemble(p, edges, block_rows=32)
     ref = p / p.sum(1, keepdims=True) / np.diff(edges)
     np.testing.assert_allclose(ens.objdata["pdfs"], ref, rtol=1e-5)
+
+
+def test_joblib_pool_is_found_warned_about_and_released():
+    """FlexZBoost leaves joblib's loky pool alive, which slows torch's CPU threads: the stages
+    warn about it and release_joblib_workers() shuts it down (joblib makes a new one on demand)."""
+    import warnings
+
+    joblib = pytest.importorskip("joblib")  # comes with the baselines (scikit-learn)
+    Parallel, delayed = joblib.Parallel, joblib.delayed
+
+    from rail.deepz.training import _joblib_executor, release_joblib_workers, warn_if_joblib_pool_alive
+
+    release_joblib_workers()
+    assert _joblib_executor() is None and release_joblib_workers() is False
+    assert Parallel(n_jobs=2, backend="loky")(delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
+    assert _joblib_executor() is not None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.warns(RuntimeWarning, match="release_joblib_workers"):
+            warn_if_joblib_pool_alive(torch.device("cpu"))
+        torch.set_num_threads(1)  # one thread: nothing to warn about
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_joblib_pool_alive(torch.device("cpu"))
+        torch.set_num_threads(2)
+        assert release_joblib_workers() is True
+        assert _joblib_executor() is None and release_joblib_workers() is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_joblib_pool_alive(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    # joblib starts a new pool when asked again
+    assert Parallel(n_jobs=2, backend="loky")(delayed(abs)(-i) for i in range(2)) == [0, 1]
+    release_joblib_workers()

@@ -29,7 +29,7 @@ from rail.estimation.informer import CatInformer
 
 from ._version import __version__
 from .photometry import Photometry, check_model_bands, extract_photometry
-from .training import DEVICES, TrainConfig, resolve_device
+from .training import DEVICES, TrainConfig, resolve_device, warn_if_joblib_pool_alive
 
 FORMAT = "rail.deepz"
 FORMAT_VERSION = 1
@@ -324,6 +324,7 @@ class DeepzEstimator(CatEstimator):
         if id(model) != self._loaded_model_id:
             self._check_model(model)
             self.torch_device = resolve_device(self.config.device)
+            warn_if_joblib_pool_alive(self.torch_device)
             self.net = self._build_network(model)
             if self.net is not None:
                 self.net.to(self.torch_device).eval()

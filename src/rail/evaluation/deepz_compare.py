@@ -229,11 +229,10 @@ def _resolve_keys(estimators) -> list[str]:
     from . import deepz_registry as reg
 
     if estimators is None or estimators == "all" or estimators == ["all"]:
-        # deep estimators first, baselines last: in one process, after FlexZBoost (xgboost) has
-        # trained, torch's multi-threaded LSTM training ran ~3x slower (DC2, 2 threads: 84 s
-        # vs 28 s; 60 training steps 1.6 s vs 0.56 s; one thread unaffected). Cause not found:
-        # no thread stays busy, the CPU affinity is unchanged, limiting scikit-learn's OpenMP
-        # pool does not help. Running the torch estimators first sidesteps it.
+        # deep estimators first, baselines last. (FlexZBoost leaves a joblib process pool
+        # behind that made torch's 2-thread LSTM training ~3x slower, 84 s vs 28 s on DC2;
+        # run_estimator now shuts it down after every estimator, see
+        # rail.deepz.training.release_joblib_workers; the order is kept.)
         return sorted(reg.ESTIMATORS, key=lambda k: reg.ESTIMATORS[k].baseline)
     if isinstance(estimators, str):
         estimators = [e.strip() for e in estimators.split(",") if e.strip()]
@@ -258,6 +257,8 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
                   device: str | None = None, log=None) -> tuple[Path, dict]:
     """Inform ``spec`` on ``ds.train``, estimate ``ds.test``; returns (qp file, timings)."""
     from rail.core.data import TableHandle
+
+    from rail.deepz.training import release_joblib_workers
 
     inform_cfg, est_cfg = spec.make_configs(ds, quick)
     inf_cls, est_cls = spec.informer_class, spec.estimator_class
@@ -289,6 +290,8 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
     if not path.exists():  # pragma: no cover - stage returned data only
         handle.data.write_to(str(out_path))
         path = out_path
+    if release_joblib_workers() and log:  # FlexZBoost's pool slows torch down: see its docstring
+        log(f"[compare] {spec.key}: shut down the joblib process pool it left behind")
     if log:
         log(f"[compare] {spec.key}: estimate took {t_est:.1f} s -> {path}")
     return path, {"inform_time_s": t_inf, "estimate_time_s": t_est, "n_train": n_train, "n_test": n_test}
