@@ -445,8 +445,7 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     # torch's CPU LSTM (oneDNN) allocates per-call buffers of ~8.5 and ~9.6 kB per object for the
     # default 64/32 bidirectional network (strace: 35 and 39 MB at 4096 objects): above glibc's
     # 32 MB mmap threshold, so every batch maps and page-faults fresh memory; 2048 keeps them on
-    # the heap (500k DC2 rows, 2
-    # threads: 45-47k -> 56-58k objects/s, benchmarks/README.md)
+    # the heap (500k DC2 rows, 2 threads: 45-47k -> 56-58k objects/s, benchmarks/README.md)
     auto_batch_cpu = 2048
     config_options = DeepzEstimator.config_options.copy()
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
