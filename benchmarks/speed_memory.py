@@ -15,7 +15,8 @@ What it measures
    reports the wall time of that run (reading, inference, qp conversion, writing; the
    model is loaded before the clock starts), its peak RSS (``ru_maxrss``),
    its RSS after imports + model load, and on CUDA the peak GPU memory. Outputs are
-   deleted after each run.
+   deleted after each run, and each run starts after ``os.sync()`` (recorded as
+   ``sync_before_s``), so that the write-back of an earlier run's output does not slow it.
 4. The image CNN (registry entries needing ``images``) runs on synthetic stamps
    (``make_large_input --images``: 6 bands x 16 x 16 pixels) at ``--image-sizes``
    (default 1e4, 1e5) with ``--image-chunk-size`` rows per chunk.
@@ -366,6 +367,11 @@ def main(argv=None):
                 print("[speed] " + msg, flush=True)
                 notes.add(msg)
                 continue
+            # flush what earlier runs wrote (up to 24 GB for 1e7 rows, deleted but maybe still being
+            # written back) so that their disk traffic does not land in this run's time
+            t_sync = time.perf_counter()
+            os.sync()
+            sync_s = time.perf_counter() - t_sync
             try:
                 r = run_child(spec.key, model, infile, outfile, cfg, args.threads)
             except RuntimeError as err:
@@ -375,6 +381,7 @@ def main(argv=None):
             outfile.unlink(missing_ok=True)
             bytes_per_row = out_bytes / n if out_bytes else bytes_per_row
             r.update(estimator=spec.key, kind=kind, rows=n, chunk_size=chunk, objects_per_s=n / r["wall_s"],
+                     sync_before_s=sync_s,
                      precision="bf16" if cfg.get("mixed_precision") else "fp32",
                      output_mb=out_bytes / 2**20, date=date, commit=commit, machine=info,
                      estimate_config={k: v for k, v in cfg.items() if k not in ("bands", "err_bands", "mag_limits")},
