@@ -32,7 +32,7 @@ says so.
     python benchmarks/speed_memory.py                           # everything, CPU
     python benchmarks/speed_memory.py --sizes 1e5 --estimators nnc --threads 2
     python benchmarks/speed_memory.py --device cuda --set nnc.mixed_precision=true
-    python benchmarks/speed_memory.py --table                   # print the markdown table only
+    python benchmarks/speed_memory.py --table                   # rewrite (and print) the markdown table from the JSON
 
 Results are merged into ``benchmarks/results/speed_memory.json`` (one entry per estimator,
 rows and device, each with machine, date, commit, settings) and the table is rewritten in
@@ -260,7 +260,7 @@ def markdown(report: dict) -> str:
             f"| {r['estimator']} | {r['device_name']} | {r['precision']} | {r['rows']:,} | {r['chunk_size']:,} | {r['torch_threads']} | "
             f"{r['wall_s']:,.1f} | {r['objects_per_s']:,.0f} | {ok} | {r['peak_rss_mb']:,.0f} | "
             f"{r['rss_after_load_mb']:,.0f} | {gpu} | {per} | {r['machine'].get('load_average_1min_at_start', 0):.1f} | "
-            f"{r['date'][:10]} | {r['commit'][:8]} |"
+            f"{r['date'][:10]} | {r['commit'][:8]}{'+dirty' if r['commit'].endswith('+dirty') else ''} |"
         )
     # flatness of the peak memory with input size, per estimator and device
     flat = []
@@ -305,8 +305,10 @@ def main(argv=None):
         report = {"runs": []}  # older format
     for r in report["runs"]:
         r.setdefault("precision", "fp32")  # rows from before the precision column were float32
-    if args.table:
-        print(markdown(report))
+    if args.table:  # rewrite the markdown table from the JSON (no runs)
+        md = markdown(report)
+        mpath.write_text(md)
+        print(md)
         return
 
     from make_large_input import make_large_input
