@@ -355,3 +355,28 @@ def test_all_runs_deep_estimators_before_the_baselines():
     flags = [reg.ESTIMATORS[k].baseline for k in keys]
     assert flags == sorted(flags) and any(flags) and not all(flags)
     assert _resolve_keys("flexzboost,nnc") == ["flexzboost", "nnc"]  # an explicit order is kept
+
+
+def test_ensemble_pdf_of_mixtures_is_qps_pdf():
+    """Gaussian mixtures are evaluated directly (fast path); the values are qp's."""
+    rng = np.random.default_rng(4)
+    n, k = 300, 7
+    w = rng.dirichlet(np.full(k, 0.5), size=n)
+    w[:5, 0] = 0.0  # a zero weight
+    w /= w.sum(1, keepdims=True)
+    mu = rng.uniform(-0.5, 3.5, size=(n, k))
+    mu[:3, 1] = 40.0  # a component far from the grid (underflowing terms)
+    s = rng.uniform(0.002, 0.3, size=(n, k))
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    grid = np.linspace(0.0, 3.0, 301)
+    fast = dm.ensemble_pdf(ens, grid)
+    ref = np.asarray(ens.pdf(grid))
+    assert fast.shape == (n, grid.size)
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-290)
+    # the row blocking does not matter (beyond the order of float64 sums)
+    from rail.deepz.mixtures import gmm_pdf_numpy
+
+    np.testing.assert_allclose(gmm_pdf_numpy(w, mu, s, grid, block_bytes=1), fast, rtol=1e-13, atol=1e-290)
+    # other representations go through qp
+    hist = qp.Ensemble(qp.hist, data=dict(bins=np.linspace(0, 3, 31), pdfs=rng.uniform(0.1, 1.0, size=(4, 30))))
+    np.testing.assert_array_equal(dm.ensemble_pdf(hist, grid), np.asarray(hist.pdf(grid)))

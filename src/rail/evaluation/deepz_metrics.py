@@ -59,7 +59,7 @@ from rail.evaluation.metrics.pointestimates import (
     PointSigmaMAD,
 )
 
-from rail.deepz.mixtures import gmm_crps_numpy
+from rail.deepz.mixtures import gmm_crps_numpy, gmm_pdf_numpy
 
 NMAD_FACTOR = 1.4826
 ETA_THRESHOLD = 0.15
@@ -282,6 +282,20 @@ def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.nda
 # ----------------------------------------------------------------- CDE loss, Brier
 
 
+def ensemble_pdf(ens: qp.Ensemble, grid) -> np.ndarray:
+    """``ens.pdf(grid)`` as an (N, G) float64 array. Gaussian mixtures (``qp.mixmod``, all
+    widths > 0) are evaluated by :func:`rail.deepz.mixtures.gmm_pdf_numpy` (the same sum,
+    ~15x faster than qp's scipy-based evaluation); anything else by qp."""
+    grid = np.asarray(grid, dtype=np.float64).reshape(-1)
+    name = ens.gen_class.name if hasattr(ens.gen_class, "name") else ""
+    if name == "mixmod":
+        od = ens.objdata
+        stds = np.asarray(od["stds"])
+        if stds.ndim == 2 and np.all(stds > 0) and np.all(np.isfinite(stds)):
+            return gmm_pdf_numpy(od["weights"], od["means"], stds, grid)
+    return np.asarray(ens.pdf(grid), dtype=np.float64).reshape(ens.npdf, -1)
+
+
 def nearest_index(grid: np.ndarray, x) -> np.ndarray:
     """Index of the grid point nearest to each x (ties -> lower index, like ``argmin``)."""
     grid = np.asarray(grid, dtype=np.float64)
@@ -311,7 +325,7 @@ def brier_terms(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), dx: float = 0.01) ->
     outside the grid, where qp would widen the limits instead). brier = mean_i term_i.
     """
     g = _calculate_grid_parameters(limits, dx)
-    p = np.asarray(ens.pdf(g.grid_values), dtype=np.float64).reshape(ens.npdf, -1)
+    p = ensemble_pdf(ens, g.grid_values)
     z = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
     edges = g.hist_bin_edges
     k = np.searchsorted(edges, z, side="right") - 1
@@ -389,7 +403,7 @@ class MetricAccumulator:
         if ens.npdf != ztrue.size:
             raise ValueError(f"{ens.npdf} PDFs but {ztrue.size} true redshifts in this chunk")
         start = self.n if start is None else start
-        pdf = np.asarray(ens.pdf(cfg.zgrid), dtype=np.float64).reshape(ens.npdf, -1)
+        pdf = ensemble_pdf(ens, cfg.zgrid)
         t1, t2 = cde_terms(pdf, cfg.zgrid, ztrue)
         parts = {
             "ztrue": ztrue,
