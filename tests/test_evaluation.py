@@ -374,9 +374,9 @@ def test_ensemble_pdf_of_mixtures_is_qps_pdf():
     assert fast.shape == (n, grid.size)
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-290)
     # the row blocking does not matter (beyond the order of float64 sums)
-    from rail.deepz.mixtures import gmm_pdf_numpy
+    from rail.deepz.pdf import mixture_pdf_on_grid
 
-    np.testing.assert_allclose(gmm_pdf_numpy(w, mu, s, grid, block_bytes=1), fast, rtol=1e-13, atol=1e-290)
+    np.testing.assert_allclose(mixture_pdf_on_grid(w, mu, s, grid, chunk=7), fast, rtol=1e-13, atol=1e-290)
     # other representations go through qp
     hist = qp.Ensemble(qp.hist, data=dict(bins=np.linspace(0, 3, 31), pdfs=rng.uniform(0.1, 1.0, size=(4, 30))))
     np.testing.assert_array_equal(dm.ensemble_pdf(hist, grid), np.asarray(hist.pdf(grid)))

