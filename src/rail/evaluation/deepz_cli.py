@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--zmax", type=float, default=None)
     run.add_argument("--point-estimate", default="zmode", help="ancil key of the point estimate (default zmode)")
     run.add_argument("--chunk-size", type=int, default=10_000, help="PDFs per chunk (memory bound)")
+    run.add_argument("--id-col", default=None,
+                     help="id column of the truth table and the estimates' ancil; rows are matched by id "
+                          "when both have ids (default: id, object_id, ... if present)")
+    run.add_argument("--exclude-bad", action="store_true",
+                     help="leave rows with a non-finite PDF or truth out of the metrics (counted in "
+                          "n_bad_pdf / n_bad_truth) instead of stopping with an error")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--markdown", action="store_true", help="also print the overall table as markdown")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
         outdir=args.out, quick=args.quick, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
         device=args.device, redshift_col=args.redshift_col, mag_col=args.mag_col,
         truth_groupname=args.truth_group, zmin=args.zmin, zmax=args.zmax, point_estimate=args.point_estimate,
-        chunk_size=args.chunk_size, plots=not args.no_plots, progress=not args.quiet,
+        chunk_size=args.chunk_size, id_col=args.id_col, exclude_bad=args.exclude_bad, plots=not args.no_plots, progress=not args.quiet,
     )
     if args.markdown:
         print(format_table(result.table, "markdown"))
