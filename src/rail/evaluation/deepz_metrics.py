@@ -78,6 +78,7 @@ statistics when every PIT is ~1) gets NaN and a warning, and the other metrics s
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -555,8 +556,10 @@ class MetricAccumulator:
     for plotting.
     """
 
-    def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = ()):
+    def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = (),
+                 workers: int | None = None):
         self.config = config or MetricConfig()
+        self.workers = default_workers() if workers is None else max(1, int(workers))
         self._parts: dict[str, list] = {k: [] for k in PER_OBJECT_KEYS}
         self.keep = np.sort(np.asarray(list(keep_pdfs), dtype=np.int64))
         self.kept_pdfs: dict[int, np.ndarray] = {}
@@ -584,19 +587,33 @@ class MetricAccumulator:
 
     def add(self, ens, ztrue, mag=None, start: int | None = None) -> None:
         """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
-        redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks."""
+        redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks of
+        ``_BLOCK``; tabulated PDFs (NumPy, which releases the GIL) on ``workers`` threads,
+        mixtures on torch's own threads."""
         block = PDFBlock.from_ensemble(ens) if isinstance(ens, qp.Ensemble) else ens
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
         if block.n != ztrue.size:
             raise ValueError(f"{block.n} PDFs but {ztrue.size} true redshifts in this chunk")
         start = self.n if start is None else start
         mag = np.full(ztrue.size, np.nan) if mag is None else np.asarray(mag, dtype=np.float64).reshape(-1)
-        for s in range(0, block.n, _BLOCK):
-            e = min(s + _BLOCK, block.n)
-            self._add_block(block.rows(s, e), ztrue[s:e], mag[s:e], start + s)
+        spans = [(s, min(s + _BLOCK, block.n)) for s in range(0, block.n, _BLOCK)]
+
+        def one(span):
+            s, e = span
+            return self._block_parts(block.rows(s, e), ztrue[s:e], mag[s:e], start + s)
+
+        if self.workers > 1 and len(spans) > 1 and block.kind in ("hist", "interp"):
+            results = list(_pool(self.workers).map(one, spans))
+        else:
+            results = [one(span) for span in spans]
+        for parts, kept in results:
+            for k, v in parts.items():
+                self._parts[k].append(v)
+            self.kept_pdfs.update(kept)
         self.n += block.n
 
-    def _add_block(self, block: PDFBlock, ztrue, mag, start: int) -> None:
+    def _block_parts(self, block: PDFBlock, ztrue, mag, start: int) -> tuple[dict, dict]:
+        """Per-object quantities of one row block, and the kept example PDFs."""
         cfg = self.config
         bad_truth = ~np.isfinite(ztrue)
         zsafe = np.where(bad_truth, 0.0, ztrue)  # keeps NaN truths out of the arithmetic
@@ -628,18 +645,43 @@ class MetricAccumulator:
             parts["zphot"] = np.where(bad_pdf, np.nan, zphot)
         parts["bad_pdf"] = bad_pdf
         parts["bad_truth"] = bad_truth
-        for k, v in parts.items():
-            self._parts[k].append(np.asarray(v))
+        parts = {k: np.asarray(v) for k, v in parts.items()}
+        kept = {}
         if self.keep.size:
             sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
-            for i in sel:
-                self.kept_pdfs[int(i)] = pdf[i - start].copy()
+            kept = {int(i): pdf[i - start].copy() for i in sel}
+        return parts, kept
 
     def per_object(self) -> dict:
         out = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._parts.items()}
         for k in ("bad_pdf", "bad_truth"):
             out[k] = out[k].astype(bool)
         return out
+
+
+def default_workers() -> int:
+    """Threads for the tabulated-PDF metrics: the CPUs this process may use, at most 2
+    (``DEEPZ_METRIC_WORKERS`` overrides)."""
+    env = os.environ.get("DEEPZ_METRIC_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        ncpu = os.cpu_count() or 1
+    return max(1, min(2, ncpu))
+
+
+_POOLS: dict = {}
+
+
+def _pool(workers: int):
+    """One shared thread pool per size (threads are cheap to keep, costly to start per chunk)."""
+    if workers not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepz-metrics")
+    return _POOLS[workers]
 
 
 def _to_ensemble(block: PDFBlock) -> qp.Ensemble:
