@@ -94,7 +94,7 @@ from scipy.special import ndtr
 
 from rail.deepz import pointmetrics as pm
 from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.pdf import mixture_pdf_on_grid
+from rail.deepz.pdf import _mixture_pdf, mixture_pdf_on_grid
 
 MIN_OBJECTS = 10  # fewer objects in a group (overall or bin) -> its metrics are NaN
 _BLOCK = 2048  # rows per block of grid evaluations (memory: a few x _BLOCK x grid floats)
@@ -348,6 +348,7 @@ class PDFBlock:
     ancil: dict = field(default_factory=dict)
     bad: np.ndarray | None = None
     _cdf: np.ndarray | None = None
+    float32: bool = False  # mixtures on grids in float32 (see MetricConfig.mixture_float32)
 
     # ---- construction
     @classmethod
@@ -413,13 +414,13 @@ class PDFBlock:
                 return (self.y[:, j] * (1.0 - t) + self.y[:, j + 1] * t) * inside
             if self.kind == "mixmod":
                 w, mu, s = self.mix
-                if self.bad.any():  # evaluate the good rows only; bad rows are NaN
-                    out = np.full((self.n, grid.size), np.nan)
-                    ok = ~self.bad
-                    if ok.any():
-                        out[ok] = mixture_pdf_on_grid(w[ok], mu[ok], s[ok], grid)
-                    return out
-                return mixture_pdf_on_grid(w, mu, s, grid)
+                ok = ~self.bad
+                if ok.all():
+                    return _mixture_grid(w, mu, s, grid, self.float32)
+                out = np.full((self.n, grid.size), np.nan)  # evaluate the good rows only
+                if ok.any():
+                    out[ok] = _mixture_grid(w[ok], mu[ok], s[ok], grid, self.float32)
+                return out
         return np.asarray(self.ens.pdf(grid), dtype=np.float64).reshape(self.n, -1)
 
     def cdf_at(self, z) -> np.ndarray:
@@ -451,6 +452,20 @@ class PDFBlock:
         else:
             raise ValueError("PDFBlock.crps: use crps_qp for qp-evaluated blocks")
         return out
+
+
+def _mixture_grid(w, mu, s, grid, float32: bool) -> np.ndarray:
+    """Mixture densities on a grid: :func:`rail.deepz.pdf.mixture_pdf_on_grid` (float64), or
+    the same sum (``_mixture_pdf``) in float32: 2.8x faster, densities within ~2e-6 of the
+    largest density of the object (float32 rounding of (z - mu)/sigma), 0 instead of
+    densities below ~1e-35."""
+    if not float32:
+        return mixture_pdf_on_grid(w, mu, s, grid)
+    import torch
+
+    with torch.no_grad():
+        t = [torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32) for a in (w, mu, s, grid)]
+        return _mixture_pdf(*t).double().numpy()
 
 
 # ----------------------------------------------------------------- CDE loss, Brier
@@ -531,6 +546,9 @@ class MetricConfig:
     crps_limits, crps_npts : grid of the CRPS integral on qp's general path (representations
         other than hist, interp and mixmod).
     brier_limits, brier_dx : qp's Brier grid.
+    mixture_float32 : evaluate Gaussian mixtures on the CDE and Brier grids in float32
+        (2.8x faster; CDE and Brier terms within ~1e-5 relative of float64, see
+        ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
     """
 
     point_estimate: str = "zmode"
@@ -539,6 +557,7 @@ class MetricConfig:
     crps_npts: int = 3001
     brier_limits: tuple = (0.0, 3.0)
     brier_dx: float = 0.01
+    mixture_float32: bool = True
 
     @classmethod
     def for_range(cls, zmin: float, zmax: float, **kw) -> "MetricConfig":
@@ -591,6 +610,7 @@ class MetricAccumulator:
         ``_BLOCK``; tabulated PDFs (NumPy, which releases the GIL) on ``workers`` threads,
         mixtures on torch's own threads."""
         block = PDFBlock.from_ensemble(ens) if isinstance(ens, qp.Ensemble) else ens
+        block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
         if block.n != ztrue.size:
             raise ValueError(f"{block.n} PDFs but {ztrue.size} true redshifts in this chunk")
