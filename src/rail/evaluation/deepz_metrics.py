@@ -607,8 +607,9 @@ class MetricAccumulator:
     def add(self, ens, ztrue, mag=None, start: int | None = None) -> None:
         """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
         redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks of
-        ``_BLOCK``; tabulated PDFs (NumPy, which releases the GIL) on ``workers`` threads,
-        mixtures on torch's own threads."""
+        ``_BLOCK``, on ``workers`` Python threads (NumPy and torch release the GIL; torch's
+        own intra-op threads are set to 1 meanwhile, so that the two do not multiply: an
+        OpenMP team per worker on a busy 2-core machine was 5x slower)."""
         block = PDFBlock.from_ensemble(ens) if isinstance(ens, qp.Ensemble) else ens
         block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
@@ -622,8 +623,12 @@ class MetricAccumulator:
             s, e = span
             return self._block_parts(block.rows(s, e), ztrue[s:e], mag[s:e], start + s)
 
-        if self.workers > 1 and len(spans) > 1 and block.kind in ("hist", "interp"):
-            results = list(_pool(self.workers).map(one, spans))
+        if self.workers > 1 and len(spans) > 1 and block.kind in DIRECT_KINDS:
+            with _torch_single_thread():
+                results = list(_pool(self.workers).map(one, spans))
+        elif block.kind == "mixmod":
+            with _torch_single_thread():
+                results = [one(span) for span in spans]
         else:
             results = [one(span) for span in spans]
         for parts, kept in results:
@@ -693,6 +698,23 @@ def default_workers() -> int:
 
 
 _POOLS: dict = {}
+
+
+class _torch_single_thread:
+    """Context: torch's intra-op threads set to 1, restored on exit (torch imported lazily)."""
+
+    def __enter__(self):
+        import torch
+
+        self._torch, self._n = torch, torch.get_num_threads()
+        if self._n != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._n != 1:
+            self._torch.set_num_threads(self._n)
+        return False
 
 
 def _pool(workers: int):
