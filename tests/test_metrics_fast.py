@@ -90,6 +90,12 @@ def test_direct_path_equals_qp(kind):
     else:
         np.testing.assert_array_equal(a["zphot"], b["zphot"])  # mode on zgrid: same argmax
     np.testing.assert_allclose(a["pit"], b["pit"], rtol=0, atol=1e-12)
+    # PITs of exactly 0 and 1 as qp's (its PIT statistics drop them), so its statistics agree
+    for edge in (0.0, 1.0):
+        assert (a["pit"] == edge).sum() == (b["pit"] == edge).sum()
+        assert kind == "mixmod" or (a["pit"] == edge).sum() > 0  # ztrue outside the tabulated support
+    for key, val in dm.pit_metrics(b["pit"]).items():
+        assert dm.pit_metrics(a["pit"])[key] == pytest.approx(val, rel=1e-6, abs=1e-12), key
     if kind == "mixmod":  # qp's path integrates over the metric grid only: widen it to the mixtures' support
         b["crps"] = dm.crps_qp(ens, z, limits=(-2.5, 5.5), npts=8001)
     np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-5)

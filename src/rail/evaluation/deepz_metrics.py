@@ -360,17 +360,22 @@ class PDFBlock:
                 x = np.asarray(meta["bins" if kind == "hist" else "xvals"], dtype=np.float64).reshape(-1)
                 y = np.asarray(data["pdfs" if kind == "hist" else "yvals"], dtype=np.float64)
                 y = y.reshape(-1, y.shape[-1])
+                # normalised as qp does on reading, so that the CDF ends at exactly 1 (qp's PIT
+                # statistics drop PITs of exactly 0 or 1: 1 - 1e-16 would count)
                 dx = np.diff(x)
+                cdf = np.zeros((y.shape[0], x.size))
                 if kind == "hist":
-                    mass = y * dx
+                    total = (y * dx).sum(axis=1)
                 else:
-                    mass = 0.5 * (y[:, 1:] + y[:, :-1]) * dx
-                total = mass.sum(axis=1)
+                    np.cumsum(dx * 0.5 * (y[:, 1:] + y[:, :-1]), axis=1, out=cdf[:, 1:])
+                    total = cdf[:, -1].copy()
                 bad = ~(np.isfinite(y).all(axis=1) & np.isfinite(total) & (total > 0))
                 total = np.where(bad, np.nan, total)[:, None]
                 y = y / total
-                cdf = np.zeros((y.shape[0], mass.shape[1] + 1))
-                np.cumsum(mass / total, axis=1, out=cdf[:, 1:])
+                if kind == "hist":
+                    np.cumsum(y * dx, axis=1, out=cdf[:, 1:])
+                else:
+                    cdf /= total
                 return cls(kind, y.shape[0], x=x, y=y, ancil=ancil, bad=bad, _cdf=cdf)
             if kind == "mixmod":
                 w, mu, s = (np.asarray(data[k], dtype=np.float64) for k in ("weights", "means", "stds"))
