@@ -245,7 +245,7 @@ def _ensemble_support(ens: qp.Ensemble, default) -> tuple[float, float]:
     return lo, hi
 
 
-def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue) -> np.ndarray:
+def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue, clip: bool = True) -> np.ndarray:
     """CRPS_i = int (F_i(x) - 1[x >= z_i])^2 dx from CDFs tabulated on ``grid`` (N, G).
 
     Written as ``int_lo^hi F^2 - 2 int_zc^hi F + (hi - zc) + |z - zc|`` with
@@ -253,27 +253,37 @@ def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue) -> np.ndarray:
     ``qp.interp`` tabulated on their own nodes, whose CDFs qp interpolates linearly); the step
     at ``z`` is integrated exactly. Assumes F = 0 below ``lo`` and F = 1 above ``hi`` (the
     grid covers the PDF's support). Zero-width intervals (repeated nodes) are allowed.
+    ``clip``: clip F to [0, 1] first (a copy; not needed for CDFs built by cumulative sums).
     """
-    cdf = np.clip(np.asarray(cdf, dtype=np.float64), 0.0, 1.0)
+    cdf = np.asarray(cdf, dtype=np.float64)
+    if clip:
+        cdf = np.clip(cdf, 0.0, 1.0)
     grid = np.asarray(grid, dtype=np.float64)
     z = np.asarray(ztrue, dtype=np.float64)
     lo, hi = grid[0], grid[-1]
     dx = np.diff(grid)
     f0, f1 = cdf[:, :-1], cdf[:, 1:]
-    # F linear on each grid interval: int F^2 = dx (f0^2 + f0 f1 + f1^2) / 3 exactly
-    int_f2 = ((f0 * f0 + f0 * f1 + f1 * f1) @ dx) / 3.0
-    c2 = np.zeros_like(cdf)
-    np.cumsum(0.5 * (f0 + f1) * dx, axis=1, out=c2[:, 1:])
+    # F linear on each interval: int F^2 = dx (f0^2 + f0 f1 + f1^2) / 3 = dx ((f0 + f1)^2 + f0^2 + f1^2) / 6,
+    # summed as (f0 + f1)^2 . dx + F^2 . w with node weights w = the widths of the adjacent intervals
+    sums = f0 + f1
+    w = np.zeros(grid.size)
+    w[:-1] += dx
+    w[1:] += dx
+    int_f2 = ((sums * sums) @ dx + (cdf * cdf) @ w) / 6.0
     zc = np.clip(z, lo, hi)
     j = np.clip(np.searchsorted(grid, zc, side="right") - 1, 0, grid.size - 2)
     rows = np.arange(cdf.shape[0])
-    # exact integral of the linear CDF piece from grid[j] to zc
-    t = zc - grid[j]
-    f0j = cdf[rows, j]
+    # int_{grid[j+1]}^{hi} F: the trapezoids of the intervals after j (masked sum: no cumsum)
+    sums *= 0.5 * dx
+    sums[np.arange(dx.size)[None, :] <= j[:, None]] = 0.0
+    after = sums.sum(axis=1)
+    # exact integral of the linear CDF piece from zc to grid[j+1]
+    f0j, f1j, dxj = cdf[rows, j], cdf[rows, j + 1], dx[j]
     with np.errstate(invalid="ignore", divide="ignore"):
-        slope = np.where(dx[j] > 0, (cdf[rows, j + 1] - f0j) / np.where(dx[j] > 0, dx[j], 1.0), 0.0)
-    g2_at_z = c2[rows, j] + f0j * t + 0.5 * slope * t * t
-    return int_f2 - 2.0 * (c2[:, -1] - g2_at_z) + (hi - zc) + np.abs(z - zc)
+        slope = np.where(dxj > 0, (f1j - f0j) / np.where(dxj > 0, dxj, 1.0), 0.0)
+    t = zc - grid[j]
+    piece = 0.5 * (f0j + f1j) * dxj - (f0j * t + 0.5 * slope * t * t)
+    return int_f2 - 2.0 * (after + piece) + (hi - zc) + np.abs(z - zc)
 
 
 def _is_mixmod(ens: qp.Ensemble) -> bool:
@@ -369,13 +379,14 @@ class PDFBlock:
                 else:
                     np.cumsum(dx * 0.5 * (y[:, 1:] + y[:, :-1]), axis=1, out=cdf[:, 1:])
                     total = cdf[:, -1].copy()
-                bad = ~(np.isfinite(y).all(axis=1) & np.isfinite(total) & (total > 0))
+                bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
                 total = np.where(bad, np.nan, total)[:, None]
                 y = y / total
                 if kind == "hist":
                     np.cumsum(y * dx, axis=1, out=cdf[:, 1:])
                 else:
                     cdf /= total
+                np.clip(cdf, 0.0, 1.0, out=cdf)  # (negative densities: qp warns, we keep F in [0, 1])
                 return cls(kind, y.shape[0], x=x, y=y, ancil=ancil, bad=bad, _cdf=cdf)
             if kind == "mixmod":
                 w, mu, s = (np.asarray(data[k], dtype=np.float64) for k in ("weights", "means", "stds"))
@@ -449,7 +460,7 @@ class PDFBlock:
         out = np.full(self.n, np.nan)
         ok = ~self.bad
         if self.kind in ("hist", "interp"):
-            out[ok] = crps_grid(self._cdf[ok], self.x, z[ok])
+            out[ok] = crps_grid(self._cdf[ok], self.x, z[ok], clip=False)
         elif self.kind == "mixmod":
             w, mu, s = self.mix
             if ok.any():
