@@ -362,57 +362,73 @@ class PDFBlock:
 
     # ---- construction
     @classmethod
-    def from_arrays(cls, kind: str, meta: Mapping, data: Mapping, ancil: Mapping | None = None) -> "PDFBlock":
-        """From a qp representation's stored parameters (``meta``: bins/xvals; ``data``: objdata)."""
+    def from_arrays(cls, kind: str, meta: Mapping, data: Mapping, ancil: Mapping | None = None,
+                    prepare: bool = True) -> "PDFBlock":
+        """From a qp representation's stored parameters (``meta``: bins/xvals; ``data``: objdata).
+
+        ``prepare=False`` defers the normalisation and CDFs to :meth:`prepared` (so that row
+        blocks can do it on worker threads)."""
         ancil = dict(ancil or {})
+        if kind in ("hist", "interp"):
+            x = np.asarray(meta["bins" if kind == "hist" else "xvals"], dtype=np.float64).reshape(-1)
+            y = np.asarray(data["pdfs" if kind == "hist" else "yvals"], dtype=np.float64)
+            block = cls(kind, y.reshape(-1, y.shape[-1]).shape[0], x=x, y=y.reshape(-1, y.shape[-1]), ancil=ancil)
+        elif kind == "mixmod":
+            w, mu, s = (np.asarray(data[k], dtype=np.float64) for k in ("weights", "means", "stds"))
+            w, mu, s = (a.reshape(-1, a.shape[-1]) for a in (w, mu, s))
+            block = cls(kind, w.shape[0], mix=(w, mu, s), ancil=ancil)
+        else:
+            raise ValueError(f"no direct path for qp representation {kind!r}")
+        return block.prepared() if prepare else block
+
+    def prepared(self) -> "PDFBlock":
+        """This block normalised as qp normalises on reading, with ``bad`` flags and (hist,
+        interp) the CDF on the nodes; itself if already done."""
+        if self.bad is not None:
+            return self
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            if kind in ("hist", "interp"):
-                x = np.asarray(meta["bins" if kind == "hist" else "xvals"], dtype=np.float64).reshape(-1)
-                y = np.asarray(data["pdfs" if kind == "hist" else "yvals"], dtype=np.float64)
-                y = y.reshape(-1, y.shape[-1])
-                # normalised as qp does on reading, so that the CDF ends at exactly 1 (qp's PIT
-                # statistics drop PITs of exactly 0 or 1: 1 - 1e-16 would count)
-                dx = np.diff(x)
-                cdf = np.zeros((y.shape[0], x.size))
-                if kind == "hist":
-                    total = (y * dx).sum(axis=1)
-                else:
-                    np.cumsum(dx * 0.5 * (y[:, 1:] + y[:, :-1]), axis=1, out=cdf[:, 1:])
-                    total = cdf[:, -1].copy()
-                bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
-                total = np.where(bad, np.nan, total)[:, None]
-                y = y / total
-                if kind == "hist":
-                    np.cumsum(y * dx, axis=1, out=cdf[:, 1:])
-                else:
-                    cdf /= total
-                np.clip(cdf, 0.0, 1.0, out=cdf)  # (negative densities: qp warns, we keep F in [0, 1])
-                return cls(kind, y.shape[0], x=x, y=y, ancil=ancil, bad=bad, _cdf=cdf)
-            if kind == "mixmod":
-                w, mu, s = (np.asarray(data[k], dtype=np.float64) for k in ("weights", "means", "stds"))
-                w, mu, s = (a.reshape(-1, a.shape[-1]) for a in (w, mu, s))
+            if self.kind == "mixmod":
+                w, mu, s = self.mix
                 wsum = w.sum(axis=1)
                 bad = ~(np.isfinite(w).all(1) & np.isfinite(mu).all(1) & np.isfinite(s).all(1)
                         & (s > 0).all(1) & (wsum > 0))
-                w = w / np.where(bad, np.nan, wsum)[:, None]
-                return cls(kind, w.shape[0], mix=(w, mu, s), ancil=ancil, bad=bad)
-        raise ValueError(f"no direct path for qp representation {kind!r}")
+                return replace(self, mix=(w / np.where(bad, np.nan, wsum)[:, None], mu, s), bad=bad)
+            # hist / interp: normalised as qp does, so that the CDF ends at exactly 1 (qp's PIT
+            # statistics drop PITs of exactly 0 or 1: 1 - 1e-16 would count)
+            x, y = self.x, self.y
+            dx = np.diff(x)
+            cdf = np.zeros((y.shape[0], x.size))
+            if self.kind == "hist":
+                total = (y * dx).sum(axis=1)
+            else:
+                np.cumsum(dx * 0.5 * (y[:, 1:] + y[:, :-1]), axis=1, out=cdf[:, 1:])
+                total = cdf[:, -1].copy()
+            bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
+            total = np.where(bad, np.nan, total)[:, None]
+            y = y / total
+            if self.kind == "hist":
+                np.cumsum(y * dx, axis=1, out=cdf[:, 1:])
+            else:
+                cdf /= total
+            np.clip(cdf, 0.0, 1.0, out=cdf)  # (negative densities: qp warns, we keep F in [0, 1])
+            return replace(self, y=y, bad=bad, _cdf=cdf)
 
     @classmethod
-    def from_ensemble(cls, ens: qp.Ensemble) -> "PDFBlock":
+    def from_ensemble(cls, ens: qp.Ensemble, prepare: bool = True) -> "PDFBlock":
         kind = _kind(ens)
         ancil = {} if ens.ancil is None else {k: np.asarray(v) for k, v in ens.ancil.items()}
         if kind in DIRECT_KINDS:
-            return cls.from_arrays(kind, ens.metadata, ens.objdata, ancil)
+            return cls.from_arrays(kind, ens.metadata, ens.objdata, ancil, prepare=prepare)
         return cls("qp", ens.npdf, ens=ens, ancil=ancil, bad=np.zeros(ens.npdf, dtype=bool))
 
     def rows(self, s: int, e: int) -> "PDFBlock":
         """Rows [s, e) as a block (views, no copies)."""
         if (s, e) == (0, self.n):
             return self
-        cut = dict(n=e - s, ancil={k: v[s:e] for k, v in self.ancil.items()}, bad=self.bad[s:e])
+        cut = dict(n=e - s, ancil={k: v[s:e] for k, v in self.ancil.items()},
+                   bad=None if self.bad is None else self.bad[s:e])
         if self.kind in ("hist", "interp"):
-            return replace(self, y=self.y[s:e], _cdf=self._cdf[s:e], **cut)
+            return replace(self, y=self.y[s:e], _cdf=None if self._cdf is None else self._cdf[s:e], **cut)
         if self.kind == "mixmod":
             return replace(self, mix=tuple(a[s:e] for a in self.mix), **cut)
         return replace(self, ens=self.ens[s:e], **cut)
@@ -626,7 +642,7 @@ class MetricAccumulator:
         ``_BLOCK``, on ``workers`` Python threads (NumPy and torch release the GIL; torch's
         own intra-op threads are set to 1 meanwhile, so that the two do not multiply: an
         OpenMP team per worker on a busy 2-core machine was 5x slower)."""
-        block = PDFBlock.from_ensemble(ens) if isinstance(ens, qp.Ensemble) else ens
+        block = PDFBlock.from_ensemble(ens, prepare=False) if isinstance(ens, qp.Ensemble) else ens
         block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
         if block.n != ztrue.size:
@@ -656,6 +672,7 @@ class MetricAccumulator:
     def _block_parts(self, block: PDFBlock, ztrue, mag, start: int) -> tuple[dict, dict]:
         """Per-object quantities of one row block, and the kept example PDFs."""
         cfg = self.config
+        block = block.prepared()
         bad_truth = ~np.isfinite(ztrue)
         zsafe = np.where(bad_truth, 0.0, ztrue)  # keeps NaN truths out of the arithmetic
         pdf = block.pdf(cfg.zgrid)
@@ -885,7 +902,7 @@ def iterate_blocks(estimate, chunk_size: int):
     """
     if isinstance(estimate, qp.Ensemble):
         if _kind(estimate) in DIRECT_KINDS:
-            block = PDFBlock.from_ensemble(estimate)
+            block = PDFBlock.from_ensemble(estimate, prepare=False)
             for s in range(0, block.n, chunk_size):
                 e = min(s + chunk_size, block.n)
                 yield s, e, block.rows(s, e)
@@ -906,7 +923,7 @@ def iterate_blocks(estimate, chunk_size: int):
                 e = min(s + chunk_size, n)
                 data = {k: f["data"][k][s:e] for k in data_keys}
                 ancil = {k: anc[k][s:e] for k in anc}
-                yield s, e, PDFBlock.from_arrays(kind, meta, data, ancil)
+                yield s, e, PDFBlock.from_arrays(kind, meta, data, ancil, prepare=False)
             return
     for s, e, ens in qp.iterator(str(estimate), chunk_size=chunk_size):
         yield s, e, PDFBlock.from_ensemble(ens)
