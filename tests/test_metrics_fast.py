@@ -281,3 +281,8 @@ def test_som_uses_the_one_home_of_the_point_metrics():
     g = som.global_metrics(dz, outl, pco_i)
     assert g["sigma_nmad"] == pm.sigma_nmad_nomedian(zp, zt)  # the SOM paper's definition
     assert g["eta"] == pm.eta(zp, zt) and g["pco"] == pm.pco(pit) and g["bias"] == pm.bias_median(zp, zt)
+
+
+def test_row_cumsum_is_numpys():
+    m = np.random.default_rng(0).random((37, 211))
+    np.testing.assert_array_equal(dm._cumsum_rows(m), np.cumsum(m, axis=1))

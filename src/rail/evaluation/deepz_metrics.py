@@ -327,6 +327,16 @@ def crps_qp(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.
 # ----------------------------------------------------------------- direct PDF evaluation
 
 
+def _cumsum_rows(m: np.ndarray) -> np.ndarray:
+    """``np.cumsum(m, axis=1)``, the same additions in the same order (equal bit for bit),
+    as one vector add per column on a transposed copy: ~3x faster than NumPy's cumsum along
+    rows of a few hundred columns."""
+    t = np.ascontiguousarray(m.T)
+    for k in range(1, t.shape[0]):
+        np.add(t[k], t[k - 1], out=t[k])
+    return t.T
+
+
 def _interp_weights(x: np.ndarray, grid: np.ndarray):
     """Index j, weight t and inside-mask for linear interpolation of nodes ``x`` at ``grid``."""
     grid = np.asarray(grid, dtype=np.float64)
@@ -401,13 +411,13 @@ class PDFBlock:
             if self.kind == "hist":
                 total = (y * dx).sum(axis=1)
             else:
-                np.cumsum(dx * 0.5 * (y[:, 1:] + y[:, :-1]), axis=1, out=cdf[:, 1:])
+                cdf[:, 1:] = _cumsum_rows(dx * 0.5 * (y[:, 1:] + y[:, :-1]))
                 total = cdf[:, -1].copy()
             bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
             total = np.where(bad, np.nan, total)[:, None]
             y = y / total
             if self.kind == "hist":
-                np.cumsum(y * dx, axis=1, out=cdf[:, 1:])
+                cdf[:, 1:] = _cumsum_rows(y * dx)
             else:
                 cdf /= total
             np.clip(cdf, 0.0, 1.0, out=cdf)  # (negative densities: qp warns, we keep F in [0, 1])
