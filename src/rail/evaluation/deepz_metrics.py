@@ -403,24 +403,19 @@ class PDFBlock:
                 bad = ~(np.isfinite(w).all(1) & np.isfinite(mu).all(1) & np.isfinite(s).all(1)
                         & (s > 0).all(1) & (wsum > 0))
                 return replace(self, mix=(w / np.where(bad, np.nan, wsum)[:, None], mu, s), bad=bad)
-            # hist / interp: normalised as qp does, so that the CDF ends at exactly 1 (qp's PIT
-            # statistics drop PITs of exactly 0 or 1: 1 - 1e-16 would count)
+            # hist / interp: normalised as qp does; the CDF on the nodes is the cumulative mass
+            # divided by the total, so that it ends at exactly 1 (qp's PIT statistics drop PITs
+            # of exactly 0 or 1: 1 - 1e-16 would count). Not clipped: qp's CDF is not either.
             x, y = self.x, self.y
             dx = np.diff(x)
-            cdf = np.zeros((y.shape[0], x.size))
-            if self.kind == "hist":
-                total = (y * dx).sum(axis=1)
-            else:
-                cdf[:, 1:] = _cumsum_rows(dx * 0.5 * (y[:, 1:] + y[:, :-1]))
-                total = cdf[:, -1].copy()
+            mass = y * dx if self.kind == "hist" else (y[:, 1:] + y[:, :-1]) * (0.5 * dx)
+            cum = _cumsum_rows(mass)  # (n, G - 1), a transposed view
+            total = cum[:, -1].copy()
             bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
             total = np.where(bad, np.nan, total)[:, None]
             y = y / total
-            if self.kind == "hist":
-                cdf[:, 1:] = _cumsum_rows(y * dx)
-            else:
-                cdf /= total
-            np.clip(cdf, 0.0, 1.0, out=cdf)  # (negative densities: qp warns, we keep F in [0, 1])
+            cdf = np.zeros((y.shape[0], x.size))
+            np.divide(cum, total, out=cdf[:, 1:])
             return replace(self, y=y, bad=bad, _cdf=cdf)
 
     @classmethod
