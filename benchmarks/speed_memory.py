@@ -252,8 +252,11 @@ from rail.evaluation.deepz_cli import main
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
-print("METRIC_RESULT " + json.dumps({"rc": rc, "import_s": t_import, "main_s": time.perf_counter() - t0,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+main_s = time.perf_counter() - t0
+# VmHWM: this process's own peak (ru_maxrss keeps the parent's peak across fork + exec)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("METRIC_RESULT " + json.dumps({"rc": rc, "import_s": t_import, "main_s": main_s, "peak_rss_mb": peak}))
 """
 
 
