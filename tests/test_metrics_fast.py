@@ -219,7 +219,7 @@ def test_truth_in_another_row_order_is_matched_by_id(tmp_path):
     n = 300
     ens = _mixmod(rng, n)
     ids = rng.permutation(10 * n)[:n] + 1000
-    ens.set_ancil({"zmode": ens.objdata["means"][:, 0], "object_id": ids})
+    ens.set_ancil({"zmode": ens.objdata["means"][:, 0], "id": ids})  # where RAIL's estimators put id_col
     path = tmp_path / "est.hdf5"
     ens.write_to(str(path))
     z = rng.uniform(0.0, 3.0, n)
@@ -236,7 +236,7 @@ def test_truth_in_another_row_order_is_matched_by_id(tmp_path):
     other = ids.copy()
     other[:2] = [-1, -2]
     with pytest.raises(ValueError, match="2 of its 300 ids are not in the truth table.*2 of the 300 truth ids"):
-        compare({"a": path}, {"redshift": z, "mag": mag, "object_id": other}, **kw)
+        compare({"a": path}, {"redshift": z, "mag": mag, "object_id": other}, id_col="object_id", **kw)
 
 
 def test_align_to_truth():

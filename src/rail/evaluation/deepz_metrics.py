@@ -957,8 +957,9 @@ def ensemble_length(estimate) -> int:
 
 
 def estimate_ids(estimate, id_col: str | None = None):
-    """The estimate's id column (ancil ``id_col``, or the first of ``ID_COLUMNS``), or None."""
-    cands = (id_col,) if id_col else ID_COLUMNS
+    """The estimate's id column, or None: ancil ``id_col``, else ``id`` (where RAIL's
+    estimators put the input's ``id_col``), else the first of ``ID_COLUMNS``."""
+    cands = tuple(dict.fromkeys(((id_col,) if id_col else ()) + ID_COLUMNS))
     if isinstance(estimate, qp.Ensemble):
         anc = estimate.ancil or {}
         for c in cands:
@@ -1073,8 +1074,7 @@ def accumulate_estimate(
     """One streaming pass over ``estimate`` (qp file path or ensemble) against the truth.
 
     ``ztrue``/``mag`` are full-length arrays, aligned with the ensemble rows unless both
-    ``truth_ids`` and the estimate's ancil id column (``id_col``, or the first of
-    ``ID_COLUMNS`` present) are there: then rows are matched by id (:func:`align_to_truth`;
+    ``truth_ids`` and the estimate's ancil id column (:func:`estimate_ids`) are there: then rows are matched by id (:func:`align_to_truth`;
     the per-object arrays follow the estimate's row order). Rows whose PDF, point estimate or
     truth is not finite raise a ``ValueError`` naming their count and first rows, unless
     ``exclude_bad`` (then they are flagged and left out of the metrics).
@@ -1094,8 +1094,8 @@ def accumulate_estimate(
                     progress(f"  metrics {label}: truth rows matched to the estimate by id (other row order)")
                 ztrue = ztrue[perm]
                 mag = None if mag is None else np.asarray(mag)[perm]
-        elif id_col:
-            raise KeyError(f"estimate {label} has no ancil column {id_col!r} (option id_col)")
+        elif progress is not None:
+            progress(f"  metrics {label}: the estimate has no id column; rows matched by position")
     if n != ztrue.size:
         raise ValueError(
             f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
