@@ -145,6 +145,13 @@ class BinSmoother(nn.Module):
         return probs @ self.matrix.to(probs.dtype)
 
 
+def fixed_grid_centers(zmin: float, zmax: float, n_components: int) -> np.ndarray:
+    """Means of the fixed-grid mixture: ``n_components`` points evenly spaced over [zmin, zmax]
+    (both ends included), float64. The one definition used by the head, the loss and the
+    output (:func:`rail.deepz.pdf.fixed_grid_ensemble`)."""
+    return np.linspace(float(zmin), float(zmax), int(n_components))
+
+
 class FixedGridMixtureHead(nn.Module):
     """Weights of ``n_components`` Gaussians with fixed means (evenly spaced) and width.
 
@@ -163,11 +170,16 @@ class FixedGridMixtureHead(nn.Module):
     def __init__(self, in_features: int, zmin: float, zmax: float, n_components: int = 200, sigma: float = 0.0037):
         super().__init__()
         self.logits = nn.Linear(in_features, n_components)
-        self.register_buffer("centers", torch.linspace(zmin, zmax, n_components))
+        self.register_buffer("centers", torch.as_tensor(fixed_grid_centers(zmin, zmax, n_components),
+                                                        dtype=torch.float32))
         self.sigma = float(sigma)
 
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Component weights (N, K) only: the means and widths are the same for every object."""
+        return torch.softmax(self.logits(h), dim=-1)
+
     def forward(self, h: torch.Tensor) -> MixtureParams:
-        weights = torch.softmax(self.logits(h), dim=-1)
+        weights = self.weights(h)
         means = self.centers.expand_as(weights)
         sigmas = torch.full_like(weights, self.sigma)
         return MixtureParams(weights, means, sigmas)
