@@ -6,7 +6,7 @@ the PDFs, T < 1 sharpens them. The bin ranking (and so zmode) is unchanged.
 
 With fine bins and a few catastrophic outliers (DC2: 600 bins of 0.005, ~2% outliers)
 the NLL is dominated by the outliers' near-zero true-bin probabilities and picks a
-far too large T (we measured T = 9.5, PIT KS 0.44 on DC2). :func:`fit_temperature`
+far too large T (measured in ``benchmarks/results/ablations_nnc.md``). :func:`fit_temperature`
 therefore also offers ``objective="pit_ks"``: the T whose validation PITs are closest to
 uniform in the Kolmogorov-Smirnov sense, which is the calibration criterion itself.
 """

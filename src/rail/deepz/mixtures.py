@@ -201,12 +201,11 @@ def gmm_nll(params: MixtureParams, z: torch.Tensor) -> torch.Tensor:
 
 
 # Two slow paths of the CPU float kernels, both hit by Gaussian densities evaluated far from
-# their centre (measured, float32, one thread): exp() of an argument whose result underflows
-# (below about -87; -708 in float64) costs 18-28 ns per element instead of 0.25, and
-# arithmetic with a subnormal operand or result (below 1.2e-38) 9-12 ns instead of 2.5 (a
-# (16384, 200) x (200, 1201) product with 684 subnormal entries in the second factor: 0.46 s
-# instead of 0.085 s). Exponents are floored where exp is still a normal number, far below
-# any density value that matters (1.8e-35 in float32).
+# their centre: exp() of an argument whose result underflows (below about -87; -708 in
+# float64) and arithmetic with a subnormal operand or result (below 1.2e-38); both cost many
+# times a normal operation (measured: benchmarks/README.md, "Subnormal numbers"). Exponents
+# are floored where exp is still a normal number, far below any density value that matters
+# (1.8e-35 in float32).
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0, torch.bfloat16: -80.0, torch.float16: -9.0}
 
 

@@ -139,8 +139,7 @@ def _ndtr(t: torch.Tensor) -> torch.Tensor:
 # with the argument floored (rail.deepz.mixtures.EXP_FLOOR: no underflowing exp, no subnormal
 # products; 1.8e-35 is far below float32 resolution of any density it is added to), and
 # CDF terms w_k Phi(t) with w_k >= 1e-15 and t >= -9 (Phi(-9) = 1e-19; changes a CDF by
-# < 2e-14). On real LSTM mixtures (20k DC2 objects, 1 thread) this took the summaries from
-# 42-43k to 52k objects/s.
+# < 2e-14). Speed gain: benchmarks/results/implementation_notes.md.
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 _CDF_T_FLOOR, _CDF_W_FLOOR = -9.0, 1e-15
 
@@ -173,8 +172,8 @@ def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024) -> np.n
     sum_k w_k N(x | mu_k, sigma_k), the formula of ``qp.mixmod``'s pdf (sigmas must be > 0),
     by :func:`_mixture_pdf` in float64 (exponents floored at ``EXP_FLOOR``: a term below
     ~1e-304 counts as 1e-304). qp evaluates the same sum through ``scipy.stats.norm`` on
-    (N, G, K) arrays: 11.6 s against 0.07 s for 10,000 15-component DC2 LSTM mixtures on
-    301 points (2 threads), equal to 1e-14 relative."""
+    (N, G, K) arrays, much slower for the same result
+    (benchmarks/results/implementation_notes.md)."""
     w = _tensor(weights, torch.float64)
     mu, s = (_tensor(a, torch.float64, w.device) for a in (means, sigmas))
     z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), torch.float64, w.device)
@@ -464,7 +463,7 @@ def binned_ensemble(
 
     Rows are processed ``block_rows`` at a time into one preallocated output, so the
     (N, nbins) temporaries of a whole chunk (240 MB each for 1e5 rows of 600 bins) are
-    never alive together: NNC's peak RSS with 1e5-row chunks fell from 1.73 to 1.42 GB.
+    never alive together (peak memory: benchmarks/results/implementation_notes.md).
     """
     if representation not in ("hist", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
@@ -513,9 +512,8 @@ def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
     :func:`rail.deepz.pdf.mixture_ensemble`), from the PDFs on a fine grid (spacing below
     ``sigma``) obtained as one (N, K) x (K, G) product per ``block`` rows (bounded memory;
     4096 x 1201 float32 is 20 MB, below glibc's 32 MB mmap threshold, so the blocks reuse heap
-    memory instead of mapping and page-faulting fresh pages each time: with 16384-row blocks
-    and fresh means/widths arrays per chunk the estimator ran at 40-46k objects/s instead of
-    51-57k, 500k DC2 rows, 2 threads)."""
+    memory instead of mapping and page-faulting fresh pages each time; speed:
+    benchmarks/results/implementation_notes.md)."""
     weights = np.asarray(weights, dtype=np.float32)
     centers = np.asarray(centers, dtype=np.float64)
     fine = np.linspace(zmin, zmax, max(nzbins, 1201))  # spacing <= 0.0025 for [0, 3]

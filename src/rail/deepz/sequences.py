@@ -16,7 +16,7 @@ Flux scaling (``flux_transform``):
   linear scaling the faint majority ends up in a sliver around ``-mean/std`` and a few
   bright objects set the scale; the asinh transform is linear near the noise level and
   logarithmic for bright objects, so colours become differences of inputs again (see the
-  LSTM module docstring for the DC2 comparison).
+  DC2 comparison in benchmarks/results/ablations_lstm.md).
 
 Invalid entries (``Photometry.valid`` False) get ``mask_value`` = 0 (the training mean
 after standardisation) in the flux and error channels and 0 in the validity channel; the

@@ -19,12 +19,9 @@ hidden layers of 256 + the 200-wide output layer), 10% validation hold-out. The 
 size and the flag thresholds are not given in the paper; ours are options.
 
 Departure: ``nll_weight=0.1``, the loss is the CRPS plus 0.1 x the mixture negative
-log-likelihood (as for NNC). The CRPS constrains the CDF only and leaves the density near
-the peak loose: zmode sigma_IQR on DC2 (benchmark harness, autoencoder embedding, 1
-thread) 0.0250 / 0.0271 (seeds 42 / 1) with the pure CRPS, 0.0206 / 0.0203 with the NLL
-term (0.03: 0.0207); zmedian 0.0187 / 0.0188 (was 0.0246 for seed 1); eta 0.026 / 0.025
-unchanged; PIT KS 0.007 / 0.016. SDSS BOSS: zmode 0.0194 vs 0.0200, eta 0.017 vs 0.019,
-PIT KS 0.008 vs 0.010. ``nll_weight=0`` restores the paper's loss.
+log-likelihood (as for NNC): the CRPS constrains the CDF only and leaves the density near
+the peak loose (measured in ``benchmarks/results/ablations_embed.md``). ``nll_weight=0``
+restores the paper's loss.
 """
 
 from __future__ import annotations
@@ -151,7 +148,7 @@ class DeepzEmbedInformer(DeepzInformer):
         nll_weight=Param(
             float, 0.1,
             msg="weight of the mixture negative log-likelihood added to the CRPS loss (0 = CRPS only, the "
-            "paper's; see the module docstring)",
+            "paper's; benchmarks/results/ablations_embed.md)",
         ),
         som_point_estimate=Param(str, "zmode", msg="point estimate used for the per-cell metrics"),
     )
