@@ -20,7 +20,7 @@ from rail.deepz.mixtures import (
     gmm_crps_numpy,
     gmm_nll,
 )
-from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble, mixture_summaries
+from rail.deepz.pdf import binned_ensemble, grid_summaries, mixture_ensemble, mixture_summaries
 from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
 from rail.deepz.scaling import Standardizer
 from rail.deepz.training import TrainConfig, fuse_linear_batchnorm, resolve_device, split_indices, train_model
@@ -348,17 +348,6 @@ def test_binned_window_mode_against_brute_force():
     assert np.all(np.isfinite(wide)) and np.all((wide > 0) & (wide < 3))
     # windows narrower than two bins: the most probable bin
     np.testing.assert_allclose(binned_ensemble(p, edges, mode_window=0.02).ancil["zmode"], centers[np.argmax(p, 1)])
-
-
-def test_cdf_inverse_against_per_row_interp():
-    rng = np.random.default_rng(4)
-    x = np.linspace(0, 1, 30)
-    cdf = np.cumsum(rng.random((25, 30)), axis=1)
-    cdf = (cdf - cdf[:, :1]) / (cdf[:, -1:] - cdf[:, :1])
-    qs = [0.1, 0.5, 0.9]
-    got = cdf_inverse(cdf, x, qs)
-    for i in range(25):
-        np.testing.assert_allclose(got[i], np.interp(qs, cdf[i], x), atol=1e-12)
 
 
 def test_grid_summaries_of_a_gaussian():

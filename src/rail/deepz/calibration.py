@@ -18,12 +18,6 @@ import torch
 from scipy.optimize import minimize_scalar
 
 
-def binned_nll(logits: torch.Tensor, target_bin: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean negative log-probability of the true bin under ``softmax(logits / T)``."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return -logp.gather(1, target_bin.reshape(-1, 1)).mean()
-
-
 def binned_pit(probs: np.ndarray, edges: np.ndarray, z: np.ndarray) -> np.ndarray:
     """PIT = CDF at the true redshift of piecewise-constant PDFs (N, nbins), vectorised."""
     probs = np.asarray(probs, dtype=np.float64)

@@ -126,12 +126,9 @@ class BinSmoother(nn.Module):
         # fraction of each source bin's kernel that lands inside [0, n_bins)
         idx = torch.arange(n_bins).reshape(-1, 1) + offsets.reshape(1, -1).long()
         inside = ((idx >= 0) & (idx < n_bins)).float() @ kernel
-        # derived from (n_bins, sigma_bins): not saved in state dicts
-        self.register_buffer("kernel", kernel.reshape(1, 1, -1), persistent=False)
-        self.register_buffer("source_weight", 1.0 / inside, persistent=False)
-        # the same operation as one (n_bins, n_bins) banded matrix: out = probs @ matrix.
-        # F.conv1d over (N, 1, n_bins) is ~20x slower on CPU for N ~ 1e5 (26 s vs 1.3 s
-        # for 1e5 x 600 bins, one thread) and a matmul is what GPUs do best.
+        # the convolution as one (n_bins, n_bins) banded matrix: out = probs @ matrix (F.conv1d
+        # is much slower on CPU, CHANGELOG.md; a matmul is what GPUs do best). Derived from
+        # (n_bins, sigma_bins): not saved in state dicts.
         src = torch.arange(n_bins).reshape(-1, 1)
         dst = src + offsets.reshape(1, -1).long()
         ok = (dst >= 0) & (dst < n_bins)

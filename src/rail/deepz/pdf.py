@@ -50,30 +50,6 @@ def _numpy64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-def cdf_inverse(cdf, xgrid, qs) -> np.ndarray:
-    """Invert monotone CDFs (N, G) tabulated at ``xgrid`` (G,) at levels ``qs`` -> (N, len(qs)).
-
-    One batched ``torch.searchsorted`` finds the bracketing grid interval of each level,
-    then linear interpolation inside it. No loop over objects.
-    """
-    cdf = _tensor(cdf, torch.float64)
-    x = _tensor(xgrid, torch.float64, cdf.device)
-    return _numpy64(_interp_levels(cdf, x, _tensor(qs, torch.float64, cdf.device)))
-
-
-def _interp_levels(cdf: torch.Tensor, x: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Levels qs (Q,) of monotone cdf (N, G) at nodes x (G,) -> (N, Q), same dtype as x."""
-    n, g = cdf.shape
-    levels = qs.to(cdf.dtype).expand(n, -1).contiguous()
-    idx = torch.searchsorted(cdf.contiguous(), levels, side="left").clamp_(1, g - 1)
-    c0 = torch.gather(cdf, 1, idx - 1).to(x.dtype)
-    c1 = torch.gather(cdf, 1, idx).to(x.dtype)
-    q = qs.to(x.dtype).expand(n, -1)
-    step = c1 - c0
-    frac = torch.where(step > 0, (q - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
-    return x[idx - 1] + frac * (x[idx] - x[idx - 1])
-
-
 def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
     """Point estimates of PDFs tabulated on a ``zgrid`` (N, G) -> dict of (N,) float64 arrays.
 
