@@ -57,6 +57,32 @@ def test_photometry_nondetect_nan_inf_replaced_by_limit():
     assert {tuple(ix) for ix in np.argwhere(~ph.valid)} == expected_invalid
 
 
+def test_photometry_take_slices_every_per_object_array():
+    d = _table()
+    d["mag_r"][1] = np.nan
+    ph = extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS)
+    idx = np.array([3, 1, 1])
+    sub = ph.take(idx)
+    assert sub.bands == ph.bands and len(sub) == 3
+    for key in ("mags", "errs", "valid"):
+        np.testing.assert_array_equal(getattr(sub, key), getattr(ph, key)[idx])
+    mask = np.zeros(len(ph), dtype=bool)
+    mask[[0, 1]] = True
+    np.testing.assert_array_equal(ph.take(mask).valid, ph.valid[:2])
+
+
+def test_feature_blocks_list_is_what_features_accepts():
+    from rail.deepz import encoders, som
+    from rail.deepz.photometry import FEATURE_BLOCKS
+
+    ph = extract_photometry(_table(), BANDS, ERRS, mag_limits=LIMITS)
+    widths = {b: ph.features([b]).shape[1] for b in FEATURE_BLOCKS}
+    assert widths == {"mags": 3, "colors": 2, "errors": 3, "color_errors": 2, "valid": 3}
+    with pytest.raises(ValueError, match="flux"):
+        ph.features(["flux"])
+    assert som.PHOT_BLOCKS is FEATURE_BLOCKS and encoders.PHOT_BLOCKS is FEATURE_BLOCKS
+
+
 def test_photometry_raise_policy_names_column():
     d = _table()
     d["mag_r"][2] = np.nan

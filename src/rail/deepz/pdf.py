@@ -30,6 +30,7 @@ import qp
 import torch
 from scipy.special import ndtr
 
+from rail.deepz.calibration import mixture_pit
 from rail.deepz.mixtures import exp_floored_, gaussian_basis
 
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
@@ -506,8 +507,8 @@ def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
 
 def fixed_grid_pit(weights, centers, sigma, z) -> np.ndarray:
     """CDF of each (untruncated) mixture at its own ``z`` (what qp.mixmod's cdf gives)."""
-    z = np.asarray(z, dtype=np.float64)
-    return (np.asarray(weights, dtype=np.float64) * ndtr((z[:, None] - centers[None, :]) / sigma)).sum(1)
+    return mixture_pit(np.asarray(weights, dtype=np.float64), np.asarray(centers, dtype=np.float64)[None, :],
+                       sigma, np.asarray(z, dtype=np.float64))
 
 
 class RepeatedRows:

@@ -37,6 +37,8 @@ FLUX_ZEROPOINTS = {"nJy": 31.4, "nanomaggies": 22.5}
 MAG_ERR_FACTOR = 2.5 / np.log(10.0)
 MISSING_POLICIES = ("limit", "mask", "raise")
 INPUT_UNITS = ("mag", "nJy", "nanomaggies")
+#: the feature blocks of :meth:`Photometry.features` (the one list every method checks against)
+FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 class BadPhotometryError(ValueError):
@@ -70,6 +72,11 @@ class Photometry:
     @property
     def n_bands(self) -> int:
         return self.mags.shape[1]
+
+    def take(self, idx) -> "Photometry":
+        """The rows ``idx`` (indices or a boolean mask) of every per-object array, same bands."""
+        return type(self)(**{k: (v[idx] if isinstance(v, np.ndarray) else v)
+                             for k, v in ((f, getattr(self, f)) for f in self.__dataclass_fields__)})
 
     def colors(self) -> tuple[np.ndarray, np.ndarray]:
         """Adjacent-band colours ``m_b - m_{b+1}`` and their errors, shape (N, B-1)."""

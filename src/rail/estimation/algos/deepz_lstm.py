@@ -52,10 +52,9 @@ from typing import Mapping
 import numpy as np
 import torch
 from ceci.config import StageParameter as Param
-from scipy.special import ndtr
 from torch import nn
 
-from rail.deepz.calibration import ks_uniform
+from rail.deepz.calibration import fit_sigma_scale
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order
@@ -79,23 +78,6 @@ from rail.deepz.training import (
 AGGREGATIONS = ("last", "mean", "attention", "flatten")
 LOSSES = ("nll", "crps")
 WIDTH_CALIBRATIONS = ("pit_ks", "none")
-
-
-def mixture_pit(weights, means, sigmas, z) -> np.ndarray:
-    """PIT values (CDF at the true redshift) of Gaussian mixtures (N, K), vectorised."""
-    return (weights * ndtr((np.asarray(z)[:, None] - means) / sigmas)).sum(1)
-
-
-def fit_sigma_scale(weights, means, sigmas, z, bounds=(0.3, 3.0), n_grid: int = 81) -> float:
-    """Common factor on all component widths that makes validation PITs closest to uniform (KS).
-
-    A post-hoc width calibration (the mixture analogue of temperature scaling): the means
-    and weights, hence zmode and zmean, are unchanged.
-    """
-    w, mu, s = (np.asarray(a, dtype=np.float64) for a in (weights, means, sigmas))
-    grid = np.exp(np.linspace(np.log(bounds[0]), np.log(bounds[1]), n_grid))
-    ks = [ks_uniform(mixture_pit(w, mu, s * f, z)) for f in grid]  # loop over 81 factors, not objects
-    return float(grid[int(np.argmin(ks))])
 
 
 class LSTMMDN(nn.Module):
@@ -328,7 +310,7 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         policy = cfg.missing_policy
         fit_valid = phot.valid if policy == "mask" else np.ones_like(phot.valid)
         sequencer = BandSequencer(order, cfg.flux_transform)
-        sequencer.fit(_subset(phot, tr), fit_valid[tr])
+        sequencer.fit(phot.take(tr), fit_valid[tr])
         x = self._sequences(phot, sequencer, policy)
         arch = {
             "n_bands": len(cfg.bands),
@@ -369,12 +351,6 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             scalers={"sequence": sequencer.to_dict()},
             train=result.to_dict(),
         )
-
-
-def _subset(phot, idx):
-    from rail.deepz.photometry import Photometry
-
-    return Photometry(bands=phot.bands, mags=phot.mags[idx], errs=phot.errs[idx], valid=phot.valid[idx])
 
 
 class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
