@@ -358,125 +358,6 @@ def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
     return qp.Ensemble(qp.interp, data=dict(xvals=z, yvals=p.numpy(), norm=False, warn=False))
 
 
-# ---------------------------------------------------------------- histograms
-
-
-def _window_mode(cum: torch.Tensor, half: int) -> torch.Tensor:
-    """Index of the bin centring the ``2 half + 1``-bin window of highest mean probability.
-
-    ``cum`` is the row-wise (inclusive) cumulative sum of the bin probabilities. Window sums
-    are differences of ``cum`` (no convolution); windows cut by the range edges are compared
-    by their mean per bin, so the mode is not pushed away from ``zmin``/``zmax``. Ties go to
-    the lowest bin.
-    """
-    n = cum.shape[1]
-    h = int(half)
-    w = 2 * h + 1
-    if h < 1 or w >= n:
-        raise ValueError(f"window of {w} bins needs 3 <= width < {n} bins")
-    # bins h+1 .. n-h-1: full windows [i-h, i+h], sum = cum[i+h] - cum[i-h-1]
-    mid_val, mid_idx = torch.max(cum[:, w:] - cum[:, : n - w], dim=1)
-    best_val, best_idx = mid_val / w, mid_idx + (h + 1)
-    # bins 0 .. h: windows [0, i+h] of i+h+1 bins
-    i_left = torch.arange(h + 1, device=cum.device)
-    left_val, left_idx = torch.max(cum[:, h: w] / (i_left + h + 1).to(cum.dtype), dim=1)
-    # bins n-h .. n-1: windows [i-h, n-1] of n-i+h bins
-    i_right = torch.arange(n - h, n, device=cum.device)
-    right = (cum[:, -1:] - cum[:, n - w: n - h - 1]) / (n - i_right + h).to(cum.dtype)
-    right_val, right_idx = torch.max(right, dim=1)
-    right_idx = right_idx + (n - h)
-    # lowest index wins ties: left < mid < right
-    take = right_val > best_val
-    best_val, best_idx = torch.where(take, right_val, best_val), torch.where(take, right_idx, best_idx)
-    take = left_val >= best_val
-    return torch.where(take, left_idx, best_idx)
-
-
-def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0) -> tuple[dict, torch.Tensor]:
-    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
-
-    ``mode_window`` (redshift units): zmode is the centre of the window of about this width
-    (an odd number of bins) holding the most probability per bin; 0 or less than two bins:
-    the centre of the most probable bin.
-    """
-    p = _tensor(probs, torch.float32)
-    e = _tensor(edges, torch.float64, p.device)
-    widths = e[1:] - e[:-1]
-    centers = 0.5 * (e[1:] + e[:-1])
-    cum = torch.cumsum(p, dim=1)
-    total = cum[:, -1].double()
-    total[total <= 0] = 1.0
-    mean = (p @ centers.to(torch.float32)).double() / total
-    second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
-    half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
-    half = min(half, (p.shape[1] - 2) // 2)  # at least one full window inside the range
-    imode = _window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)
-    out = {"zmode": centers[imode], "zmean": mean,
-           "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
-    out.update(_cumulative_quantiles(cum, total, e, quantiles))
-    ancil = {k: _numpy64(v) for k, v in out.items()}
-    ancil["p_outside"] = np.zeros(p.shape[0])
-    return ancil, total
-
-
-def binned_ensemble(
-    probs,
-    edges,
-    representation: str = "hist",
-    quantiles=DEFAULT_QUANTILES,
-    mode_window: float = 0.0,
-    prob_fn=None,
-    block_rows: int = 8192,
-) -> qp.Ensemble:
-    """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
-
-    ``probs`` (numpy array or tensor, on any device) must be normalised per row (a softmax
-    output), or become so through ``prob_fn`` (e.g. logits -> softmax), which is applied
-    block by block. ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
-    stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
-    the most probable bin, or with ``mode_window`` > 0 (redshift units) the centre of the
-    most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
-    and quantiles are those of the piecewise-constant PDF.
-
-    Rows are processed ``block_rows`` at a time into one preallocated output, so the
-    (N, nbins) temporaries of a whole chunk (240 MB each for 1e5 rows of 600 bins) are
-    never alive together (peak memory: benchmarks/results/implementation_notes.md).
-    """
-    if representation not in ("hist", "interp"):
-        raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
-    x = _tensor(probs, torch.float32)
-    edges = np.asarray(edges, dtype=np.float64)
-    n, nb = x.shape
-    widths = np.diff(edges)
-    uniform = bool(np.allclose(widths, widths[0], rtol=1e-9, atol=0.0))
-    inv_widths = torch.as_tensor(1.0 / widths, dtype=torch.float32, device=x.device)
-    dens = np.empty((n, nb), dtype=np.float32)
-    parts = []
-    for i in range(0, max(n, 1), block_rows):
-        p = x[i: i + block_rows]
-        if prob_fn is not None:
-            p = prob_fn(p)
-        ancil_b, total = binned_summaries(p, edges, quantiles, mode_window)
-        parts.append(ancil_b)
-        # density = p / total / width, written straight into the output rows (one pass on CPU
-        # for even bins)
-        out = torch.from_numpy(dens[i: i + len(p)])
-        scale = ((1.0 / widths[0]) / total if uniform else 1.0 / total).float()[:, None]
-        q = torch.mul(p, scale, out=out) if p.device.type == "cpu" else p * scale
-        if not uniform:
-            q.mul_(inv_widths[None, :])
-        if q is not out:
-            out.copy_(q)
-    ancil = {k: np.concatenate([a[k] for a in parts]) for k in parts[0]}
-    if representation == "hist":
-        ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
-    else:
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
-    ens.set_ancil(ancil)
-    return ens
-
-
 # ---------------------------------------------------------------- fixed-grid mixtures
 #
 # Gaussians with fixed, evenly spaced means (rail.deepz.mixtures.fixed_grid_centers) and one
@@ -615,3 +496,122 @@ def ensemble_point_and_pit(ens: qp.Ensemble, z, point: str, zmin: float, zmax: f
         points.append(ensemble_point_estimate(part, point, grid))
         pits.append(ensemble_pit(part, z[s : s + chunk]))
     return np.concatenate(points), np.concatenate(pits)
+
+
+# ---------------------------------------------------------------- histograms
+
+
+def _window_mode(cum: torch.Tensor, half: int) -> torch.Tensor:
+    """Index of the bin centring the ``2 half + 1``-bin window of highest mean probability.
+
+    ``cum`` is the row-wise (inclusive) cumulative sum of the bin probabilities. Window sums
+    are differences of ``cum`` (no convolution); windows cut by the range edges are compared
+    by their mean per bin, so the mode is not pushed away from ``zmin``/``zmax``. Ties go to
+    the lowest bin.
+    """
+    n = cum.shape[1]
+    h = int(half)
+    w = 2 * h + 1
+    if h < 1 or w >= n:
+        raise ValueError(f"window of {w} bins needs 3 <= width < {n} bins")
+    # bins h+1 .. n-h-1: full windows [i-h, i+h], sum = cum[i+h] - cum[i-h-1]
+    mid_val, mid_idx = torch.max(cum[:, w:] - cum[:, : n - w], dim=1)
+    best_val, best_idx = mid_val / w, mid_idx + (h + 1)
+    # bins 0 .. h: windows [0, i+h] of i+h+1 bins
+    i_left = torch.arange(h + 1, device=cum.device)
+    left_val, left_idx = torch.max(cum[:, h: w] / (i_left + h + 1).to(cum.dtype), dim=1)
+    # bins n-h .. n-1: windows [i-h, n-1] of n-i+h bins
+    i_right = torch.arange(n - h, n, device=cum.device)
+    right = (cum[:, -1:] - cum[:, n - w: n - h - 1]) / (n - i_right + h).to(cum.dtype)
+    right_val, right_idx = torch.max(right, dim=1)
+    right_idx = right_idx + (n - h)
+    # lowest index wins ties: left < mid < right
+    take = right_val > best_val
+    best_val, best_idx = torch.where(take, right_val, best_val), torch.where(take, right_idx, best_idx)
+    take = left_val >= best_val
+    return torch.where(take, left_idx, best_idx)
+
+
+def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
+
+    ``mode_window`` (redshift units): zmode is the centre of the window of about this width
+    (an odd number of bins) holding the most probability per bin; 0 or less than two bins:
+    the centre of the most probable bin.
+    """
+    p = _tensor(probs, torch.float32)
+    e = _tensor(edges, torch.float64, p.device)
+    widths = e[1:] - e[:-1]
+    centers = 0.5 * (e[1:] + e[:-1])
+    cum = torch.cumsum(p, dim=1)
+    total = cum[:, -1].double()
+    total[total <= 0] = 1.0
+    mean = (p @ centers.to(torch.float32)).double() / total
+    second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
+    half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
+    half = min(half, (p.shape[1] - 2) // 2)  # at least one full window inside the range
+    imode = _window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)
+    out = {"zmode": centers[imode], "zmean": mean,
+           "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
+    out.update(_cumulative_quantiles(cum, total, e, quantiles))
+    ancil = {k: _numpy64(v) for k, v in out.items()}
+    ancil["p_outside"] = np.zeros(p.shape[0])
+    return ancil, total
+
+
+def binned_ensemble(
+    probs,
+    edges,
+    representation: str = "hist",
+    quantiles=DEFAULT_QUANTILES,
+    mode_window: float = 0.0,
+    prob_fn=None,
+    block_rows: int = 8192,
+) -> qp.Ensemble:
+    """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
+
+    ``probs`` (numpy array or tensor, on any device) must be normalised per row (a softmax
+    output), or become so through ``prob_fn`` (e.g. logits -> softmax), which is applied
+    block by block. ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
+    stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
+    the most probable bin, or with ``mode_window`` > 0 (redshift units) the centre of the
+    most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
+    and quantiles are those of the piecewise-constant PDF.
+
+    Rows are processed ``block_rows`` at a time into one preallocated output, so the
+    (N, nbins) temporaries of a whole chunk (240 MB each for 1e5 rows of 600 bins) are
+    never alive together (peak memory: benchmarks/results/implementation_notes.md).
+    """
+    if representation not in ("hist", "interp"):
+        raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
+    x = _tensor(probs, torch.float32)
+    edges = np.asarray(edges, dtype=np.float64)
+    n, nb = x.shape
+    widths = np.diff(edges)
+    uniform = bool(np.allclose(widths, widths[0], rtol=1e-9, atol=0.0))
+    inv_widths = torch.as_tensor(1.0 / widths, dtype=torch.float32, device=x.device)
+    dens = np.empty((n, nb), dtype=np.float32)
+    parts = []
+    for i in range(0, max(n, 1), block_rows):
+        p = x[i: i + block_rows]
+        if prob_fn is not None:
+            p = prob_fn(p)
+        ancil_b, total = binned_summaries(p, edges, quantiles, mode_window)
+        parts.append(ancil_b)
+        # density = p / total / width, written straight into the output rows (one pass on CPU
+        # for even bins)
+        out = torch.from_numpy(dens[i: i + len(p)])
+        scale = ((1.0 / widths[0]) / total if uniform else 1.0 / total).float()[:, None]
+        q = torch.mul(p, scale, out=out) if p.device.type == "cpu" else p * scale
+        if not uniform:
+            q.mul_(inv_widths[None, :])
+        if q is not out:
+            out.copy_(q)
+    ancil = {k: np.concatenate([a[k] for a in parts]) for k in parts[0]}
+    if representation == "hist":
+        ens = qp.Ensemble(qp.hist, data=dict(bins=edges, pdfs=dens, norm=False, warn=False))
+    else:
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
+    ens.set_ancil(ancil)
+    return ens
