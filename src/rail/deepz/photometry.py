@@ -37,8 +37,6 @@ FLUX_ZEROPOINTS = {"nJy": 31.4, "nanomaggies": 22.5}
 MAG_ERR_FACTOR = 2.5 / np.log(10.0)
 MISSING_POLICIES = ("limit", "mask", "raise")
 INPUT_UNITS = ("mag", "nJy", "nanomaggies")
-#: the feature blocks of :meth:`Photometry.features` (the one list every method checks against)
-FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 class BadPhotometryError(ValueError):
@@ -130,6 +128,10 @@ class Photometry:
             elif name == "color_errors":
                 names += [f"err({a}-{b})" for a, b in zip(bands[:-1], bands[1:])]
         return names
+
+
+#: the feature blocks of :meth:`Photometry.features` (the one list every method checks against)
+FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 def _column(data: Mapping, name: str, role: str, n_rows: int | None) -> np.ndarray:

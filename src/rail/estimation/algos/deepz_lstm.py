@@ -252,20 +252,19 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         lstm_units=Param(
             list, [64, 32],
             msg="hidden units per direction of each stacked LSTM layer (paper: 128, 64; the default is "
-            "halved for CPU inference speed, benchmarks/results/ablations_lstm.md)",
+            "halved for CPU inference speed, see the module docstring)",
         ),
         bidirectional=Param(bool, True, msg="bidirectional LSTM layers (paper: True)"),
         dropout=Param(
             float, 0.0,
-            msg="dropout after each LSTM layer and dense layer (paper: 0.3; 0 here, "
-            "benchmarks/results/ablations_lstm.md)",
+            msg="dropout after each LSTM layer and dense layer (paper: 0.3; 0 here, see the module docstring)",
         ),
         batch_norm=Param(bool, True, msg="batch norm after each LSTM layer (paper: True)"),
         aggregation=Param(
             str, "flatten",
             msg=f"how the last LSTM layer's outputs become one vector, one of {AGGREGATIONS} "
             "('last' = final hidden state per direction, the paper's; 'flatten' = all steps "
-            "concatenated, the default: benchmarks/results/ablations_lstm.md)",
+            "concatenated, the default: better on DC2, see the module docstring)",
         ),
         dense_units=Param(list, [64], msg="widths of the ReLU dense layer(s) before the mixture head"),
         n_components=Param(int, 15, msg="number of Gaussian components K (paper: 15)"),
