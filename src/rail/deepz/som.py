@@ -38,7 +38,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .photometry import FEATURE_BLOCKS as PHOT_BLOCKS
 from .photometry import Photometry
 from .scaling import Standardizer
 
@@ -46,6 +45,7 @@ METRICS = ("sigma_nmad", "bias", "eta", "pco")
 NMAD_FACTOR = 1.4826
 ETA_THRESHOLD = 0.15
 PCO_TAIL = 0.005
+PHOT_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 # ----------------------------------------------------------------- features
