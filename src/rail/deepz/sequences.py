@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .photometry import Photometry
 from .scaling import Standardizer
@@ -144,3 +145,18 @@ class BandSequencer:
         obj.flux_scaler = Standardizer.from_dict(d["flux_scaler"])
         obj.err_scaler = Standardizer.from_dict(d["err_scaler"])
         return obj
+
+
+def make_band_dropout(p: float):
+    """Training augmentation of sequence batches (N, B, N_CHANNELS): mask each band of each
+    object with probability ``p`` (validity flag and values set to 0, as a masked step)."""
+
+    def augment(batch):
+        x = batch[0]
+        drop = torch.rand(x.shape[:2], device=x.device) < p
+        x = x.clone()
+        x[..., 2] = x[..., 2] * (~drop).to(x.dtype)
+        x[..., :2] = x[..., :2] * x[..., 2:3]
+        return [x, *batch[1:]]
+
+    return augment

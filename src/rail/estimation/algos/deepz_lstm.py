@@ -57,7 +57,7 @@ from torch import nn
 from rail.deepz.calibration import fit_sigma_scale
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
-from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order
+from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order, make_band_dropout
 from rail.deepz.stages import (
     MIXTURE_OUTPUT_OPTIONS,
     MIXTURE_REPRESENTATIONS,
@@ -198,20 +198,6 @@ class LSTMMDN(nn.Module):
                 fold_input_affine_(weight, bias, scale, shift)
             self.norms[i] = nn.Identity()
         return self
-
-
-def make_band_dropout(p: float):
-    """Training augmentation: mask each band of each object with probability ``p``."""
-
-    def augment(batch):
-        x = batch[0]
-        drop = torch.rand(x.shape[:2], device=x.device) < p
-        x = x.clone()
-        x[..., 2] = x[..., 2] * (~drop).to(x.dtype)
-        x[..., :2] = x[..., :2] * x[..., 2:3]
-        return [x, *batch[1:]]
-
-    return augment
 
 
 class _SequenceMixin:
@@ -358,10 +344,8 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     name = "DeepzLSTMEstimator"
     interactive_function = "deepz_lstm_estimator"
     method = "lstm"
-    # torch's CPU LSTM (oneDNN) allocates per-call buffers of ~8.5 and ~9.6 kB per object for the
-    # default 64/32 bidirectional network (strace: 35 and 39 MB at 4096 objects): above glibc's
-    # 32 MB mmap threshold, so every batch maps and page-faults fresh memory; 2048 keeps them on
-    # the heap (500k DC2 rows, 2 threads: 45-47k -> 56-58k objects/s, benchmarks/README.md)
+    # torch's CPU LSTM (oneDNN) allocates per-call buffers that at 4096 objects exceed glibc's
+    # 32 MB mmap threshold; 2048 keeps them on the heap (measured: benchmarks/README.md)
     auto_batch_cpu = 2048
     config_options = DeepzEstimator.config_options.copy()
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
