@@ -16,14 +16,7 @@ from rail.deepz.encoders import (
     FoundationModelEncoder,
     encoder_from_dict,
 )
-from rail.deepz.mixtures import (
-    FixedGridMixtureHead,
-    MixtureParams,
-    fixed_grid_centers,
-    fixed_grid_crps,
-    fixed_grid_pair_matrix,
-    gmm_crps,
-)
+from rail.deepz.mixtures import MixtureParams, fixed_grid_crps, fixed_grid_pair_matrix, gmm_crps
 from rail.deepz.photometry import extract_photometry
 from rail.deepz.som import SOMFlagModel, cell_statistics, grouped_median
 from rail.deepz.pdf import (
@@ -149,6 +142,8 @@ def test_fixed_grid_ensemble_with_shared_rows_is_unchanged():
 
 def test_fixed_grid_centres_have_one_source():
     """The head's means, the loss's and the output's are the same evenly spaced points."""
+    from rail.deepz.mixtures import FixedGridMixtureHead, fixed_grid_centers
+
     head = FixedGridMixtureHead(4, 0.0, 3.0, 200, 0.0037)
     c = fixed_grid_centers(0.0, 3.0, 200)
     assert c[0] == 0.0 and c[-1] == 3.0 and np.allclose(np.diff(c), 3.0 / 199)
