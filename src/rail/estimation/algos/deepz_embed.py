@@ -7,8 +7,9 @@ autoencoder trained at inform time, or a local foundation model) gives an embedd
 Gaussians of fixed width (paper: sigma = 0.0037) over [zmin, zmax], trained on the exact
 mixture CRPS. The PDF is the mixture (``qp.mixmod``, exact;
 :func:`rail.deepz.pdf.fixed_grid_ensemble`) with ancil zmode/zmean/zmedian/zstd/quantiles/
-p_outside of the PDF restricted to [zmin, zmax]. At inform time a SOM (:mod:`rail.deepz.som`) is trained on catalog features of
-the training sample, or of a separate (larger, unlabelled) reference sample
+p_outside of the PDF restricted to [zmin, zmax]. At inform time a SOM
+(:mod:`rail.deepz.som`) is trained on catalog features of the training sample, or of a
+separate (larger, unlabelled) reference sample
 (``som_reference`` path, or ``inform(training_data, reference=table)``), and its per-cell
 statistics are measured on the validation split. The estimator adds the ancil
 ``som_cell``, ``som_dist``, ``som_train_count``, ``flag_ood`` and ``flag_underperforming``.
