@@ -40,12 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import preprocess_images
+from .photometry import FEATURE_BLOCKS as PHOT_BLOCKS
 from .photometry import Photometry
 from .scaling import Standardizer
 from .training import TrainConfig, concat_outputs, predict_batched, resolve_device, train_model
 
 ENCODER_KINDS = ("columns", "autoencoder", "foundation")
-PHOT_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 class EncoderError(ValueError):
@@ -323,7 +324,7 @@ class AutoencoderEncoder(Encoder):
         if self.image_column:
             img = read_images(data, self.image_column, self.image_shape)
             # arcsinh stretch with a per-channel scale fitted on the training images
-            inputs.append(np.arcsinh(img / self.image_scale[None, :, None, None]).astype(np.float32))
+            inputs.append(preprocess_images(img, self.image_scale))
         return inputs
 
     def fit(self, data, phot, train_idx, val_idx, train_config=None):
@@ -536,7 +537,7 @@ class FoundationModelEncoder(Encoder):
         self._load()
         self.sha256 = file_sha256(self.path)
         probe = self.encode({k: np.asarray(v)[train_idx[:4]] for k, v in data.items()},
-                            None if phot is None else _subset_phot(phot, train_idx[:4]))
+                            None if phot is None else phot.take(train_idx[:4]))
         self.out_dim = int(probe.shape[1])
         return self
 
@@ -591,10 +592,6 @@ class _FirstOutput(nn.Module):
         if isinstance(out, Mapping):
             out = next(iter(out.values()))
         return out.float()
-
-
-def _subset_phot(phot: Photometry, idx) -> Photometry:
-    return Photometry(bands=phot.bands, mags=phot.mags[idx], errs=phot.errs[idx], valid=phot.valid[idx])
 
 
 # ----------------------------------------------------------------- factory

@@ -71,6 +71,11 @@ class Photometry:
     def n_bands(self) -> int:
         return self.mags.shape[1]
 
+    def take(self, idx) -> "Photometry":
+        """The rows ``idx`` (indices or a boolean mask) of every per-object array, same bands."""
+        return type(self)(**{k: (v[idx] if isinstance(v, np.ndarray) else v)
+                             for k, v in ((f, getattr(self, f)) for f in self.__dataclass_fields__)})
+
     def colors(self) -> tuple[np.ndarray, np.ndarray]:
         """Adjacent-band colours ``m_b - m_{b+1}`` and their errors, shape (N, B-1)."""
         col = self.mags[:, :-1] - self.mags[:, 1:]
@@ -123,6 +128,10 @@ class Photometry:
             elif name == "color_errors":
                 names += [f"err({a}-{b})" for a, b in zip(bands[:-1], bands[1:])]
         return names
+
+
+#: the feature blocks of :meth:`Photometry.features` (the one list every method checks against)
+FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 def _column(data: Mapping, name: str, role: str, n_rows: int | None) -> np.ndarray:

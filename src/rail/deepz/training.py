@@ -59,13 +59,11 @@ def release_joblib_workers() -> bool:
 
     FlexZBoost (FlexCode: scikit-learn's ``MultiOutputRegressor(n_jobs=-1)`` over xgboost)
     leaves such a pool behind. While it lives, torch's multi-threaded CPU work in the same
-    process is 2-3x slower: its OpenMP threads sleep and wake at every parallel region
-    instead of spinning (60 LSTM training steps, 2 threads: 0.7-0.8 s before FlexZBoost's
-    inform, 1.8-2.0 s after, ~15,000 voluntary context switches per second in each torch
-    thread; 0.6-0.9 s again once the pool is shut down; LSTM inference on 20k objects 0.20 s
-    before, 0.31 s after, 0.26 s once shut down). Most likely the pool's manager thread
-    holds an OpenMP team of its own (xgboost shares torch's libgomp), so libgomp counts more
-    threads than CPUs and stops spinning. joblib starts a new pool the next time it needs one.
+    process is slower: its OpenMP threads sleep and wake at every parallel region instead
+    of spinning (measured: benchmarks/results/implementation_notes.md). Most likely the
+    pool's manager thread holds an OpenMP team of its own (xgboost shares torch's libgomp),
+    so libgomp counts more threads than CPUs and stops spinning. joblib starts a new pool the
+    next time it needs one.
     """
     ex = _joblib_executor()
     if ex is None:

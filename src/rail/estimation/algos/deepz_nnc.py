@@ -12,27 +12,23 @@ validation plateau; gradient clipping 1.0; early stopping patience 20; batch 409
 dz = 0.005 over [0, 3] (600 bins) to cover DC2. As in the paper, the softmax is
 calibrated after training by a temperature fitted on the validation split.
 
-Beyond the paper: the softmax output is smoothed by a fixed Gaussian of
-``smoothing_bins`` bins (default 2, i.e. 0.01 in z) before the loss and at output. The
-CRPS constrains only the CDF, and with 600 bins the raw output is a comb of single-bin
-spikes (median peak density 94 vs 11 for FlexZBoost on DC2, CDE loss +77) that spoils
-the density and the mode; ``smoothing_bins=0`` restores the paper's head.
+Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.md``
+(what was tried and not kept: ``CHANGELOG.md``):
 
-Two more departures, measured on DC2 (train on the 10,225-row file, test on the
-20,449-row file; sigma_IQR / RAIL outlier rate of zmode; FlexZBoost in the same harness:
-0.0196 / 0.104):
-
+* ``smoothing_bins=2``: the softmax output is smoothed by a fixed Gaussian of this many
+  bins (0.01 in z) before the loss and at output; the CRPS constrains only the CDF, and
+  with 600 bins the raw output is a comb of single-bin spikes. ``smoothing_bins=0``
+  restores the paper's head.
 * ``nll_weight=0.1``: the loss is CRPS + 0.1 x the histogram negative log-likelihood
-  (:func:`rail.deepz.mixtures.binned_nll`). The CRPS constrains the CDF only; it leaves the
-  density near the peak loose, so the most probable bin wanders (pure CRPS: zmode 0.0252,
-  zmean 0.0204). With the NLL term: 0.0211 (0.1), 0.0213 (0.3); PIT KS 0.018-0.030.
-* ``dropout=0.0`` (paper 0.1): with the NLL term, 0.0210 vs 0.0211 in zmode, zmedian
-  0.0191 vs 0.0192, and early stopping comes sooner (inform 40 s vs 63 s).
+  (:func:`rail.deepz.mixtures.binned_nll`), which pins the density near the peak (with the
+  CRPS alone the most probable bin wanders).
+* ``dropout=0.0`` (paper 0.1).
+* ``temperature_objective="pit_ks"`` (paper: the validation NLL; see
+  :mod:`rail.deepz.calibration`).
 * Estimator option ``mode_window=0.06``: zmode is the centre of the 0.06-wide window
   (13 bins) holding the most probability, not the single most probable bin, which is a
-  noisy statistic of a 600-bin histogram: zmode sigma_IQR 0.0210 -> 0.0192, outlier rate
-  0.098 (windows of 0.045-0.105 all give 0.0191-0.0195). The histogram itself is
-  unchanged; zmean, zmedian and the quantiles do not depend on it.
+  noisy statistic of a 600-bin histogram. The histogram itself is unchanged; zmean,
+  zmedian and the quantiles do not depend on it.
 """
 
 from __future__ import annotations
