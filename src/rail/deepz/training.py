@@ -276,6 +276,12 @@ def train_model(
         otherwise the whole set is copied to the device once (fast for catalogues).
     """
     cfg.validate()
+    if len(train_z) < MIN_TRAIN_BATCH:  # no batch, no optimiser step: refuse to save the init
+        raise ValueError(
+            f"The training split holds {len(train_z)} row(s): no optimiser step is possible "
+            f"(a batch needs at least {MIN_TRAIN_BATCH}); give more training rows or a smaller "
+            "'val_fraction'"
+        )
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cpu" and os.environ.get("DEEPZ_NUM_THREADS"):
