@@ -150,6 +150,11 @@ class Photometry:
         avail = {"mags": v, "colors": pair, "errors": v, "color_errors": pair, "valid": np.ones_like(v)}
         return np.concatenate([avail[name] for name in include], axis=1)
 
+    def masked_features(self, include: Sequence[str], mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`features` and, when ``mask`` (``missing_policy='mask'``), :meth:`feature_valid`
+        for :class:`rail.deepz.scaling.Standardizer` to zero; None otherwise."""
+        return self.features(include), (self.feature_valid(include) if mask else None)
+
     @staticmethod
     def feature_names(bands: Sequence[str], include: Sequence[str]) -> list[str]:
         """Names of the columns produced by :meth:`features` (for documentation/SHAP)."""

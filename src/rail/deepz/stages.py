@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
+import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -91,7 +92,10 @@ def validate_config_keys(stage) -> None:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+    """An integer, or a float with an integral value (1e5); never a bool or a string."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer())
 
 
 def _is_real(v) -> bool:
@@ -106,7 +110,7 @@ def check_type(name: str, dtype, value) -> None:
         bool: lambda v: isinstance(v, (bool, np.bool_)),
         int: _is_int,
         float: _is_real,
-        str: lambda v: isinstance(v, str),
+        str: lambda v: isinstance(v, (str, os.PathLike)),
         list: lambda v: isinstance(v, (list, tuple)),
         dict: lambda v: isinstance(v, Mapping),
     }.get(dtype)
@@ -573,6 +577,20 @@ class DeepzEstimator(CatEstimator):
 
     def _photometry(self, data: Mapping) -> Photometry:
         return extract_photometry(data, self.model["bands"], self.model["err_bands"], **self.model["photometry"])
+
+    def input_iterator(self, tag: str, **kwargs):
+        """RAIL's iterator, except that an input file with 0 rows gives one empty chunk (RAIL's
+        raises a TypeError from a log call), so that an empty, valid ensemble is written."""
+        handle = self.get_handle(tag, allow_missing=True)
+        if tag == "input" and handle is not None and handle.path not in (None, "None", "none"):
+            groupname = kwargs.get("groupname", self.config.hdf5_groupname)
+            if handle.size(groupname=groupname) == 0:
+                self._input_length = 0
+                data = handle.read()
+                if groupname and isinstance(data, Mapping) and groupname in data:
+                    data = data[groupname]
+                return [(0, 0, data)]
+        return super().input_iterator(tag, **kwargs)
 
     def _process_chunk(self, start, end, data, first):
         data = table_to_numpy_dict(self, data)

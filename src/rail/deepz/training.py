@@ -398,7 +398,7 @@ def predict_batched(
     use_amp = bool(mixed_precision) and device.type in ("cuda", "cpu")
     n = len(inputs[0])
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
+        for i in range(0, max(n, 1), batch_size):  # an empty input still gives one (empty) output
             batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(*batch)

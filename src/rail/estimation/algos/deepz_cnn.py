@@ -43,7 +43,7 @@ from rail.deepz.images import (
 from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps, gmm_crps_numpy, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.photometry import check_model_bands
-from rail.deepz.scaling import Standardizer
+from rail.deepz.scaling import Standardizer, fit_standardizer
 from rail.deepz.stages import (
     MIXTURE_OUTPUT_OPTIONS,
     MIXTURE_REPRESENTATIONS,
@@ -180,11 +180,12 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
             raise ValueError(f"Option 'bad_pixel_policy'={cfg.bad_pixel_policy!r} is not one of {BAD_PIXEL_POLICIES}")
         if cfg.n_members < 1 or cfg.n_components < 1:
             raise ValueError("Options 'n_members' and 'n_components' must be >= 1")
-        blocks = list(FEATURES) + (["valid"] if cfg.missing_policy == "mask" else [])
-        x = self._photometry(data).features(blocks)
+        mask = cfg.missing_policy == "mask"
+        blocks = list(FEATURES) + (["valid"] if mask else [])
+        x, fvalid = self._photometry(data).masked_features(blocks, mask)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
-        scaler = Standardizer().fit(x[tr])
-        xs = scaler.transform(x).astype(np.float32)
+        scaler = fit_standardizer(x, fvalid, tr)
+        xs = scaler.transform(x, fvalid)
         inputs = [xs]
         image_info = {"use_images": bool(cfg.use_images)}
         in_ch = 0
@@ -233,6 +234,8 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         return self._model_dict(
             arch=arch,
             feature_blocks=blocks,
+            # masked features zeroed after standardisation (absent in older models: not zeroed)
+            mask_features=mask,
             images=image_info,
             member_state_dicts=members,
             member_weights=[float(v) for v in mw],
@@ -285,7 +288,8 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model
-        x = self.scaler.transform(self._photometry(data).features(m["feature_blocks"])).astype(np.float32)
+        x = self.scaler.transform(*self._photometry(data).masked_features(
+            m["feature_blocks"], m.get("mask_features", False)))
         inputs = [x]
         info = m["images"]
         if info["use_images"]:

@@ -47,8 +47,7 @@ from torch import nn
 from rail.deepz.calibration import fit_temperature
 from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps, binned_nll
 from rail.deepz.pdf import binned_ensemble
-from rail.deepz.photometry import Photometry
-from rail.deepz.scaling import Standardizer
+from rail.deepz.scaling import Standardizer, fit_standardizer
 from rail.deepz.stages import DeepzEstimator, DeepzInformer, with_defaults
 from rail.deepz.training import (
     concat_outputs,
@@ -128,10 +127,6 @@ def _feature_blocks(config_features, missing_policy: str) -> list[str]:
     return blocks
 
 
-def _features(phot: Photometry, blocks: list[str]) -> np.ndarray:
-    return phot.features(blocks)
-
-
 class DeepzNNCInformer(DeepzInformer):
     """Train the binned CRPS classifier (NNC) on a spectroscopic table."""
 
@@ -186,10 +181,11 @@ class DeepzNNCInformer(DeepzInformer):
             raise ValueError(
                 f"Option 'temperature_objective'={cfg.temperature_objective!r} is not 'pit_ks' or 'nll'"
             )
-        x = _features(self._photometry(data), blocks)
+        mask = cfg.missing_policy == "mask"
+        x, fvalid = self._photometry(data).masked_features(blocks, mask)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
-        scaler = Standardizer().fit(x[tr])
-        xs = scaler.transform(x)
+        scaler = fit_standardizer(x, fvalid, tr)
+        xs = scaler.transform(x, fvalid)
         edges = np.linspace(cfg.zmin, cfg.zmax, cfg.nbins + 1)
         centers = torch.as_tensor(0.5 * (edges[1:] + edges[:-1]), dtype=torch.float32)
         torch.manual_seed(cfg.seed)
@@ -225,6 +221,8 @@ class DeepzNNCInformer(DeepzInformer):
                 "dropout": float(cfg.dropout),
                 "smoothing_bins": float(cfg.smoothing_bins),
                 "features": blocks,
+                # masked features zeroed after standardisation (absent in older models: not zeroed)
+                "mask_features": mask,
             },
             edges=edges,
             temperature=temperature,
@@ -272,7 +270,9 @@ class DeepzNNCEstimator(DeepzEstimator):
         return net
 
     def _estimate_chunk(self, data: Mapping):
-        x = self.scaler.transform(_features(self._photometry(data), self.model["arch"]["features"]))
+        arch = self.model["arch"]
+        x = self.scaler.transform(*self._photometry(data).masked_features(
+            arch["features"], arch.get("mask_features", False)))
         logits = concat_outputs(
             predict_batched(self.net, [x], self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)
