@@ -122,7 +122,7 @@ def check_type(name: str, dtype, value) -> None:
         )
 
 
-def _bound(op: str, limit: float) -> Callable:
+def bound(op: str, limit: float) -> Callable:
     tests = {">": lambda v: v > limit, ">=": lambda v: v >= limit, "<": lambda v: v < limit,
              "<=": lambda v: v <= limit}
 
@@ -133,7 +133,7 @@ def _bound(op: str, limit: float) -> Callable:
 
 
 #: checks to declare beside an option: ``Option(float, 0.1, check=POSITIVE)``
-POSITIVE, NON_NEGATIVE = _bound(">", 0), _bound(">=", 0)
+POSITIVE, NON_NEGATIVE = bound(">", 0), bound(">=", 0)
 
 
 def in_range(lo: float, hi: float, closed: str = "neither") -> Callable:
@@ -171,6 +171,12 @@ def positive_int_list(name, value):
     """A non-empty list of positive integers (layer widths)."""
     if not value or not all(_is_int(v) and v > 0 for v in value):
         raise ValueError(f"Option {name!r}={value!r} must be a non-empty list of positive integers")
+
+
+def positive_int_list_or_empty(name, value):
+    """A list of positive integers, possibly empty (optional layers)."""
+    if value:
+        positive_int_list(name, value)
 
 
 class Option(Param):
@@ -282,8 +288,8 @@ TRAINING_OPTIONS = dict(
         msg="training redshifts outside [zmin, zmax] or non-finite: 'raise', 'clip' "
         "(to the range; non-finite still raise) or 'drop'",
     ),
-    epochs=Option(int, 300, check=_bound(">=", 1), msg="maximum number of training epochs"),
-    batch_size=Option(int, 4096, check=_bound(">=", 2), msg="objects per optimisation step"),
+    epochs=Option(int, 300, check=bound(">=", 1), msg="maximum number of training epochs"),
+    batch_size=Option(int, 4096, check=bound(">=", 2), msg="objects per optimisation step"),
     lr=Option(float, 5e-4, check=POSITIVE, msg="initial learning rate"),
     weight_decay=Option(float, 1e-5, check=NON_NEGATIVE, msg="weight decay"),
     optimizer=Option(str, "adamw", check=one_of("adamw", "adam"), msg="'adamw' or 'adam'"),
@@ -291,9 +297,9 @@ TRAINING_OPTIONS = dict(
     lr_factor=Option(float, 0.5, check=in_range(0, 1, "right"), msg="learning-rate multiplier of the schedule"),
     lr_patience=Option(int, 5, check=NON_NEGATIVE,
                        msg="plateau schedule: epochs without improvement before lowering lr"),
-    lr_step=Option(int, 50, check=_bound(">=", 1), msg="step schedule: epochs between lr reductions"),
+    lr_step=Option(int, 50, check=bound(">=", 1), msg="step schedule: epochs between lr reductions"),
     clip_norm=Param(float, 1.0, msg="gradient clipping max norm (<= 0: off)"),
-    patience=Option(int, 20, check=_bound(">=", 1),
+    patience=Option(int, 20, check=bound(">=", 1),
                     msg="early stopping patience in epochs (best weights restored)"),
     min_delta=Option(float, 0.0, check=NON_NEGATIVE, msg="minimum validation-loss decrease counted as improvement"),
     val_fraction=Option(float, 0.1, check=in_range(0, 1),
@@ -316,7 +322,7 @@ ESTIMATION_OPTIONS = dict(
     ),
     zmax=Option(float, None, required=False,
                 msg="upper end of the output grid; None (default) = the model's (see zmin)"),
-    nzbins=Option.wrap(SharedParams.copy_param("nzbins"), check=_bound(">", 2)),
+    nzbins=Option.wrap(SharedParams.copy_param("nzbins"), check=bound(">", 2)),
     bands=Param(
         list, [],
         msg="magnitude columns; empty = the model's bands. If given, must equal the model's",
@@ -341,8 +347,8 @@ MIXTURE_REPRESENTATIONS = ("mixmod", "interp")
 
 #: ``qp_representation`` option of the estimators that emit Gaussian mixtures
 MIXTURE_OUTPUT_OPTIONS = dict(
-    qp_representation=Param(
-        str, "mixmod",
+    qp_representation=Option(
+        str, "mixmod", check=one_of(*MIXTURE_REPRESENTATIONS),
         msg="'mixmod' (exact mixture; mass outside [zmin, zmax] reported in ancil p_outside) or "
         "'interp' (PDF truncated to [zmin, zmax], renormalised, sampled on nzbins points)",
     ),
