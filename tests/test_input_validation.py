@@ -268,6 +268,11 @@ def test_training_sentinels_cleaned_like_99(method, dc2):
     assert all(np.isfinite(v).all() for v in _pdf_arrays(pz).values())
 
 
+def test_foundation_encoder_on_photometry_refuses_mask(dc2):
+    with pytest.raises(ValueError, match="missing_policy='mask' cannot hide"):
+        _inform("embed", dc2, encoder="foundation", foundation_path="absent.pt", missing_policy="mask")
+
+
 # ----------------------------------------------------------------- grid, empty tables, tiny splits
 
 

@@ -205,6 +205,10 @@ class Option(Param):
         self.raw = value
         return super().set(value)
 
+    def set_to_default(self):
+        self.raw = self._default
+        return super().set_to_default()
+
     def validate(self, name: str) -> None:
         check_type(name, self.dtype, self.raw)
         if self.check is not None and self.raw is not None:
