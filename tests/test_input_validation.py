@@ -288,6 +288,13 @@ def test_estimator_grid_must_be_the_models(nnc_model, dc2):
         _estimate("nnc", nnc_model, dc2.test, zmax=2.0)
 
 
+def test_models_without_the_new_photometry_keys_still_read(nnc_model, dc2):
+    """Models written before valid_mag_range / mask_features: default range, unmasked features."""
+    old = copy.deepcopy(nnc_model)
+    del old["photometry"]["valid_mag_range"], old["arch"]["mask_features"]
+    _assert_identical(_pdf_arrays(_estimate("nnc", nnc_model, dc2.test)), _pdf_arrays(_estimate("nnc", old, dc2.test)))
+
+
 def test_empty_training_table_is_an_error(dc2):
     empty = {k: np.asarray(v)[:0] for k, v in dc2.train.items()}
     with pytest.raises(ValueError, match="0 usable rows"):

@@ -410,9 +410,10 @@ class DeepzInformer(CatInformer):
         if self.config.zmax <= self.config.zmin:
             raise ValueError(f"Option 'zmax' ({self.config.zmax}) must exceed 'zmin' ({self.config.zmin})")
         settings = photometry_settings(self.config)
-        validate_photometry_options(
-            self.config.bands, self.config.err_bands, settings.pop("mag_limits"),
-            settings.pop("missing_policy"), settings.pop("input_units"), **settings)
+        if self.config.bands:  # (a stage may not need photometry: embedding columns)
+            validate_photometry_options(
+                self.config.bands, self.config.err_bands, settings.pop("mag_limits"),
+                settings.pop("missing_policy"), settings.pop("input_units"), **settings)
 
     def load_configs(self, args):
         checked_config(self)
