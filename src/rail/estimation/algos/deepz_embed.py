@@ -361,8 +361,7 @@ class DeepzEmbedInformer(DeepzInformer):
             raise ValueError(f"Option 'som_point_estimate'={self.config.som_point_estimate!r} is not zmode/zmean/zmedian")
         _som_settings(self.config)
         self._reference = None
-        if "encoder" in self.config:  # the encoder's options, checked before any data
-            make_encoder(self.config.encoder, self.config)
+        make_encoder(self.config.encoder, self.config)  # the encoder's options, checked before any data
 
     def inform(self, training_data, reference=None, **kwargs):
         """Train the model.
@@ -541,8 +540,6 @@ class DeepzSOMFlagInformer(DeepzInformer):
         super().__init__(args, **kwargs)
         _som_settings(self.config)
         self._reference = None
-        if "encoder" in self.config:  # the encoder's options, checked before any data
-            make_encoder(self.config.encoder, self.config)
 
     def inform(self, training_data, truth, ensemble, reference=None, **kwargs):
         """Train the SOM and measure the estimator's per-cell performance.
