@@ -391,7 +391,16 @@ def photometry_settings(config) -> dict:
     }
 
 
-class DeepzInformer(CatInformer):
+class CheckedOptions:
+    """Mixin of the base stages: every config parameter becomes a type-checked :class:`Option`
+    before ceci loads (and casts) the configured values."""
+
+    def load_configs(self, args):
+        checked_config(self)
+        super().load_configs(args)
+
+
+class DeepzInformer(CheckedOptions, CatInformer):
     """Base informer: table -> cleaned photometry + redshifts -> ``_fit`` -> model dict."""
 
     name = "DeepzInformer"
@@ -414,10 +423,6 @@ class DeepzInformer(CatInformer):
             validate_photometry_options(
                 self.config.bands, self.config.err_bands, settings.pop("mag_limits"),
                 settings.pop("missing_policy"), settings.pop("input_units"), **settings)
-
-    def load_configs(self, args):
-        checked_config(self)
-        super().load_configs(args)
 
     # -- data preparation -------------------------------------------------
     def _training_table(self) -> dict:
@@ -500,7 +505,7 @@ class DeepzInformer(CatInformer):
         raise NotImplementedError  # pragma: no cover
 
 
-class DeepzEstimator(CatEstimator):
+class DeepzEstimator(CheckedOptions, CatEstimator):
     """Base estimator: checks the model, rebuilds the network once, streams chunks."""
 
     name = "DeepzEstimator"
@@ -525,10 +530,6 @@ class DeepzEstimator(CatEstimator):
         self._loaded_model_id = None
         self.net = None
         self.torch_device = None
-
-    def load_configs(self, args):
-        checked_config(self)
-        super().load_configs(args)
 
     def _check_grid(self, model) -> None:
         """An asked zmin/zmax must be the model's; unset ones become the model's."""
