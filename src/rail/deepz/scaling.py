@@ -64,3 +64,9 @@ class Standardizer:
         obj.mean = np.asarray(d["mean"], dtype=np.float32)
         obj.std = np.asarray(d["std"], dtype=np.float32)
         return obj
+
+
+def fit_standardizer(x: np.ndarray, valid: np.ndarray | None, rows: np.ndarray) -> Standardizer:
+    """A :class:`Standardizer` fitted on ``x[rows]``, ignoring entries where ``valid`` is False
+    (``valid`` None: all entries count)."""
+    return Standardizer().fit(x[rows], None if valid is None else valid[rows])

@@ -274,6 +274,12 @@ def train_model(
         otherwise the whole set is copied to the device once (fast for catalogues).
     """
     cfg.validate()
+    if len(train_z) < MIN_TRAIN_BATCH:  # no batch, no optimiser step: refuse to save the init
+        raise ValueError(
+            f"The training split holds {len(train_z)} row(s): no optimiser step is possible "
+            f"(a batch needs at least {MIN_TRAIN_BATCH}); give more training rows or a smaller "
+            "'val_fraction'"
+        )
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cpu" and os.environ.get("DEEPZ_NUM_THREADS"):
@@ -390,7 +396,7 @@ def predict_batched(
     use_amp = bool(mixed_precision) and device.type in ("cuda", "cpu")
     n = len(inputs[0])
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
+        for i in range(0, max(n, 1), batch_size):  # an empty input still gives one (empty) output
             batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(*batch)

@@ -165,6 +165,7 @@ class DeepzEmbedInformer(DeepzInformer):
             raise ValueError(f"Option 'som_point_estimate'={self.config.som_point_estimate!r} is not zmode/zmean/zmedian")
         som_settings(self.config)
         self._reference = None
+        make_encoder(self.config.encoder, self.config)  # the encoder's options, checked before any data
 
     def inform(self, training_data, reference=None, **kwargs):
         """Train the model.

@@ -60,10 +60,17 @@ from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order, make_band_dropout
 from rail.deepz.stages import (
     MIXTURE_OUTPUT_OPTIONS,
-    MIXTURE_REPRESENTATIONS,
+    NON_NEGATIVE,
+    POSITIVE,
     DeepzEstimator,
     DeepzInformer,
-    check_option_choice,
+    Option,
+    bound,
+    each,
+    in_range,
+    one_of,
+    positive_int_list,
+    positive_int_list_or_empty,
     with_defaults,
 )
 from rail.deepz.training import (
@@ -224,71 +231,61 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         lr_factor=0.1, lr_step=50, weight_decay=0.0, missing_policy="mask",
     ))
     config_options.update(
-        wavelengths=Param(
-            list, [],
+        wavelengths=Option(
+            list, [], check=each(POSITIVE),
             msg="effective wavelength of each band in 'bands' (same order, any unit); the sequence "
             "runs in increasing wavelength. Empty: the order of 'bands' is the sequence order",
         ),
-        flux_transform=Param(
-            str, "asinh",
+        flux_transform=Option(
+            str, "asinh", check=one_of(*FLUX_TRANSFORMS),
             msg=f"flux scaling before per-band standardisation, one of {FLUX_TRANSFORMS}: 'linear' "
             "= the paper's standardised fluxes and errors; 'asinh' = asinh(flux/b), log(err/b) with b "
             "the band's median flux error",
         ),
-        lstm_units=Param(
-            list, [64, 32],
+        lstm_units=Option(
+            list, [64, 32], check=positive_int_list,
             msg="hidden units per direction of each stacked LSTM layer (paper: 128, 64; the default is "
             "halved for CPU inference speed, see the module docstring)",
         ),
         bidirectional=Param(bool, True, msg="bidirectional LSTM layers (paper: True)"),
-        dropout=Param(
-            float, 0.0,
+        dropout=Option(
+            float, 0.0, check=in_range(0, 1, "left"),
             msg="dropout after each LSTM layer and dense layer (paper: 0.3; 0 here, see the module docstring)",
         ),
         batch_norm=Param(bool, True, msg="batch norm after each LSTM layer (paper: True)"),
-        aggregation=Param(
-            str, "flatten",
+        aggregation=Option(
+            str, "flatten", check=one_of(*AGGREGATIONS),
             msg=f"how the last LSTM layer's outputs become one vector, one of {AGGREGATIONS} "
             "('last' = final hidden state per direction, the paper's; 'flatten' = all steps "
             "concatenated, the default: better on DC2, see the module docstring)",
         ),
-        dense_units=Param(list, [64], msg="widths of the ReLU dense layer(s) before the mixture head"),
-        n_components=Param(int, 15, msg="number of Gaussian components K (paper: 15)"),
-        min_sigma=Param(float, 1e-3, msg="floor on component widths (redshift units)"),
-        loss=Param(str, "nll", msg=f"training loss, one of {LOSSES} (paper: 'nll')"),
-        aux_loss_weight=Param(
-            float, 0.0,
+        dense_units=Option(list, [64], check=positive_int_list_or_empty, msg="widths of the ReLU dense layer(s) before the mixture head"),
+        n_components=Option(int, 15, check=bound(">=", 1), msg="number of Gaussian components K (paper: 15)"),
+        min_sigma=Option(float, 1e-3, check=POSITIVE, msg="floor on component widths (redshift units)"),
+        loss=Option(str, "nll", check=one_of(*LOSSES), msg=f"training loss, one of {LOSSES} (paper: 'nll')"),
+        aux_loss_weight=Option(
+            float, 0.0, check=NON_NEGATIVE,
             msg="weight of the other loss added to 'loss' (nll + w x crps, or crps + w x nll); 0 = 'loss' alone",
         ),
-        width_calibration=Param(
-            str, "pit_ks",
+        width_calibration=Option(
+            str, "pit_ks", check=one_of(*WIDTH_CALIBRATIONS),
             msg=f"post-hoc calibration of the component widths on the validation split, one of "
             f"{WIDTH_CALIBRATIONS}: 'pit_ks' = one factor on all sigmas minimising the KS distance of the "
             "validation PITs from uniform (means/weights unchanged); 'none' = the paper's raw MDN output",
         ),
-        band_dropout=Param(
-            float, 0.1,
+        band_dropout=Option(
+            float, 0.1, check=in_range(0, 1, "left"),
             msg="missing_policy='mask' only: probability of masking each band of each training object "
             "(teaches the network to handle bands missing at estimate time; 0 = off, as the paper)",
         ),
     )
 
+    def __init__(self, args, **kwargs):
+        super().__init__(args, **kwargs)
+        band_order(self.config.bands, self.config.wavelengths)  # one wavelength per band
+
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
         cfg = self.config
-        if cfg.aggregation not in AGGREGATIONS:
-            raise ValueError(f"Option 'aggregation'={cfg.aggregation!r} is not one of {AGGREGATIONS}")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"Option 'loss'={cfg.loss!r} is not one of {LOSSES}")
-        if cfg.n_components < 1:
-            raise ValueError(f"Option 'n_components' must be >= 1, got {cfg.n_components}")
-        if cfg.width_calibration not in WIDTH_CALIBRATIONS:
-            raise ValueError(
-                f"Option 'width_calibration'={cfg.width_calibration!r} is not one of {WIDTH_CALIBRATIONS}"
-            )
-        if cfg.aux_loss_weight < 0:
-            raise ValueError(f"Option 'aux_loss_weight' must be >= 0, got {cfg.aux_loss_weight}")
-        if not 0.0 <= cfg.band_dropout < 1.0:
-            raise ValueError(f"Option 'band_dropout' must be in [0, 1), got {cfg.band_dropout}")
         order = band_order(cfg.bands, cfg.wavelengths)
         phot = self._photometry(data)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
@@ -349,10 +346,6 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     auto_batch_cpu = 2048
     config_options = DeepzEstimator.config_options.copy()
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
-
-    def __init__(self, args, **kwargs):
-        super().__init__(args, **kwargs)
-        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
 
     def _build_network(self, model):
         net = LSTMMDN(**model["arch"])
