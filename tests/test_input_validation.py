@@ -23,12 +23,8 @@ from rail.deepz.photometry import (
     extract_photometry,
 )
 from rail.estimation.algos.deepz_cnn import DeepzCNNEstimator, DeepzCNNInformer
-from rail.estimation.algos.deepz_embed import (
-    DeepzEmbedEstimator,
-    DeepzEmbedInformer,
-    DeepzSOMFlagger,
-    DeepzSOMFlagInformer,
-)
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer
+from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
 from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
 
