@@ -316,6 +316,8 @@ def require_shared(sub: str) -> Path:
 
 
 def _columns_dict(obj) -> dict:
+    if hasattr(obj, "to_pandas") and not hasattr(obj, "colnames"):  # pyarrow Table
+        obj = obj.to_pandas()
     if hasattr(obj, "columns") and hasattr(obj, "to_numpy"):  # DataFrame
         return {str(c): obj[c].to_numpy() for c in obj.columns}
     if hasattr(obj, "colnames"):  # astropy Table
@@ -339,6 +341,10 @@ def read_table(path, group: str = "", need=()) -> dict:
 
             sep = r"\s+" if suffix in ("txt", "dat") else ","
             data = _columns_dict(pd.read_csv(path, sep=sep, comment="#" if suffix != "csv" else None))
+        elif suffix in ("parquet", "parq", "pq"):
+            import pandas as pd
+
+            data = _columns_dict(pd.read_parquet(path))
         elif suffix in ("fits", "fit", "fz"):
             from astropy.table import Table
 
