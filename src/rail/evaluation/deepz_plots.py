@@ -73,7 +73,8 @@ def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: i
     from matplotlib.colors import LogNorm
 
     labels = list(per_object)
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels) + 0.8, 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels) + 1.0, 3.8), squeeze=False, sharey=True,
+                             layout="constrained")
     x = np.linspace(zmin, zmax, 50)
     counts = []
     for i, lab in enumerate(labels):
@@ -97,9 +98,8 @@ def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: i
         ax.set_xlabel(z_label)
         if i == 0:
             ax.set_ylabel(f"z phot ({point_estimate})")
-    fig.tight_layout()
     if image is not None:
-        fig.colorbar(image, ax=list(axes.flat), label="objects per cell", fraction=0.03, pad=0.02)
+        fig.colorbar(image, ax=list(axes.flat), label="objects per cell", fraction=0.04, pad=0.02)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -114,7 +114,7 @@ def metrics_vs(table, bin_type: str, path: Path, xlabel: str) -> Path | None:
     npanel = len(metrics) + 1  # + objects per bin
     ncol = 3
     nrow = int(np.ceil(npanel / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     for k, m in enumerate(metrics):
         ax = axes.flat[k]
         for lab, grp in sub[sub.metric == m].groupby("estimator", sort=False):

@@ -64,8 +64,10 @@ def _declared(cls, key) -> bool:
 def _fit_option(cls, key, value):
     """A shared value in the form the stage declares (RAIL's nondetect_val is one float)."""
     if key == "nondetect_val" and isinstance(value, (list, tuple)):
-        opt = cls.config_options[key]
-        if getattr(opt, "dtype", None) is not list:
+        from ceci.config import StageParameter
+
+        opt = cls.config_options[key]  # a StageParameter, or RAIL's SHARED_PARAMS (a float option)
+        if not (isinstance(opt, StageParameter) and opt.dtype is list):
             return float(value[0])
     return value
 
