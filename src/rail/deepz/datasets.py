@@ -318,8 +318,9 @@ def require_shared(sub: str) -> Path:
 def _columns_dict(obj) -> dict:
     if hasattr(obj, "to_pandas") and not hasattr(obj, "colnames"):  # pyarrow Table
         obj = obj.to_pandas()
-    if hasattr(obj, "columns") and hasattr(obj, "to_numpy"):  # DataFrame
-        return {str(c): obj[c].to_numpy() for c in obj.columns}
+    if hasattr(obj, "columns") and hasattr(obj, "to_numpy"):  # DataFrame (pandas 3 hands out read-only
+        # views; some RAIL estimators write into their input columns, so each column is a copy)
+        return {str(c): np.array(obj[c].to_numpy(), copy=True) for c in obj.columns}
     if hasattr(obj, "colnames"):  # astropy Table
         return {c: np.asarray(obj[c]) for c in obj.colnames}
     return {k: np.asarray(v) for k, v in obj.items()}

@@ -57,6 +57,27 @@ def shared_options(ds) -> dict:
     )
 
 
+#: per-band options whose RAIL defaults have one entry per DC2 band (6): resized to the data set's
+#: band count with the same value when it differs (BPZ's zp_errors 0.1 mag / zp_offsets 0, GPz's
+#: replace_error_vals)
+PER_BAND_KEYS = ("zp_errors", "zp_offsets", "replace_error_vals")
+
+
+def _per_band_defaults(cls, nbands: int) -> dict:
+    from ceci.config import StageParameter
+    from rail.core.common_params import SHARED_PARAMS
+
+    out = {}
+    for key in PER_BAND_KEYS:
+        if not _declared(cls, key):
+            continue
+        opt = cls.config_options[key]
+        default = opt.default if isinstance(opt, StageParameter) else SHARED_PARAMS[key]
+        if isinstance(default, (list, tuple)) and default and len(default) != nbands:
+            out[key] = [default[0]] * nbands
+    return out
+
+
 def _declared(cls, key) -> bool:
     return key in getattr(cls, "config_options", {})
 
@@ -171,6 +192,7 @@ class EstimatorSpec:
         ):
             keys = SHARED_KEYS if keys is None else keys
             cfg = {k: _fit_option(cls, k, shared[k]) for k in keys if _declared(cls, k)}
+            cfg.update(_per_band_defaults(cls, len(ds.bands)))
             cfg.update(fixed)
             out.append(cfg)
         inform, estimate = out
