@@ -321,7 +321,7 @@ def test_ceci_runs_nnc_example_pipeline(tmp_path):
     assert qp.data_length(str(out / "pz_nnc.hdf5")) == 300
 
 
-@pytest.mark.parametrize("name", ["compare_dc2", "compare_boss"])
+@pytest.mark.parametrize("name", ["compare_dc2", "compare_boss", "compare_catalogue"])
 def test_notebooks_execute_quick(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -466,6 +466,7 @@ def compare(
     zmin: float | None = None,
     zmax: float | None = None,
     z_edges=None,
+    z_nbins: int = 6,
     mag_edges=None,
     point_estimate: str = "zmode",
     chunk_size: int = 10_000,
@@ -501,8 +502,8 @@ def compare(
         ``redshift`` and an i-band column found by name for the magnitude bins).
     zmin, zmax : redshift range of the metric grids and redshift bins (default: the data set's
         range, else :func:`metric_zrange`: the estimates' own grid, else [0, zmax rule]).
-    z_edges, mag_edges : bin edges (default 6 equal bins over [zmin, zmax]; 1-mag bins over
-        the 1-99 % range of the magnitudes).
+    z_edges, mag_edges : bin edges (default ``z_nbins`` = 6 equal bins over [zmin, zmax]; 1-mag
+        bins over the 1-99 % range of the magnitudes).
     point_estimate : ancil key of the point estimate (``zmode``, RAIL's default).
     chunk_size : PDFs per chunk when streaming the estimates (memory bound).
     progress : True (print), a callable, or False.
@@ -576,7 +577,7 @@ def compare(
     zmin, zmax = float(zmin), float(zmax)
     _check_settings(zmin, zmax, chunk_size)
     cfg = dm.MetricConfig.for_range(zmin, zmax, point_estimate=point_estimate)
-    z_edges = dm.default_z_edges(zmin, zmax) if z_edges is None else np.asarray(z_edges, dtype=float)
+    z_edges = dm.default_z_edges(zmin, zmax, z_nbins) if z_edges is None else np.asarray(z_edges, dtype=float)
     if mag_edges is None and mag is not None:
         mag_edges = dm.default_mag_edges(mag)
     # example objects: spread over the true-redshift range, the same for every estimator
