@@ -8,7 +8,8 @@ Examples::
     deepz-compare --data dc2 --estimators nnc,flexzboost --quick --out out/dc2_quick
     # your own catalogue (HDF5, parquet, FITS or CSV), your column names, peer RAIL estimators
     deepz-compare --train train.parquet --test test.parquet \\
-        --bands mag_g_des,mag_r_des,mag_i_des,mag_z_des --err-bands magerr_g_des,magerr_r_des,magerr_i_des,magerr_z_des \\
+        --bands mag_g_des,mag_r_des,mag_i_des,mag_z_des \\
+        --err-bands magerr_g_des,magerr_r_des,magerr_i_des,magerr_z_des \\
         --redshift-col z_spec --id-col objid --estimators nnc,lstm,flexzboost,bpz,knn,dnf --out out/mine
     # the same with the columns in a YAML file (keys: bands, err_bands, redshift_col, id_col,
     # ref_band, mag_limits, nondetect_val, wavelengths, zmin, zmax, group, bpz_filters)

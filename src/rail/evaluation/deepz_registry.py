@@ -220,6 +220,8 @@ class EstimatorSpec:
             lines.append(f"    when {r['when']}: {r.get('set', {})}  ({r.get('why', '')})")
         if self.derive is not None and self.derive.__doc__:
             lines.append("    derived: " + " ".join(self.derive.__doc__.split()))
+        if self.quick_inform or self.quick_estimate:
+            lines.append(f"    --quick: {dict(self.quick_inform, **self.quick_estimate)}")
         if not self.in_all:
             lines.append("    opt-in (not in 'all'; use 'peers' or name it)")
         return "\n".join(lines)
@@ -396,31 +398,19 @@ register(EstimatorSpec(
 # Stage defaults throughout (the harness runs what users get); only the shared options are set.
 # Opt-in: `--estimators all,peers` or by key. Installed by this package's `peers` extra.
 
-register(EstimatorSpec(
-    key="knn", label="kNN (pz-rail-sklearn)", package="pz-rail-sklearn",
-    informer="rail.estimation.algos.k_nearneigh:KNearNeighInformer",
-    estimator="rail.estimation.algos.k_nearneigh:KNearNeighEstimator",
-    baseline=True, in_all=False,
-))
-register(EstimatorSpec(
-    key="dnf", label="DNF (pz-rail-dnf)", package="pz-rail-dnf",
-    informer="rail.estimation.algos.dnf:DNFInformer",
-    estimator="rail.estimation.algos.dnf:DNFEstimator",
-    baseline=True, in_all=False,
-))
-register(EstimatorSpec(
-    key="gpz", label="GPz (pz-rail-gpz-v1)", package="pz-rail-gpz-v1",
-    informer="rail.estimation.algos.gpz:GPzInformer",
-    estimator="rail.estimation.algos.gpz:GPzEstimator",
-    quick_inform=dict(n_basis=10, max_iter=20),
-    baseline=True, in_all=False,
-))
-register(EstimatorSpec(
-    key="cmnn", label="CMNN (pz-rail-cmnn)", package="pz-rail-cmnn",
-    informer="rail.estimation.algos.cmnn:CMNNInformer",
-    estimator="rail.estimation.algos.cmnn:CMNNEstimator",
-    baseline=True, in_all=False,
-))
+
+def _peer(key: str, package: str, path: str, **kw) -> EstimatorSpec:
+    """A peer entry: ``path`` = ``module:Stem`` for RAIL's ``StemInformer`` / ``StemEstimator``."""
+    mod, stem = path.split(":")
+    return register(EstimatorSpec(
+        key=key, label=f"{key.upper()} ({package})", package=package, informer=f"{mod}:{stem}Informer",
+        estimator=f"{mod}:{stem}Estimator", baseline=True, in_all=False, **kw))
+
+
+_peer("knn", "pz-rail-sklearn", "rail.estimation.algos.k_nearneigh:KNearNeigh")
+_peer("dnf", "pz-rail-dnf", "rail.estimation.algos.dnf:DNF")
+_peer("gpz", "pz-rail-gpz-v1", "rail.estimation.algos.gpz:GPz", quick_inform=dict(n_basis=10, max_iter=20))
+_peer("cmnn", "pz-rail-cmnn", "rail.estimation.algos.cmnn:CMNN")
 
 #: keys selected by the words of ``--estimators``
 GROUPS = {
