@@ -284,7 +284,7 @@ register(EstimatorSpec(
     rules=[{
         "when": "n_train < 100000", "set": {"batch_size": 1024, "lr": 1e-3},
         "why": "the paper's batch 4096 / lr 5e-4 assume millions of objects: on DC2's 10k that is 3 optimiser "
-               "steps per epoch (measured on DC2: best epoch 86 vs 120, sigma_NMAD 0.0202 vs 0.0212)",
+               "steps per epoch (measured: benchmarks/results/ablations_nnc.md)",
     }],
     quick_inform=dict(epochs=5, hidden_layers=[64, 32], nbins=100, batch_size=512),
 ))
