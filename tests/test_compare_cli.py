@@ -151,7 +151,9 @@ def test_registry_passes_shared_options_only_where_declared(files):
         reg.resolve("rail.estimation.algos.k_nearneigh:NopeInformer")
     # registry rules are data: NNC's small-training-set rule is listed and applied
     assert any("n_train < 100000" in r["when"] for r in reg.get("nnc").rules)
-    assert reg.get("nnc").make_configs(ds)[0]["batch_size"] == 1024
+    nnc_inform = reg.get("nnc").make_configs(ds)[0]
+    assert nnc_inform["batch_size"] == 1024
+    assert nnc_inform["nondetect_val"] == [99.0, -99.0]  # our stages take every marker
     assert "peers" in reg.GROUPS and set(reg.GROUPS["peers"]()) >= {"knn"}
 
 

@@ -37,7 +37,7 @@ GRID_MIN_POINTS = 301
 SHARED_KEYS = ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "nzbins", "ref_band",
                "hdf5_groupname", "id_col", "nondetect_val")
 #: the catalog keys our own informers get (their estimators read bands etc. from the model)
-_DEEP_INFORM = ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname")
+_DEEP_INFORM = ("bands", "err_bands", "mag_limits", "redshift_col", "zmin", "zmax", "hdf5_groupname", "nondetect_val")
 _DEEP_ESTIMATE = ("hdf5_groupname", "id_col", "redshift_col", "zmin", "zmax")
 
 
@@ -83,12 +83,12 @@ def _declared(cls, key) -> bool:
 
 
 def _fit_option(cls, key, value):
-    """A shared value in the form the stage declares (RAIL's nondetect_val is one float)."""
+    """A shared value in the form the stage declares (RAIL's nondetect_val is one float; ours takes a list)."""
     if key == "nondetect_val" and isinstance(value, (list, tuple)):
         from ceci.config import StageParameter
 
         opt = cls.config_options[key]  # a StageParameter, or RAIL's SHARED_PARAMS (a float option)
-        if not (isinstance(opt, StageParameter) and opt.dtype is list):
+        if not (isinstance(opt, StageParameter) and opt.dtype in (list, None)):
             return float(value[0])
     return value
 
