@@ -178,3 +178,5 @@ def test_band_names_give_wavelengths_or_keep_the_given_order():
     assert datasets.default_zmax([0.2, 2.987]) == pytest.approx(3.0)
     assert datasets.default_zmax([3.026]) == pytest.approx(3.1)
     assert datasets.default_zmax([3.0]) == pytest.approx(3.1)
+    # the DC2 preset gets its [0, 3] from the same rule (training maximum 2.987), for any subset
+    assert datasets.load_dc2(n_train=50, n_test=50).zmax == pytest.approx(3.0)

@@ -533,12 +533,12 @@ def _dc2_spec() -> ColumnSpec:
 def load_dc2(n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
     """cosmoDC2 test catalogues from pz-rail-base (10,225 train / 20,449 test, ugrizy, z up to 3.0).
 
-    ``n_train``/``n_test`` draw random subsets (seeded) for quick runs. The grid is [0, 3.0]
-    (the shared rule, :func:`default_zmax`, on the full training file), kept fixed for subsets.
+    ``n_train``/``n_test`` draw random subsets (seeded) for quick runs. The grid is [0, 3.0]:
+    the shared rule (:func:`default_zmax`) on the full training file (maximum 2.987), so the
+    same for every subset.
     """
     train, test = _dc2_paths()
     ds = from_files(train, test, _dc2_spec(), name="dc2")
-    ds.zmax = 3.0
     ds.train = subsample(ds.train, n_train, seed)
     ds.test = subsample(ds.test, n_test, seed + 1)
     return ds
