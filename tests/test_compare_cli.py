@@ -180,3 +180,40 @@ def test_band_names_give_wavelengths_or_keep_the_given_order():
     assert datasets.default_zmax([3.0]) == pytest.approx(3.1)
     # the DC2 preset gets its [0, 3] from the same rule (training maximum 2.987), for any subset
     assert datasets.load_dc2(n_train=50, n_test=50).zmax == pytest.approx(3.0)
+
+
+def test_an_estimator_cannot_change_the_tables_the_next_one_reads(tmp_path, monkeypatch):
+    """BPZ writes its zero-point offsets into its input columns: the harness hands each stage a copy."""
+    from rail.evaluation import deepz_compare as dc
+
+    ds = datasets.load_dc2(n_train=300, n_test=200, seed=3)
+    before = {k: v.copy() for k, v in ds.test.items()}
+    seen = {}
+
+    class Writes:
+        config_options = {}
+
+        @classmethod
+        def make_stage(cls, **kw):
+            return cls()
+
+        def inform(self, handle):
+            handle.data["mag_i_lsst"] += 1.0
+
+        def get_handle(self, tag):
+            return None
+
+        def estimate(self, handle):
+            seen["mag"] = handle.data["mag_i_lsst"].copy()
+            handle.data["mag_i_lsst"] -= 5.0
+            raise RuntimeError("stop here")
+
+    spec = reg.EstimatorSpec(key="writes", label="writes", informer="x:y", estimator="x:z", shared_inform=(),
+                             shared_estimate=())
+    monkeypatch.setattr(reg.EstimatorSpec, "informer_class", property(lambda self: Writes))
+    monkeypatch.setattr(reg.EstimatorSpec, "estimator_class", property(lambda self: Writes))
+    with pytest.raises(RuntimeError, match="stop here"):
+        dc.run_estimator(spec, ds, tmp_path)
+    np.testing.assert_array_equal(seen["mag"], before["mag_i_lsst"])
+    for k in before:
+        np.testing.assert_array_equal(ds.test[k], before[k])

@@ -280,6 +280,12 @@ def _supported(spec, ds) -> str | None:
     return spec.available() if hasattr(spec, "available") else None
 
 
+def _private_copy(table: dict) -> dict:
+    """Each estimator gets its own copy of the table: some RAIL stages write into their input
+    columns (BPZ subtracts its zero-point offsets in place), which must not reach the next one."""
+    return {k: np.array(v, copy=True) for k, v in table.items()}
+
+
 def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: int = 10_000,
                   device: str | None = None, log=None, progress: bool | None = None) -> tuple[Path, dict]:
     """Inform ``spec`` on ``ds.train``, estimate ``ds.test``; returns (qp file, timings).
@@ -309,7 +315,7 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
         log(f"[compare] {spec.key}: inform on {n_train} objects ...")
     inf = inf_cls.make_stage(name=f"deepz_cmp_inform_{spec.key}_{uid}", model=str(model_path), **inform_cfg)
     t0 = time.perf_counter()
-    inf.inform(TableHandle("input", data=ds.train))
+    inf.inform(TableHandle("input", data=_private_copy(ds.train)))
     t_inf = time.perf_counter() - t0
     if log:
         log(f"[compare] {spec.key}: inform took {t_inf:.1f} s; estimate {n_test} objects ...")
@@ -318,7 +324,7 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
     est = est_cls.make_stage(name=f"deepz_cmp_estimate_{spec.key}_{uid}", model=inf.get_handle("model"),
                              output=str(out_path), **est_cfg)
     t0 = time.perf_counter()
-    handle = est.estimate(TableHandle("input", data=ds.test))
+    handle = est.estimate(TableHandle("input", data=_private_copy(ds.test)))
     t_est = time.perf_counter() - t0
     path = Path(handle.path) if getattr(handle, "path", None) else out_path
     if not path.exists():  # pragma: no cover - stage returned data only
