@@ -286,3 +286,15 @@ def test_som_uses_the_one_home_of_the_point_metrics():
 def test_row_cumsum_is_numpys():
     m = np.random.default_rng(0).random((37, 211))
     np.testing.assert_array_equal(dm._cumsum_rows(m), np.cumsum(m, axis=1))
+
+
+def test_point_estimates_computed_when_not_in_the_ancil():
+    rng = np.random.default_rng(4)
+    ens = _hist(rng, 40)
+    z = rng.uniform(0.0, 3.0, 40)
+    for key, ref in (("zmode", lambda: ens.mode(grid=np.linspace(0.0, 3.0, 301))), ("zmedian", ens.median)):
+        acc = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, point_estimate=key))
+        acc.add(ens, z)
+        np.testing.assert_allclose(acc.per_object()["zphot"], np.asarray(ref()).ravel(), rtol=1e-12)
+    with pytest.raises(KeyError, match="zfoo"):
+        dm.MetricAccumulator(dm.MetricConfig(point_estimate="zfoo")).add(ens, z)

@@ -94,7 +94,7 @@ from scipy.special import ndtr
 
 from rail.deepz import pointmetrics as pm
 from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.pdf import _mixture_pdf, mixture_pdf_on_grid
+from rail.deepz.pdf import _mixture_pdf, ensemble_pit, ensemble_point_estimate, mixture_pdf_on_grid
 
 MIN_OBJECTS = 10  # fewer objects in a group (overall or bin) -> its metrics are NaN
 _BLOCK = 2048  # rows per block of grid evaluations (memory: a few x _BLOCK x grid floats)
@@ -195,11 +195,9 @@ class PITFromSamples(PIT):
 
 
 def pit_values(ens: qp.Ensemble, ztrue) -> np.ndarray:
-    """PIT_i = CDF_i(ztrue_i), exactly as qp's PIT samples it (non-finite values -> 0)."""
-    ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.atleast_1d(PIT._gather_pit_samples(ens, ztrue)).astype(np.float64)
+    """PIT_i = CDF_i(ztrue_i) through qp, exactly as qp's PIT samples it (non-finite -> 0):
+    :func:`rail.deepz.pdf.ensemble_pit`, the general path."""
+    return ensemble_pit(ens, ztrue)
 
 
 def pit_metrics(pit) -> dict:
@@ -635,11 +633,7 @@ class MetricAccumulator:
             z = self.config.zgrid[np.argmax(np.nan_to_num(p, nan=-np.inf), axis=1)]
             return np.where(block.bad, np.nan, z)
         ens = block.ens if block.ens is not None else _to_ensemble(block)
-        if key in ("zmedian", "median"):
-            return np.asarray(ens.median(), dtype=np.float64).reshape(-1)
-        if key in ("zmean", "mean"):
-            return np.asarray(ens.mean(), dtype=np.float64).reshape(-1)
-        raise KeyError(f"point estimate {key!r} is neither in the ensemble's ancil nor zmode/zmean/zmedian")
+        return ensemble_point_estimate(ens, key, self.config.zgrid)  # qp's median/mean, or a KeyError
 
     def add(self, ens, ztrue, mag=None, start: int | None = None) -> None:
         """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
