@@ -928,6 +928,22 @@ def iterate_blocks(estimate, chunk_size: int):
         yield s, e, PDFBlock.from_ensemble(ens)
 
 
+def _prefetched(items):
+    """Iterate ``items`` with the next one read on a background thread while the caller works
+    on the current one (reading a chunk is serial; the metrics of a chunk run on the workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepz-read") as ex:
+        fut = ex.submit(next, items, done)
+        while True:
+            item = fut.result()
+            if item is done:
+                return
+            fut = ex.submit(next, items, done)
+            yield item
+
+
 def iterate_ensemble(estimate, chunk_size: int):
     """Yield (start, end, qp.Ensemble chunk) from a qp file path (qp.iterator) or an ensemble."""
     if isinstance(estimate, qp.Ensemble):
@@ -1096,7 +1112,7 @@ def accumulate_estimate(
         )
     acc = MetricAccumulator(config, keep_pdfs)
     t0 = time.perf_counter()
-    for s, e, block in iterate_blocks(estimate, chunk_size):
+    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size)):
         acc.add(block, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)
