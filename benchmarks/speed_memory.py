@@ -253,10 +253,12 @@ t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
 main_s = time.perf_counter() - t0
+cpu_s = time.process_time()  # user + system CPU of all threads, imports included
 # VmHWM: this process's own peak (ru_maxrss keeps the parent's peak across fork + exec)
 hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")]
 peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("METRIC_RESULT " + json.dumps({"rc": rc, "import_s": t_import, "main_s": main_s, "peak_rss_mb": peak}))
+print("METRIC_RESULT " + json.dumps({"rc": rc, "import_s": t_import, "main_s": main_s, "cpu_s": cpu_s,
+      "peak_rss_mb": peak}))
 """
 
 
@@ -375,12 +377,13 @@ def metric_benchmark(args, info, date, commit, results: Path):
     lines = ["# Metric pass: `deepz-compare --truth T --estimate a=F` end to end", "",
              "Written by `benchmarks/speed_memory.py --metrics`; synthetic qp files (see its docstring); "
              f"target {TARGETS['metrics']:,} objects/s (issue 20). `load` says whether the machine was shared.", "",
-             "| representation | objects | wall s | objects/s | pass+table objects/s | peak RSS MB | threads | "
-             "load | machine | commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| representation | objects | wall s | objects/s | pass+table objects/s | CPU s | peak RSS MB | "
+             "threads | load | machine | commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["runs"], key=keyf):
         m = r["machine"]
+        cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else "-"
         lines.append(f"| {r['representation']} | {r['rows']:,} | {r['wall_s']:.1f} | {r['objects_per_s']:,.0f} | "
-                     f"{r['pass_objects_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['threads'] or 'default'} | "
+                     f"{r['pass_objects_per_s']:,.0f} | {cpu} | {r['peak_rss_mb']:,.0f} | {r['threads'] or 'default'} | "
                      f"{r['load']} | {m['cpu']} x{m['cpu_count']} | {r['commit'][:10]} | {r['date']} |")
     mpath.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
