@@ -196,6 +196,24 @@ def test_nan_pdfs_raise_by_default_and_are_counted_when_excluded(tmp_path):
     assert (tmp_path / "o2" / "metrics.csv").is_file()
 
 
+def test_cli_exclude_bad(tmp_path, capsys):
+    import h5py
+    import pandas as pd
+
+    from rail.evaluation import deepz_cli
+
+    path, z, bad = _nan_case(tmp_path)
+    truth = tmp_path / "truth.hdf5"
+    with h5py.File(truth, "w") as f:
+        f["redshift"] = z
+    args = ["--truth", str(truth), "--estimate", f"nnc={path}", "--no-plots", "--quiet"]
+    assert deepz_cli.main(args + ["--out", str(tmp_path / "a")]) == 1
+    assert "10 PDFs or point estimates are not finite" in capsys.readouterr().err
+    assert deepz_cli.main(args + ["--out", str(tmp_path / "b"), "--exclude-bad"]) == 0
+    t = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert t[(t.metric == "n_bad_pdf") & (t.bin_type == "all")].value.item() == 10
+
+
 def test_nan_truths_raise_by_default_and_are_counted_when_excluded(tmp_path):
     rng = np.random.default_rng(1)
     ens = _mixmod(rng, 200)
