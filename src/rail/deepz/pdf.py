@@ -498,3 +498,79 @@ def binned_ensemble(
         ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     ens.set_ancil(ancil)
     return ens
+
+
+# ---------------------------------------------------------------- validity of the output
+
+#: largest accepted |total mass - 1| of a stored PDF (float32 outputs). The stored mass is
+#: a sum of at most a few thousand non-negative float32 terms (softmax weights, bins, grid
+#: cells) that should add up to 1; float32 rounding moves such a sum by at most
+#: n * 2**-24 ~ 1.2e-4 for n = 2000, so 1e-3 leaves an 8x margin and still catches an
+#: unnormalised PDF, a zero row or a lost component.
+MASS_TOL = 1e-3
+#: the same under ``mixed_precision`` (bf16 softmax outputs): each weight is rounded to
+#: 8 significant bits (relative 2**-9 = 0.2 %; measured up to 3e-4 over 600 bins), so the
+#: sum can miss 1 by up to ~0.4 %
+MASS_TOL_BF16 = 1e-2
+_SUMMARY_KEYS = ("zmode", "zmean", "zstd", "zmedian", "p_outside")
+
+
+def summary_keys(ancil) -> list:
+    """The point-estimate ancil columns written by this module (not e.g. SOM flags)."""
+    return [k for k in ancil if k in _SUMMARY_KEYS or k.startswith("z_q")]
+
+
+def pdf_mass(ens: qp.Ensemble, block_rows: int = 8192) -> np.ndarray:
+    """Total probability of each stored PDF (N,), NaN where a parameter is not finite or
+    not valid (negative weight or density, width <= 0).
+
+    * ``mixmod``: the sum of the weights (= exact mass inside [zmin, zmax] + ``p_outside``);
+    * ``hist``: sum of density x bin width; ``interp``: trapezoid integral over the grid
+      (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
+    Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
+    """
+    name = ens.gen_class.name
+    n = ens.npdf
+    mass = np.ones(n, dtype=np.float64)
+    obj = ens.objdata
+    for i in range(0, n, block_rows):
+        sl = slice(i, min(i + block_rows, n))
+        rows = sl.stop - sl.start
+
+        def block(key):  # (rows, K) float64; qp may hold a single PDF as a 1-D array
+            a = np.asarray(obj[key])
+            return np.asarray((a.reshape(n, -1) if a.ndim == 1 else a)[sl], dtype=np.float64).reshape(rows, -1)
+
+        if name == "mixmod":
+            w, mu, s = (block(k) for k in ("weights", "means", "stds"))
+            valid = (np.isfinite(w) & (w >= 0)).all(1) & np.isfinite(mu).all(1) & (np.isfinite(s) & (s > 0)).all(1)
+            m = w.sum(1)
+        elif name in ("hist", "interp"):
+            p = block("pdfs" if name == "hist" else "yvals")
+            x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
+            valid = (np.isfinite(p) & (p >= 0)).all(1)
+            m = p @ np.diff(x) if name == "hist" else 0.5 * (p[:, 1:] + p[:, :-1]) @ np.diff(x)
+        else:
+            continue
+        mass[sl] = np.where(valid, m, np.nan)
+    return mass
+
+
+def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL) -> np.ndarray:
+    """Boolean (N,): the PDF's parameters are finite and valid, its total mass (see
+    :func:`pdf_mass`) is within ``tol`` of 1, and its point-estimate ancil is finite."""
+    ok = np.abs(pdf_mass(ens) - 1.0) <= tol  # NaN -> False
+    ancil = ens.ancil or {}
+    for k in summary_keys(ancil):
+        ok &= np.isfinite(np.asarray(ancil[k], dtype=np.float64).reshape(len(ok), -1)).all(1)
+    return ok
+
+
+def flag_bad_pdfs(ens: qp.Ensemble, ok: np.ndarray) -> None:
+    """Add the ancil column ``pdf_ok`` and set every point estimate of the rows not ok to NaN."""
+    ancil = ens.ancil
+    for k in summary_keys(ancil):
+        v = np.array(ancil[k], dtype=np.float64)
+        v[~ok] = np.nan
+        ancil[k] = v
+    ancil["pdf_ok"] = np.asarray(ok, dtype=bool)

@@ -44,7 +44,8 @@ import qp
 import tables_io
 import torch
 from ceci.config import StageParameter as Param
-from rail.core.data import ModelHandle, QPHandle, TableHandle
+from rail.core.data import QPHandle, TableHandle
+from rail.deepz.modelfile import DeepzModelHandle
 from scipy.special import ndtr
 from torch import nn
 
@@ -523,7 +524,7 @@ class DeepzSOMFlagInformer(DeepzInformer):
     interactive_function = "deepz_som_flag_informer"
     method = "somflag"
     inputs = [("input", TableHandle), ("truth", TableHandle), ("ensemble", QPHandle)]
-    outputs = [("model", ModelHandle)]
+    outputs = [("model", DeepzModelHandle)]
     config_options = CatInformer.config_options.copy()
     config_options.update(PHOTOMETRY_OPTIONS)
     config_options.update({k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "z_out_of_range", "seed")})
@@ -564,7 +565,7 @@ class DeepzSOMFlagInformer(DeepzInformer):
         self.set_data("ensemble", ensemble)
         return super().inform(training_data, **kwargs)
 
-    def run(self):
+    def _run(self):
         cfg = self.config
         train = self._training_table()
         truth = table_to_numpy_dict(self, self.get_data("truth"), cfg.hdf5_groupname)
@@ -601,7 +602,7 @@ class DeepzSOMFlagger(DeepzEstimator):
     name = "DeepzSOMFlagger"
     interactive_function = "deepz_som_flagger"
     method = "somflag"
-    inputs = [("model", ModelHandle), ("input", TableHandle), ("ensemble", QPHandle)]
+    inputs = [("model", DeepzModelHandle), ("input", TableHandle), ("ensemble", QPHandle)]
     outputs = [("output", QPHandle)]
 
     def estimate(self, input_data, ensemble, **kwargs):
