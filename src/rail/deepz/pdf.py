@@ -520,19 +520,28 @@ def summary_keys(ancil) -> list:
     return [k for k in ancil if k in _SUMMARY_KEYS or k.startswith("z_q")]
 
 
-def pdf_mass(ens: qp.Ensemble, block_rows: int = 8192) -> np.ndarray:
+def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 8192) -> np.ndarray:
     """Total probability of each stored PDF (N,), NaN where a parameter is not finite or
     not valid (negative weight or density, width <= 0).
 
-    * ``mixmod``: the sum of the weights (= exact mass inside [zmin, zmax] + ``p_outside``);
+    * ``mixmod``: with ``zrange`` = (zmin, zmax) and an ancil ``p_outside``, the exact mass
+      inside [zmin, zmax] (mixture CDF) plus the reported ``p_outside``; otherwise the sum of
+      the weights. (qp renormalises mixture weights, so an unnormalised network output shows
+      up as a ``p_outside`` that disagrees with the stored mixture.)
     * ``hist``: sum of density x bin width; ``interp``: trapezoid integral over the grid
       (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
     Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
     """
+    from scipy.special import ndtr
+
     name = ens.gen_class.name
     n = ens.npdf
     mass = np.ones(n, dtype=np.float64)
     obj = ens.objdata
+    ancil = ens.ancil or {}
+    outside = None
+    if name == "mixmod" and zrange is not None and "p_outside" in ancil:
+        outside = np.asarray(ancil["p_outside"], dtype=np.float64).reshape(n)
     for i in range(0, n, block_rows):
         sl = slice(i, min(i + block_rows, n))
         rows = sl.stop - sl.start
@@ -544,7 +553,16 @@ def pdf_mass(ens: qp.Ensemble, block_rows: int = 8192) -> np.ndarray:
         if name == "mixmod":
             w, mu, s = (block(k) for k in ("weights", "means", "stds"))
             valid = (np.isfinite(w) & (w >= 0)).all(1) & np.isfinite(mu).all(1) & (np.isfinite(s) & (s > 0)).all(1)
-            m = w.sum(1)
+            if outside is None:
+                m = w.sum(1)
+            else:
+                lo, hi = zrange
+                with np.errstate(all="ignore"):
+                    if (mu == mu[:1]).all() and (s == s[:1]).all():  # fixed-grid mixtures: one product
+                        m = w @ (ndtr((hi - mu[0]) / s[0]) - ndtr((lo - mu[0]) / s[0]))
+                    else:
+                        m = (w * (ndtr((hi - mu) / s) - ndtr((lo - mu) / s))).sum(1)
+                m = m + outside[sl]
         elif name in ("hist", "interp"):
             p = block("pdfs" if name == "hist" else "yvals")
             x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
@@ -556,10 +574,11 @@ def pdf_mass(ens: qp.Ensemble, block_rows: int = 8192) -> np.ndarray:
     return mass
 
 
-def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL) -> np.ndarray:
+def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL, zrange: tuple | None = None) -> np.ndarray:
     """Boolean (N,): the PDF's parameters are finite and valid, its total mass (see
-    :func:`pdf_mass`) is within ``tol`` of 1, and its point-estimate ancil is finite."""
-    ok = np.abs(pdf_mass(ens) - 1.0) <= tol  # NaN -> False
+    :func:`pdf_mass`; ``zrange`` = the estimator's (zmin, zmax)) is within ``tol`` of 1, and
+    its point-estimate ancil is finite."""
+    ok = np.abs(pdf_mass(ens, zrange) - 1.0) <= tol  # NaN -> False
     ancil = ens.ancil or {}
     for k in summary_keys(ancil):
         ok &= np.isfinite(np.asarray(ancil[k], dtype=np.float64).reshape(len(ok), -1)).all(1)

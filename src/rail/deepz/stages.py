@@ -550,7 +550,8 @@ class DeepzEstimator(CatEstimator):
         """Every PDF finite with total mass 1 (:func:`rail.deepz.pdf.pdf_ok`), else an error
         naming the input rows, or with ``bad_pdf_policy='flag'`` the ancil ``pdf_ok`` and NaN
         point estimates for those rows."""
-        ok = pdf_ok(ens, MASS_TOL_BF16 if self.config.mixed_precision else MASS_TOL)
+        zrange = (self.model["zmin"], self.model["zmax"]) if "zmin" in self.model else None
+        ok = pdf_ok(ens, MASS_TOL_BF16 if self.config.mixed_precision else MASS_TOL, zrange)
         if self.config.bad_pdf_policy == "flag":
             flag_bad_pdfs(ens, ok)
             if not ok.all():
