@@ -24,6 +24,7 @@ inputs live on, so a GPU estimator summarises on the GPU):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import qp
@@ -520,7 +521,7 @@ def summary_keys(ancil) -> list:
     return [k for k in ancil if k in _SUMMARY_KEYS or k.startswith("z_q")]
 
 
-def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 8192) -> np.ndarray:
+def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 4096) -> np.ndarray:
     """Total probability of each stored PDF (N,), NaN where a parameter is not finite or
     not valid (negative weight or density, width <= 0).
 
@@ -532,8 +533,6 @@ def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 81
       (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
     Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
     """
-    from scipy.special import ndtr
-
     name = ens.gen_class.name
     n = ens.npdf
     mass = np.ones(n, dtype=np.float64)
@@ -546,28 +545,44 @@ def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 81
         sl = slice(i, min(i + block_rows, n))
         rows = sl.stop - sl.start
 
-        def block(key):  # (rows, K) float64; qp may hold a single PDF as a 1-D array
+        def block(key, dtype=np.float64):  # (rows, K); qp may hold a single PDF as a 1-D array
             a = np.asarray(obj[key])
-            return np.asarray((a.reshape(n, -1) if a.ndim == 1 else a)[sl], dtype=np.float64).reshape(rows, -1)
+            return np.asarray((a.reshape(n, -1) if a.ndim == 1 else a)[sl], dtype=dtype).reshape(rows, -1)
 
         if name == "mixmod":
-            w, mu, s = (block(k) for k in ("weights", "means", "stds"))
-            valid = (np.isfinite(w) & (w >= 0)).all(1) & np.isfinite(mu).all(1) & (np.isfinite(s) & (s > 0)).all(1)
+            # float32 torch (6x faster than scipy's float64 ndtr; CDF differences good to ~1e-7)
+            with warnings.catch_warnings():  # read-only arrays (RepeatedRows): only read here
+                warnings.simplefilter("ignore", UserWarning)
+                w, mu, s = (torch.from_numpy(block(k, np.float32)) for k in ("weights", "means", "stds"))
+            w_ok = (w.amin(1) >= 0) & torch.isfinite(w.sum(1))
+            # fixed-grid mixtures (the embedding MDN) repeat one row of means and widths: then
+            # (finite columns whose min equals their max) one check and one product for the block
+            mu0, s0 = mu.amin(0), s.amin(0)
+            repeated = bool(((mu0 == mu.amax(0)) & (s0 == s.amax(0))).all())
+            if repeated:
+                row_ok = bool(torch.isfinite(mu0).all() & torch.isfinite(s0).all() & (s0 > 0).all())
+                valid = (w_ok & row_ok).numpy()
+            else:
+                valid = (w_ok & torch.isfinite(mu.sum(1)) & (s.amin(1) > 0) & torch.isfinite(s.sum(1))).numpy()
             if outside is None:
-                m = w.sum(1)
+                m = w.sum(1, dtype=torch.float64).numpy()
             else:
                 lo, hi = zrange
-                with np.errstate(all="ignore"):
-                    if (mu == mu[:1]).all() and (s == s[:1]).all():  # fixed-grid mixtures: one product
-                        m = w @ (ndtr((hi - mu[0]) / s[0]) - ndtr((lo - mu[0]) / s[0]))
-                    else:
-                        m = (w * (ndtr((hi - mu) / s) - ndtr((lo - mu) / s))).sum(1)
-                m = m + outside[sl]
+                if repeated:
+                    m = w @ (_ndtr((hi - mu0) / s0) - _ndtr((lo - mu0) / s0))
+                else:
+                    m = (w * (_ndtr((hi - mu) / s) - _ndtr((lo - mu) / s))).sum(1)
+                m = m.double().numpy() + outside[sl]
         elif name in ("hist", "interp"):
-            p = block("pdfs" if name == "hist" else "yvals")
+            # float32 (the stored precision; a float32 sum of normalised terms is good to ~1e-6)
+            p = block("pdfs" if name == "hist" else "yvals", np.float32)
             x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
-            valid = (np.isfinite(p) & (p >= 0)).all(1)
-            m = p @ np.diff(x) if name == "hist" else 0.5 * (p[:, 1:] + p[:, :-1]) @ np.diff(x)
+            dx = np.diff(x).astype(np.float32)
+            valid = (p.min(1) >= 0) & np.isfinite(p @ dx)  # a NaN row's min is NaN; inf makes the sum inf
+            if name == "hist":
+                m = p @ dx
+            else:  # trapezoid: sum_j p_j (dx_{j-1} + dx_j) / 2
+                m = p @ (0.5 * (np.concatenate([dx, [0]]) + np.concatenate([[0], dx]))).astype(np.float32)
         else:
             continue
         mass[sl] = np.where(valid, m, np.nan)

@@ -527,7 +527,8 @@ class DeepzSOMFlagInformer(DeepzInformer):
     outputs = [("model", DeepzModelHandle)]
     config_options = CatInformer.config_options.copy()
     config_options.update(PHOTOMETRY_OPTIONS)
-    config_options.update({k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "z_out_of_range", "seed")})
+    config_options.update({k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "z_out_of_range", "seed",
+                                                                   "num_threads")})
     config_options.update(
         point_estimate=Param(
             str, "zmode",
