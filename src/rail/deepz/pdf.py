@@ -577,12 +577,11 @@ def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 40
             # float32 (the stored precision; a float32 sum of normalised terms is good to ~1e-6)
             p = block("pdfs" if name == "hist" else "yvals", np.float32)
             x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
-            dx = np.diff(x).astype(np.float32)
-            valid = (p.min(1) >= 0) & np.isfinite(p @ dx)  # a NaN row's min is NaN; inf makes the sum inf
-            if name == "hist":
-                m = p @ dx
-            else:  # trapezoid: sum_j p_j (dx_{j-1} + dx_j) / 2
-                m = p @ (0.5 * (np.concatenate([dx, [0]]) + np.concatenate([[0], dx]))).astype(np.float32)
+            dx = np.diff(x)
+            if name == "interp":  # trapezoid weights: sum_j p_j (dx_{j-1} + dx_j) / 2
+                dx = 0.5 * (np.concatenate([dx, [0.0]]) + np.concatenate([[0.0], dx]))
+            m = p @ dx.astype(np.float32)
+            valid = (p.min(1) >= 0) & np.isfinite(m)  # a NaN row's min is NaN; inf makes the sum inf
         else:
             continue
         mass[sl] = np.where(valid, m, np.nan)
