@@ -41,6 +41,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from speed_memory import cpu_name, git_commit  # noqa: E402  (one copy of the provenance helpers)
 
 DEFAULT_ESTIMATORS = "nnc,lstm,embed,flexzboost"
 
@@ -82,16 +85,6 @@ print("RESULT " + json.dumps({"inform_s": dt, "train_rows": len(ds.train[ds.reds
 BUSY = "import time\nend = time.time() + {s}\nx = 0\nwhile time.time() < end:\n    x += 1\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -113,17 +106,6 @@ def machine_info() -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "load_average_1min_at_start": os.getloadavg()[0],
     }
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE.parent,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except Exception:  # pragma: no cover
-        return "unknown"
 
 
 def start_busy(n: int, max_s: float) -> list:

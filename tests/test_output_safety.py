@@ -129,6 +129,23 @@ def test_malicious_model_files_do_not_run(nnc, dc2, tmp_path):
     np.testing.assert_array_equal(old.objdata["pdfs"], _estimate(model, sub).objdata["pdfs"])
 
 
+def test_model_cannot_make_the_embed_estimator_call_a_function(dc2, tmp_path):
+    """A foundation encoder built by a 'module:function' loader named in the model file runs only
+    when the estimator's own config names the same loader."""
+    import hashlib
+
+    marker = tmp_path / "pwned"
+    script = tmp_path / "weights.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    model = {"format": "rail.deepz", "format_version": FORMAT_VERSION, "method": "embed", "bands": dc2.bands,
+             "err_bands": dc2.err_bands, "zmin": 0.0, "zmax": 3.0,
+             "encoder": {"kind": "foundation", "path": str(script), "format": "loader", "loader": "runpy:run_path",
+                         "inputs": ["mags"], "sha256": hashlib.sha256(script.read_bytes()).hexdigest(), "out_dim": 4}}
+    with pytest.raises(ModelFormatError, match="foundation_loader='runpy:run_path'"):
+        _estimate(model, {k: v[:5] for k, v in dc2.test.items()}, cls=DeepzEmbedEstimator)
+    assert not marker.exists()
+
+
 def test_interactive_model_dict_still_works(nnc, dc2):
     import rail.interactive  # noqa: F401
     from rail.interactive.estimation.algos import deepz_nnc
