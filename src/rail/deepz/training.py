@@ -6,7 +6,8 @@ object. It provides: AdamW/Adam, a plateau, step or one-cycle learning-rate sche
 clipping, early stopping that restores the best weights, deterministic CPU training
 from ``seed``, device selection (``auto``/``cpu``/``cuda``), optional mixed precision on
 CUDA, a one-line-per-epoch progress display that can be turned off, and a history list
-stored with the model.
+stored with the model. :func:`thread_policy` sets torch's CPU thread count for a stage's run
+(option ``num_threads``; 0 = fewer threads when other processes keep the CPUs busy).
 """
 
 from __future__ import annotations
