@@ -61,13 +61,11 @@ def release_joblib_workers() -> bool:
 
     FlexZBoost (FlexCode: scikit-learn's ``MultiOutputRegressor(n_jobs=-1)`` over xgboost)
     leaves such a pool behind. While it lives, torch's multi-threaded CPU work in the same
-    process is 2-3x slower: its OpenMP threads sleep and wake at every parallel region
-    instead of spinning (60 LSTM training steps, 2 threads: 0.7-0.8 s before FlexZBoost's
-    inform, 1.8-2.0 s after, ~15,000 voluntary context switches per second in each torch
-    thread; 0.6-0.9 s again once the pool is shut down; LSTM inference on 20k objects 0.20 s
-    before, 0.31 s after, 0.26 s once shut down). Most likely the pool's manager thread
-    holds an OpenMP team of its own (xgboost shares torch's libgomp), so libgomp counts more
-    threads than CPUs and stops spinning. joblib starts a new pool the next time it needs one.
+    process is slower: its OpenMP threads sleep and wake at every parallel region instead
+    of spinning (measured: benchmarks/results/implementation_notes.md). Most likely the
+    pool's manager thread holds an OpenMP team of its own (xgboost shares torch's libgomp),
+    so libgomp counts more threads than CPUs and stops spinning. joblib starts a new pool the
+    next time it needs one.
     """
     ex = _joblib_executor()
     if ex is None:
@@ -367,6 +365,12 @@ def train_model(
         otherwise the whole set is copied to the device once (fast for catalogues).
     """
     cfg.validate()
+    if len(train_z) < MIN_TRAIN_BATCH:  # no batch, no optimiser step: refuse to save the init
+        raise ValueError(
+            f"The training split holds {len(train_z)} row(s): no optimiser step is possible "
+            f"(a batch needs at least {MIN_TRAIN_BATCH}); give more training rows or a smaller "
+            "'val_fraction'"
+        )
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cpu" and os.environ.get("DEEPZ_NUM_THREADS"):
@@ -483,7 +487,7 @@ def predict_batched(
     use_amp = bool(mixed_precision) and device.type in ("cuda", "cpu")
     n = len(inputs[0])
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
+        for i in range(0, max(n, 1), batch_size):  # an empty input still gives one (empty) output
             batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(*batch)
