@@ -23,14 +23,10 @@ from rail.deepz.photometry import (
     extract_photometry,
 )
 from rail.estimation.algos.deepz_cnn import DeepzCNNEstimator, DeepzCNNInformer
-from rail.estimation.algos.deepz_embed import (
-    DeepzEmbedEstimator,
-    DeepzEmbedInformer,
-    DeepzSOMFlagger,
-    DeepzSOMFlagInformer,
-)
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer
 from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
 from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
+from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
 INFORMERS = [DeepzNNCInformer, DeepzLSTMInformer, DeepzEmbedInformer, DeepzCNNInformer, DeepzSOMFlagInformer]
 ESTIMATORS = [DeepzNNCEstimator, DeepzLSTMEstimator, DeepzEmbedEstimator, DeepzCNNEstimator, DeepzSOMFlagger]

@@ -250,7 +250,7 @@ def test_save_load_through_model_file(trained, dc2):
     assert path.exists()
     sub = {k: v[:500] for k, v in dc2.test.items()}
     a = _estimate(inf.get_handle("model"), sub)
-    b = _estimate(str(path), sub)  # a new stage reading the pickle
+    b = _estimate(str(path), sub)  # a new stage reading the model file
     np.testing.assert_allclose(_mixture(a)[1], _mixture(b)[1], rtol=1e-6)
     np.testing.assert_allclose(a.ancil["zmean"], b.ancil["zmean"], rtol=1e-6)
 

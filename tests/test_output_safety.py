@@ -227,6 +227,7 @@ def test_every_ensemble_type_is_checked_row_by_row():
     ens = binned_ensemble(p, np.linspace(0, 3, 21))
     assert np.flatnonzero(~pdf_ok(ens)).tolist() == [1, 6]
     assert np.isfinite(ens.ancil["zmode"][1])  # the number the check exists for
+    assert pdf_ok(binned_ensemble(p[:0], np.linspace(0, 3, 21))).shape == (0,)  # empty input: valid
     flag_bad_pdfs(ens, pdf_ok(ens))
     assert ens.ancil["pdf_ok"].tolist() == [i not in (1, 6) for i in range(n)]
     for key in ("zmode", "zmean", "zmedian", "zstd", "z_q16", "p_outside"):

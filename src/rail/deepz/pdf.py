@@ -710,6 +710,8 @@ def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL, zrange: tuple | None = None)
     :func:`pdf_mass`; ``zrange`` = the estimator's (zmin, zmax)) is within ``tol`` of 1, and
     its point-estimate ancil is finite."""
     ok = np.abs(pdf_mass(ens, zrange) - 1.0) <= tol  # NaN -> False
+    if len(ok) == 0:  # an empty input gives an empty, valid ensemble
+        return ok
     ancil = ens.ancil or {}
     for k in summary_keys(ancil):
         ok &= np.isfinite(np.asarray(ancil[k], dtype=np.float64).reshape(len(ok), -1)).all(1)
