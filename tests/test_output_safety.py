@@ -339,6 +339,12 @@ def test_num_threads_set_for_the_run_and_restored(monkeypatch, nnc, dc2):
 
 
 def test_automatic_threads_follow_load(monkeypatch):
+    monkeypatch.setenv("DEEPZ_NUM_THREADS", "3")  # a fixed count for the session wins over automatic
+    assert training.choose_num_threads(0)[0] == 3
+    monkeypatch.setenv("DEEPZ_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="DEEPZ_NUM_THREADS"):
+        training.choose_num_threads(0)
+    monkeypatch.delenv("DEEPZ_NUM_THREADS")
     monkeypatch.setattr(training, "allowed_cpus", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     for busy, want in ((0.0, 4), (0.4, 4), (1.2, 3), (2.6, 1), (3.0, 1), (7.0, 1), (None, 4)):

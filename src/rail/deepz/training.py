@@ -139,7 +139,9 @@ def busy_cpus_elsewhere(cpus=None, probe_s: float = 0.1) -> float | None:
 
 
 def choose_num_threads(num_threads: int = 0) -> tuple[int, str]:
-    """torch intra-op threads for a stage: ``num_threads`` if > 0, else automatic.
+    """torch intra-op threads for a stage: ``num_threads`` if > 0, else the environment
+    variable ``DEEPZ_NUM_THREADS`` if set (a fixed count for a whole session, e.g. the tests),
+    else automatic.
 
     Automatic: the current ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or the user
     set) capped by the CPUs this process may use, minus the CPUs other processes keep busy
@@ -152,6 +154,11 @@ def choose_num_threads(num_threads: int = 0) -> tuple[int, str]:
         raise ValueError(f"Option 'num_threads' must be >= 0 (0 = automatic), got {num_threads}")
     if num_threads > 0:
         return int(num_threads), "set by option num_threads"
+    env = os.environ.get("DEEPZ_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"Environment variable DEEPZ_NUM_THREADS={env!r} must be a positive integer")
+        return int(env), "set by the environment variable DEEPZ_NUM_THREADS"
     cpus = allowed_cpus()
     cap = max(1, min(torch.get_num_threads(), len(cpus)))
     busy = busy_cpus_elsewhere(cpus)
