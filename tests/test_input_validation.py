@@ -24,9 +24,9 @@ from rail.deepz.photometry import (
 )
 from rail.estimation.algos.deepz_cnn import DeepzCNNEstimator, DeepzCNNInformer
 from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer
+from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
 from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
-from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
 INFORMERS = [DeepzNNCInformer, DeepzLSTMInformer, DeepzEmbedInformer, DeepzCNNInformer, DeepzSOMFlagInformer]
 ESTIMATORS = [DeepzNNCEstimator, DeepzLSTMEstimator, DeepzEmbedEstimator, DeepzCNNEstimator, DeepzSOMFlagger]

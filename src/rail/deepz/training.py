@@ -449,9 +449,12 @@ def train_model(
             {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_now}
         )
         if cfg.progress:
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)
             print(
                 f"[deepz] epoch {epoch + 1:4d}/{cfg.epochs}  train {train_loss:.5f}  "
-                f"val {val_loss:.5f}  lr {lr_now:.2e}",
+                f"val {val_loss:.5f}  lr {lr_now:.2e}  {_hms(elapsed)} elapsed, "
+                f"<= {_hms(eta)} left",
                 file=sys.stderr,
                 flush=True,
             )
@@ -471,11 +474,28 @@ def train_model(
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - t0
+    if cfg.progress:
+        print(
+            f"[deepz] stopped at epoch {len(result.history)}/{cfg.epochs}, best epoch {result.best_epoch + 1} "
+            f"(val {result.best_val_loss:.5f}), {_hms(result.seconds)}",
+            file=sys.stderr,
+            flush=True,
+        )
     log.info(
         "trained %d epochs in %.1f s on %s; best epoch %d, val loss %.5f",
         len(result.history), result.seconds, device, result.best_epoch, result.best_val_loss,
     )
     return result
+
+
+def _hms(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``4.1s`` for progress lines."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
 
 
 def predict_batched(

@@ -8,8 +8,9 @@ point estimate (eq. 3, the expectation) is the ancil ``zmean``.
 Paper defaults: hidden layers [512, 256, 128, 64] with batch norm, ReLU, dropout 0.1 and
 residual connections; AdamW lr 5e-4, weight decay 1e-5; lr x0.5 after 5 epochs on a
 validation plateau; gradient clipping 1.0; early stopping patience 20; batch 4096;
-300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our default keeps
-dz = 0.005 over [0, 3] (600 bins) to cover DC2. As in the paper, the softmax is
+300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our resolution is the
+same bin width, option ``dz`` = 0.005, whatever the range (600 bins on [0, 3], 800 on
+[0, 4]); ``nbins`` fixes the count instead. As in the paper, the softmax is
 calibrated after training by a temperature fitted on the validation split.
 
 Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.md``
@@ -46,10 +47,10 @@ from rail.deepz.pdf import binned_ensemble
 from rail.deepz.scaling import Standardizer, fit_standardizer
 from rail.deepz.stages import (
     NON_NEGATIVE,
+    POSITIVE,
     DeepzEstimator,
     DeepzInformer,
     Option,
-    bound,
     in_range,
     one_of,
     positive_int_list,
@@ -135,6 +136,26 @@ def _feature_blocks(config_features, missing_policy: str) -> list[str]:
     return blocks
 
 
+DEFAULT_DZ = 0.005
+
+
+def _zero_or_at_least_2(name, value):
+    if value != 0 and value < 2:
+        raise ValueError(f"Option {name!r} must be 0 (bins from 'dz') or >= 2, got {value}")
+
+
+def _n_bins(cfg) -> int:
+    """Bin count from ``nbins`` (if set) or the bin width ``dz``; both set is an error."""
+    if cfg.nbins and cfg.dz != DEFAULT_DZ:
+        raise ValueError(f"Options 'nbins' ({cfg.nbins}) and 'dz' ({cfg.dz}) both set the NNC's bins: give one")
+    if cfg.nbins:
+        return int(cfg.nbins)
+    n = int(round((cfg.zmax - cfg.zmin) / cfg.dz))
+    if n < 2:
+        raise ValueError(f"Option 'dz' ({cfg.dz}) gives {n} bin(s) on [{cfg.zmin}, {cfg.zmax}]: need >= 2")
+    return n
+
+
 class DeepzNNCInformer(DeepzInformer):
     """Train the binned CRPS classifier (NNC) on a spectroscopic table."""
 
@@ -147,7 +168,10 @@ class DeepzNNCInformer(DeepzInformer):
         lr=5e-4, batch_size=4096, epochs=300, patience=20,
     ))
     config_options.update(
-        nbins=Option(int, 600, check=bound(">=", 2), msg="number of evenly spaced redshift bins on [zmin, zmax]"),
+        dz=Option(float, DEFAULT_DZ, check=POSITIVE, msg="width of the redshift bins (the paper's 0.005); the "
+                  "bin count is round((zmax - zmin) / dz)"),
+        nbins=Option(int, 0, check=_zero_or_at_least_2, msg="number of evenly spaced redshift bins on [zmin, zmax] "
+                     "instead of 'dz' (0 = from dz; giving both is an error)"),
         hidden_layers=Option(list, [512, 256, 128, 64], check=positive_int_list, msg="widths of the residual MLP's hidden layers"),
         dropout=Option(float, 0.0, check=in_range(0, 1, "left"), msg="dropout probability after each hidden layer (paper: 0.1)"),
         smoothing_bins=Option(
@@ -186,10 +210,11 @@ class DeepzNNCInformer(DeepzInformer):
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
         scaler = fit_standardizer(x, fvalid, tr)
         xs = scaler.transform(x, fvalid)
-        edges = np.linspace(cfg.zmin, cfg.zmax, cfg.nbins + 1)
+        nbins = _n_bins(cfg)
+        edges = np.linspace(cfg.zmin, cfg.zmax, nbins + 1)
         centers = torch.as_tensor(0.5 * (edges[1:] + edges[:-1]), dtype=torch.float32)
         torch.manual_seed(cfg.seed)
-        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), cfg.nbins, cfg.dropout, cfg.smoothing_bins)
+        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), nbins, cfg.dropout, cfg.smoothing_bins)
         edges_t = torch.as_tensor(edges, dtype=torch.float32)
         on_device = {}
         nll_weight = float(cfg.nll_weight)
@@ -217,7 +242,7 @@ class DeepzNNCInformer(DeepzInformer):
             arch={
                 "in_features": int(xs.shape[1]),
                 "hidden": [int(h) for h in cfg.hidden_layers],
-                "n_bins": int(cfg.nbins),
+                "n_bins": int(nbins),
                 "dropout": float(cfg.dropout),
                 "smoothing_bins": float(cfg.smoothing_bins),
                 "features": blocks,
