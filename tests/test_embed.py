@@ -1,6 +1,6 @@
 """Tests of the embedding MDN, its encoders, the SOM flags and the stand-alone flagger."""
 
-import pickle
+import io
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from rail.deepz.encoders import (
     encoder_from_dict,
 )
 from rail.deepz.mixtures import MixtureParams, fixed_grid_crps, fixed_grid_pair_matrix, gmm_crps
+from rail.deepz.modelfile import decode, encode
 from rail.deepz.photometry import extract_photometry
 from rail.deepz.som import SOMFlagModel, cell_statistics, grouped_median
 from rail.deepz.pdf import (
@@ -99,6 +100,8 @@ def test_fixed_grid_ensemble_ancil_is_exact():
     w = rng.dirichlet(np.full(200, 0.05), size=20)
     ens = fixed_grid_ensemble(w, c, 0.0037, 0.0, 3.0)
     assert ens.gen_class.name == "mixmod"
+    # exact normalisation: mass inside [0, 3] by qp's mixture CDF + reported p_outside = 1
+    np.testing.assert_allclose(np.ravel(ens.cdf(3.0) - ens.cdf(0.0)) + ens.ancil["p_outside"], 1.0, atol=1e-5)
     inside = ens.ancil["p_outside"] < 1e-6
     np.testing.assert_allclose(ens.ancil["zmean"][inside], (w * c).sum(1)[inside], atol=2e-3)
     x = np.linspace(0, 3, 3001)
@@ -296,7 +299,10 @@ def test_underperforming_cells_are_found():
     assert under[bad[va]].mean() > 0.8
     assert under[~bad[va]].mean() < 0.15
     assert not flags["flag_ood"].any() or flags["flag_ood"].mean() < 0.01
-    restored = SOMFlagModel.from_dict(pickle.loads(pickle.dumps(fm.to_dict())))
+    buf = io.BytesIO()  # the model file format: torch.save, read back with weights_only=True
+    torch.save(encode(fm.to_dict()), buf)
+    buf.seek(0)
+    restored = SOMFlagModel.from_dict(decode(torch.load(buf, weights_only=True)))
     np.testing.assert_array_equal(restored.flag(x[va])["flag_underperforming"], under)
 
 

@@ -24,6 +24,7 @@ inputs live on, so a GPU estimator summarises on the GPU):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import qp
@@ -617,3 +618,113 @@ def binned_ensemble(
         ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     ens.set_ancil(ancil)
     return ens
+
+
+# ---------------------------------------------------------------- validity of the output
+
+#: largest accepted |total mass - 1| of a stored PDF (float32 outputs). The stored mass is
+#: a sum of at most a few thousand non-negative float32 terms (softmax weights, bins, grid
+#: cells) that should add up to 1; float32 rounding moves such a sum by at most
+#: n * 2**-24 ~ 1.2e-4 for n = 2000, so 1e-3 leaves an 8x margin and still catches an
+#: unnormalised PDF, a zero row or a lost component.
+MASS_TOL = 1e-3
+#: the same under ``mixed_precision`` (bf16 softmax outputs): each weight is rounded to
+#: 8 significant bits (relative 2**-9 = 0.2 %; measured up to 3e-4 over 600 bins), so the
+#: sum can miss 1 by up to ~0.4 %
+MASS_TOL_BF16 = 1e-2
+_SUMMARY_KEYS = ("zmode", "zmean", "zstd", "zmedian", "p_outside")
+
+
+def summary_keys(ancil) -> list:
+    """The point-estimate ancil columns written by this module (not e.g. SOM flags)."""
+    return [k for k in ancil if k in _SUMMARY_KEYS or k.startswith("z_q")]
+
+
+def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 4096) -> np.ndarray:
+    """Total probability of each stored PDF (N,), NaN where a parameter is not finite or
+    not valid (negative weight or density, width <= 0).
+
+    * ``mixmod``: with ``zrange`` = (zmin, zmax) and an ancil ``p_outside``, the exact mass
+      inside [zmin, zmax] (mixture CDF) plus the reported ``p_outside``; otherwise the sum of
+      the weights. (qp renormalises mixture weights, so an unnormalised network output shows
+      up as a ``p_outside`` that disagrees with the stored mixture.)
+    * ``hist``: sum of density x bin width; ``interp``: trapezoid integral over the grid
+      (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
+    Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
+    """
+    name = ens.gen_class.name
+    n = ens.npdf
+    mass = np.ones(n, dtype=np.float64)
+    obj = ens.objdata
+    ancil = ens.ancil or {}
+    outside = None
+    if name == "mixmod" and zrange is not None and "p_outside" in ancil:
+        outside = np.asarray(ancil["p_outside"], dtype=np.float64).reshape(n)
+    for i in range(0, n, block_rows):
+        sl = slice(i, min(i + block_rows, n))
+        rows = sl.stop - sl.start
+
+        def block(key, dtype=np.float64):  # (rows, K); qp may hold a single PDF as a 1-D array
+            a = np.asarray(obj[key])
+            return np.asarray((a.reshape(n, -1) if a.ndim == 1 else a)[sl], dtype=dtype).reshape(rows, -1)
+
+        if name == "mixmod":
+            # float32 torch (6x faster than scipy's float64 ndtr; CDF differences good to ~1e-7)
+            with warnings.catch_warnings():  # read-only arrays (RepeatedRows): only read here
+                warnings.simplefilter("ignore", UserWarning)
+                w, mu, s = (torch.from_numpy(block(k, np.float32)) for k in ("weights", "means", "stds"))
+            w_ok = (w.amin(1) >= 0) & torch.isfinite(w.sum(1))
+            # fixed-grid mixtures (the embedding MDN) repeat one row of means and widths: then
+            # (finite columns whose min equals their max) one check and one product for the block
+            mu0, s0 = mu.amin(0), s.amin(0)
+            repeated = bool(((mu0 == mu.amax(0)) & (s0 == s.amax(0))).all())
+            if repeated:
+                row_ok = bool(torch.isfinite(mu0).all() & torch.isfinite(s0).all() & (s0 > 0).all())
+                valid = (w_ok & row_ok).numpy()
+            else:
+                valid = (w_ok & torch.isfinite(mu.sum(1)) & (s.amin(1) > 0) & torch.isfinite(s.sum(1))).numpy()
+            if outside is None:
+                m = w.sum(1, dtype=torch.float64).numpy()
+            else:
+                lo, hi = zrange
+                if repeated:
+                    m = w @ (_ndtr((hi - mu0) / s0) - _ndtr((lo - mu0) / s0))
+                else:
+                    m = (w * (_ndtr((hi - mu) / s) - _ndtr((lo - mu) / s))).sum(1)
+                m = m.double().numpy() + outside[sl]
+        elif name in ("hist", "interp"):
+            # float32 (the stored precision; a float32 sum of normalised terms is good to ~1e-6)
+            p = block("pdfs" if name == "hist" else "yvals", np.float32)
+            x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
+            dx = np.diff(x)
+            if name == "interp":  # trapezoid weights: sum_j p_j (dx_{j-1} + dx_j) / 2
+                dx = 0.5 * (np.concatenate([dx, [0.0]]) + np.concatenate([[0.0], dx]))
+            m = p @ dx.astype(np.float32)
+            valid = (p.min(1) >= 0) & np.isfinite(m)  # a NaN row's min is NaN; inf makes the sum inf
+        else:
+            continue
+        mass[sl] = np.where(valid, m, np.nan)
+    return mass
+
+
+def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL, zrange: tuple | None = None) -> np.ndarray:
+    """Boolean (N,): the PDF's parameters are finite and valid, its total mass (see
+    :func:`pdf_mass`; ``zrange`` = the estimator's (zmin, zmax)) is within ``tol`` of 1, and
+    its point-estimate ancil is finite."""
+    ok = np.abs(pdf_mass(ens, zrange) - 1.0) <= tol  # NaN -> False
+    if len(ok) == 0:  # an empty input gives an empty, valid ensemble
+        return ok
+    ancil = ens.ancil or {}
+    for k in summary_keys(ancil):
+        ok &= np.isfinite(np.asarray(ancil[k], dtype=np.float64).reshape(len(ok), -1)).all(1)
+    return ok
+
+
+def flag_bad_pdfs(ens: qp.Ensemble, ok: np.ndarray) -> None:
+    """Add the ancil column ``pdf_ok`` and set every point estimate of the rows not ok to NaN."""
+    ancil = ens.ancil
+    for k in summary_keys(ancil):
+        v = np.array(ancil[k], dtype=np.float64)
+        v[~ok] = np.nan
+        ancil[k] = v
+    ancil["pdf_ok"] = np.asarray(ok, dtype=bool)

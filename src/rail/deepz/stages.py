@@ -6,10 +6,12 @@ splits training/validation, calls the method's ``_fit`` and stores a model dict.
 for each chunk converts the table, cleans the photometry with the *model's* conventions,
 runs the network in batches and writes a qp ensemble aligned with the input rows.
 
-A saved model is a plain dict (pickled by RAIL's ``ModelHandle``) holding only numpy
-arrays, CPU tensors and python scalars, so a model trained on a GPU loads on a CPU::
+A saved model is a plain dict holding only numpy arrays, CPU tensors and python scalars,
+so a model trained on a GPU loads on a CPU. It is written by ``torch.save`` and read with
+``torch.load(weights_only=True)`` (:mod:`rail.deepz.modelfile`: loading cannot run code;
+a pickle is refused unless ``allow_pickle_model``)::
 
-    {"format": "rail.deepz", "format_version": 1, "package_version": "0.1.0",
+    {"format": "rail.deepz", "format_version": 2, "package_version": "0.1.0",
      "method": "nnc", "bands": [...], "err_bands": [...], "photometry": {...},
      "arch": {...}, "state_dict": {...}, "scalers": {...}, "train": {...}, ...}
 """
@@ -24,12 +26,16 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import tables_io
+import torch
 from ceci.config import StageParameter as Param
 from rail.core.common_params import SharedParams
+from rail.core.data import DataHandle, TableHandle
 from rail.estimation.estimator import CatEstimator
 from rail.estimation.informer import CatInformer
 
 from ._version import __version__
+from .modelfile import DeepzModelHandle, load_model
+from .pdf import MASS_TOL, MASS_TOL_BF16, flag_bad_pdfs, pdf_ok
 from .photometry import (
     INPUT_UNITS,
     MISSING_POLICIES,
@@ -40,10 +46,14 @@ from .photometry import (
     sentinel_values,
     validate_photometry_options,
 )
-from .training import DEVICES, TrainConfig, resolve_device, warn_if_joblib_pool_alive
+from .training import DEVICES, TrainConfig, resolve_device, thread_policy, warn_if_joblib_pool_alive
 
 FORMAT = "rail.deepz"
-FORMAT_VERSION = 1
+#: 2: the file is a torch zip archive read with ``torch.load(weights_only=True)``; the dict
+#: inside is laid out as in version 1 (a pickle), which is still read with ``allow_pickle_model``
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+BAD_PDF_POLICIES = ("raise", "flag")
 
 # keys ceci/RAIL put in a stage's config besides its declared options
 # (rail.interactive adds "force_exact" and the entrypoint's own arguments)
@@ -61,6 +71,14 @@ def _entrypoint_args(stage) -> set:
 
 class ModelFormatError(ValueError):
     """The model file is not a usable rail.deepz model for this stage."""
+
+
+class BadPDFError(ValueError):
+    """An estimator produced PDFs that are not finite or do not integrate to 1."""
+
+
+class PathClashError(ValueError):
+    """A stage would write an output over one of its own inputs."""
 
 
 def validate_config_keys(stage) -> None:
@@ -318,6 +336,16 @@ TRAINING_OPTIONS = dict(
     progress=Param(bool, True, msg="print a line per epoch with train/val loss"),
 )
 
+THREAD_OPTIONS = dict(
+    num_threads=Option(
+        int, 0, check=NON_NEGATIVE,
+        msg="torch CPU (intra-op) threads while the stage runs, restored afterwards; 0 = automatic: "
+        "the CPUs this process may use (os.sched_getaffinity) minus the busy ones (1-minute load "
+        "average), at least 1. Results are reproducible for a fixed thread count only",
+    ),
+)
+TRAINING_OPTIONS.update(THREAD_OPTIONS)
+
 ESTIMATION_OPTIONS = dict(
     zmin=Option(
         float, None, required=False,
@@ -341,7 +369,18 @@ ESTIMATION_OPTIONS = dict(
         "keep the activations in cache and the temporaries below glibc's 32 MB mmap threshold, "
         "benchmarks/README.md), 65536 on CUDA",
     ),
+    bad_pdf_policy=Option(
+        str, "raise", check=one_of(*BAD_PDF_POLICIES),
+        msg="PDFs that are not finite or whose total mass misses 1 (rail.deepz.pdf.MASS_TOL): 'raise' = "
+        "error naming the rows; 'flag' = keep them, with ancil pdf_ok=False and NaN point estimates",
+    ),
+    allow_pickle_model=Param(
+        bool, False,
+        msg="accept a model file that is a pickle (older models, RAIL's ModelHandle); loading a pickle "
+        "can run arbitrary code: only for files you trust",
+    ),
 )
+ESTIMATION_OPTIONS.update(THREAD_OPTIONS)
 
 
 #: automatic ``inference_batch_size`` (option 0) on CPU and on CUDA
@@ -357,6 +396,52 @@ MIXTURE_OUTPUT_OPTIONS = dict(
         "'interp' (PDF truncated to [zmin, zmax], renormalised, sampled on nzbins points)",
     ),
 )
+
+
+#: model entries holding network weights and scalers: every float in them must be finite
+_WEIGHT_KEYS = ("state_dict", "member_state_dicts", "member_weights", "scalers", "edges")
+#: model entries that multiply or divide the network's output: finite and > 0
+_POSITIVE_KEYS = (("temperature",), ("sigma_scale",), ("arch", "sigma"))
+
+
+def _nonfinite(obj, where: str):
+    """Key paths of non-finite floats in tensors, arrays and floats nested in ``obj``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            yield f"{where} ({int((~torch.isfinite(obj)).sum())} value(s))"
+    elif isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f" and not np.isfinite(obj).all():
+            yield f"{where} ({int((~np.isfinite(obj)).sum())} value(s))"
+    elif isinstance(obj, (float, np.floating)):
+        if not np.isfinite(obj):
+            yield where
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nonfinite(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _nonfinite(v, f"{where}[{i}]")
+
+
+def check_model_values(model: Mapping, who: str = "model") -> None:
+    """Refuse a model whose weights or scalers hold NaN/inf, or whose temperature / width
+    factor is not a finite positive number (either would give NaN or meaningless PDFs)."""
+    bad = [p for key in _WEIGHT_KEYS if key in model for p in _nonfinite(model[key], key)]
+    if bad:
+        raise ModelFormatError(f"{who}: the model has non-finite values in " + ", ".join(bad[:5])
+                               + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + "; retrain it")
+    for path in _POSITIVE_KEYS:
+        obj = model
+        for k in path:
+            obj = obj.get(k) if isinstance(obj, Mapping) else None
+        if obj is None:
+            continue
+        try:
+            ok = float(obj) > 0 and np.isfinite(float(obj))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelFormatError(f"{who}: model entry {'.'.join(path)!r} = {obj!r} must be a finite number > 0")
 
 
 def check_option_choice(config, key: str, choices) -> None:
@@ -391,6 +476,63 @@ def photometry_settings(config) -> dict:
     }
 
 
+def _real(path) -> str | None:
+    if path is None or str(path) in ("", "None", "none"):
+        return None
+    return os.path.realpath(os.path.expandvars(str(path)))
+
+
+def _same_file(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def stage_input_paths(stage) -> dict:
+    """{tag: file path} of the stage's inputs that are files (in-memory inputs have none)."""
+    out = {}
+    for tag in stage.input_tags():
+        handle = stage.data_store.get(stage.get_aliased_tag(tag))
+        if handle is not None:
+            path = handle.path
+        else:
+            try:
+                path = stage.get_input(tag)
+            except KeyError:
+                path = None
+        if tag == "model" and isinstance(stage.config.get("model"), str):
+            path = path if _real(path) else stage.config["model"]
+        if _real(path):
+            out[tag] = path
+    return out
+
+
+def check_output_paths(stage) -> None:
+    """Refuse (:class:`PathClashError`, naming both) to run when an output file of the stage
+    (its final name or ceci's ``inprogress_`` name) is one of its input files. Called before
+    anything is read or written; no check when outputs are only returned (output_mode='return')."""
+    if stage.config.get("output_mode", "default") == "return":
+        return
+    inputs = {tag: _real(p) for tag, p in stage_input_paths(stage).items()}
+    for tag in stage.output_tags():
+        try:
+            names = {stage.get_output(tag, final_name=True), stage.get_output(tag)}
+        except KeyError:
+            continue
+        for name in names:
+            out = _real(name)
+            for itag, ipath in inputs.items():
+                if out and ipath and _same_file(out, ipath):
+                    raise PathClashError(
+                        f"{stage.name}: output {tag!r} ({name}) is the same file as input {itag!r} "
+                        f"({stage_input_paths(stage)[itag]}); writing it would destroy the input. "
+                        "Choose another output path"
+                    )
+
+
 class CheckedOptions:
     """Mixin of the base stages: every config parameter becomes a type-checked :class:`Option`
     before ceci loads (and casts) the configured values."""
@@ -406,6 +548,7 @@ class DeepzInformer(CheckedOptions, CatInformer):
     name = "DeepzInformer"
     interactive_function = "deepz_informer"
     method = ""  # set by subclasses, stored in the model and checked at load time
+    outputs = [("model", DeepzModelHandle)]
     config_options = CatInformer.config_options.copy()
     config_options.update(PHOTOMETRY_OPTIONS)
     config_options.update(TRAINING_OPTIONS)
@@ -486,6 +629,11 @@ class DeepzInformer(CheckedOptions, CatInformer):
         return model
 
     def run(self):
+        check_output_paths(self)
+        with thread_policy(self.config.num_threads, self.name):
+            self._run()
+
+    def _run(self):
         data = self._training_table()
         z, keep = self._redshifts(data)
         if not keep.all():
@@ -513,6 +661,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
     method = ""
     #: objects per forward pass on CPU when ``inference_batch_size`` is 0
     auto_batch_cpu = AUTO_BATCH_CPU
+    inputs = [("model", DeepzModelHandle), ("input", TableHandle)]
     config_options = CatEstimator.config_options.copy()
     config_options.update(ESTIMATION_OPTIONS)
 
@@ -531,6 +680,21 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
         self.net = None
         self.torch_device = None
 
+    def run(self):
+        check_output_paths(self)
+        with thread_policy(self.config.num_threads, self.name):
+            super().run()
+
+    def _read_model_file(self, path: str) -> dict:
+        """Read a model file without pickle (:func:`rail.deepz.modelfile.load_model`; a pickle
+        only with ``allow_pickle_model``) into the stage's model handle, once per path."""
+        handle = self.get_handle("model", allow_missing=True)
+        if handle.data is None or handle.path != path:
+            handle.data = load_model(path, allow_pickle=self.config.allow_pickle_model)
+            handle.path = path
+        self.config["model"] = path
+        return handle.data
+
     def _check_grid(self, model) -> None:
         """An asked zmin/zmax must be the model's; unset ones become the model's."""
         if "zmin" not in model:
@@ -545,6 +709,11 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
             self.config[key] = float(model[key])
 
     def open_model(self, **kwargs):
+        given = kwargs.get("model")
+        if isinstance(given, str) and given not in ("", "None", "none"):
+            kwargs["model"] = self._read_model_file(given)
+        elif isinstance(given, DataHandle) and given.data is None and given.has_path:
+            kwargs["model"] = self._read_model_file(given.path)
         model = super().open_model(**kwargs)
         if model is None:
             raise ModelFormatError(f"{self.name}: no model given (option/input 'model')")
@@ -572,7 +741,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
             raise ModelFormatError(
                 f"{self.name}: the model is not a rail.deepz model (got {type(model).__name__})"
             )
-        if model.get("format_version") != FORMAT_VERSION:
+        if model.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ModelFormatError(
                 f"{self.name}: model format version {model.get('format_version')} (written by "
                 f"pz-rail-deepz {model.get('package_version')}) cannot be read by this version "
@@ -586,6 +755,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
             check_model_bands(model["bands"], self.config.bands, self.name)
         if self.config.err_bands and list(self.config.err_bands) != list(model["err_bands"]):
             check_model_bands(model["err_bands"], self.config.err_bands, self.name + " (err_bands)")
+        check_model_values(model, self.name)
 
     def _photometry(self, data: Mapping) -> Photometry:
         return extract_photometry(data, self.model["bands"], self.model["err_bands"], **self.model["photometry"])
@@ -609,7 +779,30 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
         ens = self._estimate_chunk(data)
         if ens.npdf != end - start:
             raise RuntimeError(f"{self.name}: produced {ens.npdf} PDFs for {end - start} rows")
+        self._check_pdfs(ens, start)
         self._do_chunk_output(ens, start, end, first, data=data)
+
+    def _check_pdfs(self, ens, start: int) -> None:
+        """Every PDF finite with total mass 1 (:func:`rail.deepz.pdf.pdf_ok`), else an error
+        naming the input rows, or with ``bad_pdf_policy='flag'`` the ancil ``pdf_ok`` and NaN
+        point estimates for those rows."""
+        zrange = (self.model["zmin"], self.model["zmax"]) if "zmin" in self.model else None
+        ok = pdf_ok(ens, MASS_TOL_BF16 if self.config.mixed_precision else MASS_TOL, zrange)
+        if self.config.bad_pdf_policy == "flag":
+            flag_bad_pdfs(ens, ok)
+            if not ok.all():
+                self.log.warning(f"{self.name}: {int((~ok).sum())} PDF(s) flagged (pdf_ok=False) in rows "
+                                 f"{start}-{start + len(ok) - 1}")
+            return
+        if not ok.all():
+            bad = np.flatnonzero(~ok) + start
+            first = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise BadPDFError(
+                f"{self.name}: {len(bad)} PDF(s) are not finite or do not integrate to 1 (tolerance "
+                f"{MASS_TOL_BF16 if self.config.mixed_precision else MASS_TOL}), input rows {first}. "
+                "Check the photometry of those rows and the model; bad_pdf_policy='flag' keeps them "
+                "with ancil pdf_ok=False and NaN point estimates"
+            )
 
     def _build_network(self, model: dict):
         raise NotImplementedError  # pragma: no cover

@@ -52,6 +52,7 @@ from rail.deepz.stages import (
     check_option_choice,
     DeepzEstimator,
     DeepzInformer,
+    ModelFormatError,
     with_defaults,
 )
 from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
@@ -270,6 +271,11 @@ class DeepzEmbedEstimator(DeepzEstimator):
             msg="encoder='foundation': local weights path if moved since inform ('' = the model's); "
             "the file must be the same (SHA-256 checked)",
         ),
+        foundation_loader=Param(
+            str, "",
+            msg="encoder='foundation' with a loader function: repeat the model's 'module:function' here to "
+            "allow calling it (a model file alone never makes the estimator import and call a function)",
+        ),
         som_flags=Param(bool, True, msg="add the SOM ancil (som_cell, som_train_count, flag_ood, ...)"),
     )
 
@@ -280,6 +286,12 @@ class DeepzEmbedEstimator(DeepzEstimator):
     def _build_network(self, model):
         enc = model["encoder"]
         if enc["kind"] == "foundation":
+            if enc.get("loader") and enc["loader"] != self.config.foundation_loader:
+                raise ModelFormatError(
+                    f"{self.name}: the model's foundation encoder is built by calling {enc['loader']!r}; "
+                    "a model file must not be able to run code, so set the option foundation_loader="
+                    f"{enc['loader']!r} if you trust it"
+                )
             self.encoder = encoder_from_dict(enc, path=self.config.foundation_path or None)
             self.encoder.check_weights()
         else:

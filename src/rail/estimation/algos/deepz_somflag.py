@@ -19,9 +19,10 @@ from typing import Mapping
 import numpy as np
 import qp
 from ceci.config import StageParameter as Param
-from rail.core.data import ModelHandle, QPHandle, TableHandle
+from rail.core.data import QPHandle, TableHandle
 from rail.estimation.informer import CatInformer
 
+from rail.deepz.modelfile import DeepzModelHandle
 from rail.deepz.pdf import ensemble_point_and_pit
 from rail.deepz.som import SOMFlagModel, needs_photometry, som_feature_matrix
 from rail.deepz.som_options import SOM_OPTIONS, read_reference, som_settings
@@ -55,10 +56,11 @@ class DeepzSOMFlagInformer(DeepzInformer):
     interactive_function = "deepz_som_flag_informer"
     method = "somflag"
     inputs = [("input", TableHandle), ("truth", TableHandle), ("ensemble", QPHandle)]
-    outputs = [("model", ModelHandle)]
+    outputs = [("model", DeepzModelHandle)]
     config_options = CatInformer.config_options.copy()
     config_options.update(PHOTOMETRY_OPTIONS)
-    config_options.update({k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "z_out_of_range", "seed")})
+    config_options.update({k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "z_out_of_range", "seed",
+                                                                   "num_threads")})
     config_options.update(
         point_estimate=Param(
             str, "zmode",
@@ -97,7 +99,7 @@ class DeepzSOMFlagInformer(DeepzInformer):
         self.set_data("ensemble", ensemble)
         return super().inform(training_data, **kwargs)
 
-    def run(self):
+    def _run(self):
         cfg = self.config
         train = self._training_table()
         truth = table_to_numpy_dict(self, self.get_data("truth"), cfg.hdf5_groupname)
@@ -134,7 +136,7 @@ class DeepzSOMFlagger(DeepzEstimator):
     name = "DeepzSOMFlagger"
     interactive_function = "deepz_som_flagger"
     method = "somflag"
-    inputs = [("model", ModelHandle), ("input", TableHandle), ("ensemble", QPHandle)]
+    inputs = [("model", DeepzModelHandle), ("input", TableHandle), ("ensemble", QPHandle)]
     outputs = [("output", QPHandle)]
 
     def estimate(self, input_data, ensemble, **kwargs):
