@@ -145,16 +145,18 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024) -> np.ndarray:
+def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024,
+                        dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Densities of Gaussian mixtures (N, K) on one grid (G,) -> (N, G) float64 array:
     sum_k w_k N(x | mu_k, sigma_k), the formula of ``qp.mixmod``'s pdf (sigmas must be > 0),
     by :func:`_mixture_pdf` in float64 (exponents floored at ``EXP_FLOOR``: a term below
     ~1e-304 counts as 1e-304). qp evaluates the same sum through ``scipy.stats.norm`` on
     (N, G, K) arrays, much slower for the same result
-    (benchmarks/results/implementation_notes.md)."""
-    w = _tensor(weights, torch.float64)
-    mu, s = (_tensor(a, torch.float64, w.device) for a in (means, sigmas))
-    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), torch.float64, w.device)
+    (benchmarks/results/implementation_notes.md). ``dtype=torch.float32`` computes the sum
+    in float32 (faster; the metrics' option ``MetricConfig.mixture_float32``)."""
+    w = _tensor(weights, dtype)
+    mu, s = (_tensor(a, dtype, w.device) for a in (means, sigmas))
+    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), dtype, w.device)
     with torch.no_grad():
         return _numpy64(_mixture_pdf(w, mu, s, z, chunk))
 

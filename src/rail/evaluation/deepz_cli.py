@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     cols.add_argument("--bands", help="comma list of magnitude columns")
     cols.add_argument("--err-bands", help="comma list of magnitude-error columns (same order)")
     cols.add_argument("--redshift-col", default=None, help="true-redshift column (default from data set or 'redshift')")
-    cols.add_argument("--id-col", default=None, help="object id column")
+    cols.add_argument("--id-col", default=None,
+                      help="object id column; truth rows are matched to the estimates' ids by it "
+                           "(default: id, object_id, ...)")
     cols.add_argument("--ref-band", default=None, help="reference magnitude column (default: the i band)")
     cols.add_argument("--mag-limits", default=None,
                       help="limiting magnitudes: one value, a comma list in band order, or band=value pairs "
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="upper end of the redshift grid (default: training maximum rounded up to 0.1)")
     run.add_argument("--point-estimate", default="zmode", help="ancil key of the point estimate (default zmode)")
     run.add_argument("--chunk-size", type=int, default=10_000, help="PDFs per chunk (memory bound)")
+    run.add_argument("--exclude-bad", action="store_true",
+                     help="leave rows with a non-finite PDF or truth out of the metrics (counted in "
+                          "n_bad_pdf / n_bad_truth) instead of stopping with an error")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--markdown", action="store_true", help="also print the overall table as markdown")
     run.add_argument("--quiet", action="store_true", help="no progress lines (training epochs included)")
@@ -232,7 +237,8 @@ def run(args) -> int:
         device=args.device, redshift_col=args.redshift_col, mag_col=args.mag_col,
         truth_groupname=args.truth_group, zmin=None if data_mode else args.zmin,
         zmax=None if data_mode else args.zmax, point_estimate=args.point_estimate,
-        chunk_size=args.chunk_size, plots=not args.no_plots, progress=not args.quiet,
+        chunk_size=args.chunk_size, id_col=args.id_col, exclude_bad=args.exclude_bad,
+        plots=not args.no_plots, progress=not args.quiet,
     )
     if args.markdown:
         print(format_table(result.table, "markdown"))

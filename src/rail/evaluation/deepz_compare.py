@@ -42,8 +42,8 @@ from . import deepz_metrics as dm
 
 # columns of the overall printed table, in order
 SUMMARY_METRICS = [
-    "sigma_nmad", "eta", "bias", "rail_sigma_iqr", "rail_outlier_rate", "crps", "pco",
-    "pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate", "cde_loss", "brier",
+    "sigma_nmad", "eta", "bias_median", "rail_sigma_iqr", "rail_outlier_rate", "crps", "pco",
+    "pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate", "cde_loss", "brier", "n_bad_pdf", "n_bad_truth",
     "inform_time_s", "estimate_time_s",
 ]
 TIME_METRICS = ("inform_time_s", "estimate_time_s")
@@ -476,6 +476,8 @@ def compare(
     mag_edges=None,
     point_estimate: str = "zmode",
     chunk_size: int = 10_000,
+    id_col: str | None = None,
+    exclude_bad: bool = False,
     n_example_pdfs: int = 6,
     plots: bool = True,
     print_table: bool = True,
@@ -512,6 +514,11 @@ def compare(
         bins over the 1-99 % range of the magnitudes).
     point_estimate : ancil key of the point estimate (``zmode``, RAIL's default).
     chunk_size : PDFs per chunk when streaming the estimates (memory bound).
+    id_col : id column of the truth table and of the estimates' ancil (default: the data set's,
+        else the first of ``id``/``object_id``/... found); when both sides have it, rows are
+        matched by id (reordered if only the order differs, an error if the ids differ).
+    exclude_bad : leave rows with a non-finite PDF, point estimate or truth out of the metrics
+        (their counts are the rows ``n_bad_pdf``/``n_bad_truth``); by default they are an error.
     progress : True (print), a callable, or False.
     """
     import pandas as pd
@@ -592,16 +599,21 @@ def compare(
     order = inside[np.argsort(ztrue[inside])]
     keep = order[np.linspace(0, order.size - 1, min(n_example_pdfs, order.size)).astype(int)] if order.size else []
 
+    if id_col is None and data is not None:
+        id_col = ds.extra.get("id_col")
+    tids = dm.truth_ids(truth, id_col, truth_groupname)
     rows, per_object, examples = [], {}, {}
     for j, (label, est) in enumerate(estimates.items()):
         if log:
             log(f"[compare] metrics ({j + 1}/{len(estimates)}) {label} ...")
         acc = dm.accumulate_estimate(est, ztrue, mag, config=cfg, chunk_size=chunk_size, keep_pdfs=keep,
-                                     progress=log, label=label)
+                                     progress=log, label=label, truth_ids=tids,
+                                     id_col=id_col if tids is not None else None, exclude_bad=exclude_bad)
         po = acc.per_object()
-        per_object[label] = po
+        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)  # counts the flagged rows
+        good = dm.good_rows(po)
+        per_object[label] = po if good.all() else {k: v[good] for k, v in po.items()}  # (--exclude-bad)
         examples[label] = acc.kept_pdfs
-        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)
         for tkey in TIME_METRICS:
             if label in timings:
                 n = timings[label]["n_train" if tkey == "inform_time_s" else "n_test"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-BINNED_METRICS = ("sigma_nmad", "eta", "bias", "crps", "pco", "pit_ks")
+BINNED_METRICS = ("sigma_nmad", "eta", "bias_median", "crps", "pco", "pit_ks")
 
 
 def _plt():

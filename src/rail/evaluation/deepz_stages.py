@@ -111,6 +111,10 @@ class DeepzExampleData(RailStage):
     outputs = [("train", Hdf5Handle), ("test", Hdf5Handle)]
 
     def make_data(self):
+        """Write the data set's tables; returns {"train": handle, "test": handle}.
+
+        (``rail.interactive`` requires a docstring on every stage's entry point.)
+        """
         self.run()
         self.finalize()
         return {"train": self.get_handle("train"), "test": self.get_handle("test")}
