@@ -13,7 +13,7 @@ anchor-free detector from torch primitives instead (CenterNet-like, Zhou et al. 
   pixel), and a foreground-footprint mask (binary cross-entropy on the union of the truth
   footprints);
 * per object, features sampled at its centre with ``grid_sample`` (full-resolution decoder,
-  1/4-resolution bottleneck and the input pixels) -> MLP -> K-component Gaussian mixture
+  1/4-resolution bottleneck, the input pixels and their 5 x 5 box average) -> MLP -> K-component Gaussian mixture
   (:class:`rail.deepz.mixtures.GaussianMixtureHead`, trained with the closed-form CRPS at the
   *true* positions of the catalog objects).
 
@@ -116,7 +116,7 @@ class SceneNet(nn.Module):
         with torch.no_grad():
             self.heat.bias.fill_(-2.19)  # prior 0.1 (CenterNet)
             self.size.bias.fill_(2.0)  # boxes of ~7 pixels
-        n_feat = w + 2 * w + in_channels
+        n_feat = w + 2 * w + 2 * in_channels
         self.mlp = nn.Sequential(nn.Linear(n_feat, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = GaussianMixtureHead(hidden, n_components, mean_init=zrange)
 
@@ -127,7 +127,7 @@ class SceneNet(nn.Module):
         d2 = self.dec2(torch.cat([e2, F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False)], 1))
         d1 = self.dec1(torch.cat([e1, F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False)], 1))
         return {"heat": self.heat(d1), "offset": self.offset(d1), "size": self.size(d1), "mask": self.mask(d1),
-                "features": [d1, e3, img]}
+                "features": [d1, e3, img, F.avg_pool2d(img, 5, stride=1, padding=2, count_include_pad=False)]}
 
     def mixture(self, maps: dict, x: torch.Tensor, y: torch.Tensor) -> MixtureParams:
         """Mixtures (B*K, n_components) of objects at pixel positions ``x``, ``y`` (B, K)."""
@@ -344,7 +344,7 @@ class DeepzSceneInformer(CatInformer):
                 if tc.clip_norm > 0:
                     nn.utils.clip_grad_norm_(net.parameters(), tc.clip_norm)
                 opt.step()
-                tot += float(loss) * idx.size
+                tot += float(loss.detach()) * idx.size
             net.eval()
             val, parts = 0.0, {}
             with torch.no_grad():
