@@ -352,16 +352,7 @@ def scene_images(scenes: Mapping, n_bands: int | None = None, column: str = "ima
     would look like sky)."""
     if column not in scenes:
         raise SceneInputError(f"Scene table has no image column {column!r}; columns: {sorted(scenes)}")
-    raw = scenes[column]
-    if isinstance(raw, (list, tuple)) or (isinstance(raw, np.ndarray) and raw.dtype == object):
-        shapes = sorted({tuple(np.shape(a)) for a in raw})
-        if len(shapes) > 1:
-            raise SceneInputError(
-                f"Scene table column {column!r} holds scenes of mixed sizes {shapes[:4]}; every scene of "
-                "a table must have the same (bands, height, width): cut or pad them to one size"
-            )
-        raw = np.stack([np.asarray(a) for a in raw]) if len(raw) else np.zeros((0, 0, 0, 0))
-    arr = np.asarray(raw)
+    arr = np.asarray(check_scene_sizes(scenes, column))
     if arr.ndim != 4:
         raise SceneInputError(f"Scene column {column!r} must have shape (N, bands, height, width); got {arr.shape}")
     if n_bands is not None and arr.shape[1] != n_bands:
@@ -380,6 +371,21 @@ def scene_images(scenes: Mapping, n_bands: int | None = None, column: str = "ima
             f"(first rows: {which[:5].tolist()}); mask them upstream (e.g. set to the sky level)"
         )
     return arr
+
+
+def check_scene_sizes(scenes: Mapping, column: str = "images"):
+    """The image column, stacked when given as a list of per-scene arrays; a clear error when
+    those scenes differ in size (call before any table conversion, which would fail obscurely)."""
+    raw = scenes.get(column) if isinstance(scenes, Mapping) else None
+    if isinstance(raw, (list, tuple)) or (isinstance(raw, np.ndarray) and raw.dtype == object):
+        shapes = sorted({tuple(np.shape(a)) for a in raw})
+        if len(shapes) > 1:
+            raise SceneInputError(
+                f"Scene table column {column!r} holds scenes of mixed sizes {shapes[:4]}; every scene of "
+                "a table must have the same (bands, height, width): cut or pad them to one size"
+            )
+        return np.stack([np.asarray(a) for a in raw]) if len(raw) else np.zeros((0, 0, 0, 0), np.float32)
+    return raw
 
 
 def truth_columns(truth: Mapping, needed: Sequence[str] = ("scene_id", "x", "y")) -> None:

@@ -55,6 +55,7 @@ from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.scenes import (
     SceneInputError,
+    check_scene_sizes,
     match_positions,
     scene_ids,
     scene_images,
@@ -285,7 +286,10 @@ class DeepzSceneInformer(CatInformer):
 
     def run(self):
         cfg = self.config
-        scenes = table_to_numpy_dict(self, self.get_data("input"), cfg.hdf5_groupname)
+        scenes = self.get_data("input")
+        if isinstance(scenes, Mapping) and cfg.image_col in scenes:
+            scenes = dict(scenes, **{cfg.image_col: check_scene_sizes(scenes, cfg.image_col)})
+        scenes = table_to_numpy_dict(self, scenes, cfg.hdf5_groupname)
         truth = table_to_numpy_dict(self, self.get_data("truth"))
         truth_columns(truth, TRUTH_TRAIN_COLUMNS)
         if cfg.redshift_col not in truth:
@@ -463,7 +467,12 @@ class DeepzSceneEstimator(DeepzEstimator):
         handle = self.get_handle("input", allow_missing=True)
         group = self.config.hdf5_groupname
         if handle.data is not None and handle.path in (None, "None", "none", ""):
-            data = table_to_numpy_dict(self, handle.data, group)
+            data = handle.data
+            if isinstance(data, Mapping):
+                col = self.config.image_col or self.model["images"]["col"]
+                inner = data[group] if group and group in data else data
+                data = dict(inner, **{col: check_scene_sizes(inner, col)}) if col in inner else inner
+            data = table_to_numpy_dict(self, data, group)
             n = len(next(iter(data.values()))) if data else 0
             step = max(int(self.config.chunk_size), 1)
             for s in range(0, n, step):
