@@ -148,18 +148,25 @@ def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float 
     return -(pos_loss + neg_loss) / pos.sum().clamp(min=1)
 
 
+def rank_within_scene(local: np.ndarray, n_scenes: int) -> tuple[np.ndarray, int]:
+    """Rank of each object among the objects of its scene (``local``: scene row per object, in
+    input order) and the largest count (>= 1): the slots of a (n_scenes, kmax) padded array."""
+    local = np.asarray(local, dtype=np.int64)
+    order = np.argsort(local, kind="stable")
+    counts = np.bincount(local, minlength=n_scenes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size) - starts[local[order]]
+    return rank, max(int(counts.max()) if counts.size else 0, 1)
+
+
 class _SceneTargets:
     """Truth of the training scenes, padded per scene to (S, Kmax) arrays."""
 
     def __init__(self, truth: Mapping, row_of_scene: np.ndarray, n_scenes: int, h: int, w: int,
                  redshift_col: str, zmin: float, zmax: float):
         local = row_of_scene
-        order = np.argsort(local, kind="stable")
-        counts = np.bincount(local, minlength=n_scenes)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size) - starts[local[order]]
-        kmax = max(int(counts.max()) if counts.size else 0, 1)
+        rank, kmax = rank_within_scene(local, n_scenes)
         box = np.asarray(truth["box"], dtype=np.float64)
         bkg = np.asarray(truth["background"], bool) if "background" in truth else np.zeros(local.size, bool)
         z = np.asarray(truth[redshift_col], dtype=np.float64) if redshift_col in truth else np.full(local.size, np.nan)
@@ -580,12 +587,7 @@ class DeepzSceneEstimator(DeepzEstimator):
             return
         local = np.searchsorted(np.sort(sids), pos_sid[rows])
         local = np.argsort(sids)[local]
-        counts = np.bincount(local, minlength=len(sids))
-        kmax = int(counts.max())
-        order = np.argsort(local, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size) - starts[local[order]]
+        rank, kmax = rank_within_scene(local, len(sids))
         px = np.zeros((len(sids), kmax), np.float32)
         py = np.zeros_like(px)
         px[local, rank], py[local, rank] = pos_x[rows], pos_y[rows]
