@@ -419,7 +419,11 @@ def decode_detections(maps: dict, score_threshold: float, max_detections: int, m
 
 class DeepzSceneEstimator(DeepzEstimator):
     """Detect objects in scenes and emit one Gaussian-mixture redshift PDF per detection
-    (``mode='detect'``) or per row of a given positions table (``mode='positions'``)."""
+    (``mode='detect'``) or per row of a given positions table (``mode='positions'``).
+
+    ``inference_batch_size`` counts scenes per forward pass here (0 = 16); ``chunk_size``
+    scenes are read and validated at a time.
+    """
 
     name = "DeepzSceneEstimator"
     entrypoint_function = "estimate"
@@ -447,6 +451,8 @@ class DeepzSceneEstimator(DeepzEstimator):
         check_option_choice(self.config, "mode", MODES)
         if self.config.max_detections < 1:
             raise ValueError(f"Option 'max_detections' must be >= 1, got {self.config.max_detections}")
+        if self.config.mixed_precision:
+            raise ValueError("Option 'mixed_precision' is not supported by DeepzSceneEstimator (float32 only)")
         if not 0.0 <= self.config.score_threshold < 1.0:
             raise ValueError(f"Option 'score_threshold' must be in [0, 1), got {self.config.score_threshold}")
         self._given = None  # (truth, positions) when called through estimate()
