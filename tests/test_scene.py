@@ -201,3 +201,25 @@ def test_scene_metrics(tiny, model):
     assert res["all"]["n"] == n == sum(res[c]["n"] for c in ("isolated", "mild", "blended"))
     s = res["all"]["sigma_nmad"]
     assert np.isfinite(s["value"]) and s["lo"] <= s["hi"]
+
+
+def test_rail_interactive_runs_scene_stages(tmp_path):
+    """`rail.interactive` finds both stages (fresh process); inputs are passed by tag name."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import rail.interactive
+        from rail.interactive.estimation.algos import deepz_scene as ds
+        from rail.deepz.datasets import load_dc2
+        from rail.deepz.scenes import SceneConfig, simulate_scenes
+        sc, tr = simulate_scenes(load_dc2().train, 6, SceneConfig(size=32, n_objects=(3, 4), seed=1))
+        m = ds.deepz_scene_informer(input=sc, truth=tr, epochs=1, width=8, hidden=8, progress=False)
+        out = ds.deepz_scene_estimator(model=m["model"], input=sc, truth="none", positions=tr, mode="positions")
+        assert out["output"].npdf == len(tr["x"]), out["output"].npdf
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK" in res.stdout

@@ -283,8 +283,14 @@ class DeepzSceneInformer(CatInformer):
         if self.config.width < 1 or self.config.n_components < 1 or self.config.hidden < 1:
             raise ValueError("Options 'width', 'hidden' and 'n_components' must be >= 1")
 
-    def inform(self, training_data, truth, **kwargs):
-        """Train from a scene table and its truth table (tables or handles); return the model handle."""
+    def inform(self, training_data=None, truth=None, input=None, **kwargs):  # noqa: A002 (ceci tag name)
+        """Train from a scene table and its truth table (tables or handles); return the model handle.
+
+        ``input`` is an alias of ``training_data`` (``rail.interactive`` passes inputs by tag name).
+        """
+        training_data = input if training_data is None else training_data
+        if training_data is None or truth is None:
+            raise SceneInputError(f"{self.name}.inform needs a scene table and a truth table")
         self.set_data("input", training_data)
         self.set_data("truth", truth)
         self.run()
@@ -457,10 +463,21 @@ class DeepzSceneEstimator(DeepzEstimator):
             raise ValueError(f"Option 'score_threshold' must be in [0, 1), got {self.config.score_threshold}")
         self._given = None  # (truth, positions) when called through estimate()
 
-    def estimate(self, input_data, truth=None, positions=None, **kwargs):
-        """Scene table (or handle) -> qp ensemble handle; ``truth`` and ``positions`` are optional tables."""
+    def estimate(self, input_data=None, truth=None, positions=None, input=None, **kwargs):  # noqa: A002
+        """Scene table (or handle) -> qp ensemble handle; ``truth`` and ``positions`` are optional
+        tables (None or ``"none"``: absent, as ``rail.interactive`` passes unused inputs).
+        ``input`` is an alias of ``input_data``."""
+        input_data = input if input_data is None else input_data
+        if input_data is None:
+            raise SceneInputError(f"{self.name}.estimate needs a scene table")
         self.set_data("input", input_data)
-        self._given = tuple(None if t is None else table_to_numpy_dict(self, t) for t in (truth, positions))
+
+        def given(t):
+            if t is None or (isinstance(t, str) and t.lower() == "none"):
+                return None
+            return table_to_numpy_dict(self, t)
+
+        self._given = (given(truth), given(positions))
         try:
             self.run()
         finally:
