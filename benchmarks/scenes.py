@@ -36,7 +36,7 @@ import numpy as np
 
 CONFIGS = {
     # scenes of 48 x 48 pixels (9.6 arcsec), 4-8 DC2 objects + 0-3 faint background objects each
-    "cpu": dict(size=48, n_train=1500, n_test=300, n_objects=(4, 8), n_background=(0, 3), epochs=40, width=16,
+    "cpu": dict(size=48, n_train=800, n_test=250, n_objects=(4, 8), n_background=(0, 3), epochs=30, width=16,
                 hidden=64, batch_size=8, n_boot=100, fzb_basis=20),
     "gpu": dict(size=64, n_train=4000, n_test=1000, n_objects=(5, 12), n_background=(0, 5), epochs=60, width=32,
                 hidden=128, batch_size=32, n_boot=200, fzb_basis=35),
