@@ -223,3 +223,18 @@ def test_rail_interactive_runs_scene_stages(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
+
+
+def test_model_file_round_trip(tiny, tmp_path):
+    scenes, truth = tiny
+    path = tmp_path / "scene_model.pkl"
+    inf = DeepzSceneInformer.make_stage(name=_name("inf"), model=str(path), **dict(NET, epochs=1))
+    handle = inf.inform(scenes, truth)
+    assert path.exists()
+    pos = {k: truth[k] for k in ("scene_id", "x", "y")}
+    a = DeepzSceneEstimator.make_stage(name=_name("est"), model=handle, mode="positions").estimate(scenes, positions=pos)()
+    b = DeepzSceneEstimator.make_stage(name=_name("est"), model=str(path), mode="positions").estimate(scenes, positions=pos)()
+    np.testing.assert_allclose(a.objdata["means"], b.objdata["means"], rtol=1e-6)
+    with pytest.raises(Exception, match="scene"):  # a model of another method is refused
+        bad = dict(handle(), method="cnn")
+        DeepzSceneEstimator.make_stage(name=_name("est"), model=bad).estimate(scenes)
