@@ -238,3 +238,21 @@ def test_model_file_round_trip(tiny, tmp_path):
     with pytest.raises(Exception, match="scene"):  # a model of another method is refused
         bad = dict(handle(), method="cnn")
         DeepzSceneEstimator.make_stage(name=_name("est"), model=bad).estimate(scenes)
+
+
+def test_augmentation_moves_targets_with_pixels():
+    import torch
+
+    from rail.estimation.algos.deepz_scene import augment_scenes
+
+    n = 9
+    x = torch.zeros(1, 1, n, n)
+    x[0, 0, 2, 6] = 1.0  # object at x=6, y=2
+    t = {"x": torch.tensor([[6.0]]), "y": torch.tensor([[2.0]]), "logwh": torch.tensor([[[1.0, 2.0]]]),
+         "mask": x.clone()}
+    for k in range(4):
+        for flip in (False, True):
+            xa, ta = augment_scenes(x, t, k, flip)
+            yy, xx = torch.nonzero(xa[0, 0])[0].tolist()
+            assert (xx, yy) == (int(ta["x"]), int(ta["y"])) and torch.equal(xa, ta["mask"])
+            assert ta["logwh"][0, 0].tolist() == ([2.0, 1.0] if k % 2 else [1.0, 2.0])

@@ -31,8 +31,8 @@ positions table, e.g. a catalog's detections, aligned with it: photo-z error wit
 detection error). Scenes stream chunk by chunk (``chunk_size`` scenes); the output, a
 few numbers per detection, is assembled at the end.
 
-Not in this version: per-scene metadata inputs (E(B-V)), augmentation, ensembles of
-networks, MPI.
+Training scenes are augmented by the 8 symmetries of the square (``augment``). Not in this
+version: per-scene metadata inputs (E(B-V)), ensembles of networks, MPI.
 """
 
 from __future__ import annotations
@@ -195,6 +195,26 @@ class _SceneTargets:
                 for k in ("x", "y", "obj", "zok", "z", "logwh", "mask")}
 
 
+def augment_scenes(x: torch.Tensor, t: dict, k: int, flip: bool) -> tuple[torch.Tensor, dict]:
+    """Rotate square scenes by ``k`` x 90 degrees and optionally mirror them, with their targets.
+
+    Pixel-centre coordinates of an N x N scene map as (x, y) -> (y, N - 1 - x) per rotation
+    (``torch.rot90`` over the (H, W) axes) and x -> N - 1 - x for the mirror; box width and
+    height swap at each rotation. Padded (invalid) object slots are transformed too and stay
+    masked.
+    """
+    n = x.shape[-1]
+    t = dict(t)
+    for _ in range(k % 4):
+        x, t["mask"] = torch.rot90(x, 1, dims=(2, 3)), torch.rot90(t["mask"], 1, dims=(2, 3))
+        t["x"], t["y"] = t["y"], (n - 1) - t["x"]
+        t["logwh"] = t["logwh"].flip(-1)
+    if flip:
+        x, t["mask"] = torch.flip(x, dims=(3,)), torch.flip(t["mask"], dims=(3,))
+        t["x"] = (n - 1) - t["x"]
+    return x, t
+
+
 def scene_loss(net: SceneNet, img: torch.Tensor, t: dict, sigma: float, weights: dict) -> tuple[torch.Tensor, dict]:
     """Total multi-task loss of a batch of scenes and its parts (floats)."""
     maps = net(img)
@@ -271,6 +291,8 @@ class DeepzSceneInformer(CatInformer):
         box_weight=Param(float, 0.1, msg="weight of the offset + log-box-size L1 losses"),
         mask_weight=Param(float, 1.0, msg="weight of the footprint-mask cross-entropy"),
         z_weight=Param(float, 5.0, msg="weight of the redshift mixture CRPS"),
+        augment=Param(bool, True, msg="random 90-degree rotations and mirror images of square training scenes "
+                      "(one of the 8 per batch, targets transformed alike)"),
     )
 
     def __init__(self, args, **kwargs):
@@ -345,6 +367,7 @@ class DeepzSceneInformer(CatInformer):
         opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(tc.patience // 3, 1))
         sigma = float(self.config.heatmap_sigma)
+        augment = bool(self.config.augment) and x.shape[-1] == x.shape[-2]
         best, best_state, since, hist = float("inf"), copy.deepcopy(net.state_dict()), 0, []
         t0 = time.perf_counter()
         for epoch in range(tc.epochs):
@@ -353,7 +376,11 @@ class DeepzSceneInformer(CatInformer):
             tot = 0.0
             for i in range(0, order.size, tc.batch_size):
                 idx = order[i : i + tc.batch_size]
-                loss, _ = scene_loss(net, torch.as_tensor(x[idx]).to(device), targets.batch(idx, device), sigma, weights)
+                xb, tb = torch.as_tensor(x[idx]).to(device), targets.batch(idx, device)
+                if augment:
+                    k, flip = int(torch.randint(0, 4, (1,), generator=gen)), bool(torch.randint(0, 2, (1,), generator=gen))
+                    xb, tb = augment_scenes(xb, tb, k, flip)
+                loss, _ = scene_loss(net, xb, tb, sigma, weights)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Scene training loss became {float(loss)} at epoch {epoch}; lower 'lr'")
                 opt.zero_grad(set_to_none=True)
