@@ -85,7 +85,7 @@ def _flag_other(ds, key, train_fit, calib, calib_path, test, test_path, outdir, 
     import qp
     from rail.core.data import QPHandle, TableHandle
 
-    from rail.estimation.algos.deepz_embed import DeepzSOMFlagger, DeepzSOMFlagInformer
+    from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
     phot = {k: v for k, v in ds.catalog_config().items() if k in ("bands", "err_bands", "mag_limits", "redshift_col",
                                                                  "zmin", "zmax", "hdf5_groupname")}

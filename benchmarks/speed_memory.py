@@ -5,7 +5,7 @@ What it measures
 1. Trains each estimator once on the DC2 training file (10,225 objects) with the
    registry's architecture and options but few epochs (``--train-epochs``, default 3):
    inference cost depends on the network, not on how long it was trained. Or reuses model
-   pickles from ``--models-dir`` (``<key>_model.pkl``, e.g. from benchmarks/accuracy.py).
+   model files from ``--models-dir`` (``<key>_model.pkl``, e.g. from benchmarks/accuracy.py).
 2. For each size N (``--sizes``, default 1e5, 1e6, 1e7) writes an HDF5 input of N rows
    resampled from the DC2 test file (benchmarks/make_large_input.py, bounded memory).
 3. Runs each estimator's RAIL stage on that file in a *separate process*: the input is
