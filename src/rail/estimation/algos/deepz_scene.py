@@ -61,19 +61,24 @@ from rail.deepz.scenes import (
     scene_images,
     truth_columns,
 )
+from rail.deepz._version import __version__
+from rail.deepz.modelfile import DeepzModelHandle
 from rail.deepz.stages import (
+    FORMAT,
+    FORMAT_VERSION,
     MIXTURE_OUTPUT_OPTIONS,
     MIXTURE_REPRESENTATIONS,
     TRAINING_OPTIONS,
+    CheckedOptions,
     DeepzEstimator,
     check_option_choice,
+    check_output_paths,
     table_to_numpy_dict,
     validate_config_keys,
+    validate_options,
     with_defaults,
 )
-from rail.deepz._version import __version__
-from rail.deepz.stages import FORMAT, FORMAT_VERSION
-from rail.deepz.training import TrainConfig, resolve_device, seed_everything, split_indices
+from rail.deepz.training import TrainConfig, resolve_device, seed_everything, split_indices, thread_policy
 
 MODES = ("detect", "positions")
 TRUTH_TRAIN_COLUMNS = ("scene_id", "x", "y", "box", "footprint")
@@ -265,7 +270,7 @@ def _scene_rows(truth: Mapping, sids: np.ndarray) -> np.ndarray:
     return order[pos]
 
 
-class DeepzSceneInformer(CatInformer):
+class DeepzSceneInformer(CheckedOptions, CatInformer):
     """Train the scene network on a scene table (``input``) and its truth table (``truth``)."""
 
     name = "DeepzSceneInformer"
@@ -273,12 +278,13 @@ class DeepzSceneInformer(CatInformer):
     interactive_function = "deepz_scene_informer"
     method = "scene"
     inputs = [("input", TableHandle), ("truth", TableHandle)]
+    outputs = [("model", DeepzModelHandle)]
     config_options = CatInformer.config_options.copy()
     config_options["hdf5_groupname"] = Param(str, "", msg="HDF5 group of the scene table ('' = top level)")
     config_options.update(with_defaults(
         {k: TRAINING_OPTIONS[k] for k in ("redshift_col", "zmin", "zmax", "epochs", "batch_size", "lr",
                                           "weight_decay", "clip_norm", "patience", "min_delta", "val_fraction",
-                                          "seed", "device", "progress")},
+                                          "seed", "device", "progress", "num_threads")},
         epochs=30, batch_size=8, lr=2e-3, patience=10,
     ))
     config_options.update(
@@ -298,6 +304,7 @@ class DeepzSceneInformer(CatInformer):
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
         validate_config_keys(self)
+        validate_options(self)
         self.train_config = TrainConfig.from_config(self.config)
         self.train_config.validate()
         if self.config.zmax <= self.config.zmin:
@@ -320,6 +327,11 @@ class DeepzSceneInformer(CatInformer):
         return self.get_handle("model")
 
     def run(self):
+        check_output_paths(self)
+        with thread_policy(self.config.num_threads, self.name):
+            self._run()
+
+    def _run(self):
         cfg = self.config
         scenes = self.get_data("input")
         if isinstance(scenes, Mapping) and cfg.image_col in scenes:
@@ -462,7 +474,7 @@ class DeepzSceneEstimator(DeepzEstimator):
     entrypoint_function = "estimate"
     interactive_function = "deepz_scene_estimator"
     method = "scene"
-    inputs = [("model", DeepzEstimator.inputs[0][1]), ("input", TableHandle), ("truth", TableHandle),
+    inputs = [("model", DeepzModelHandle), ("input", TableHandle), ("truth", TableHandle),
               ("positions", TableHandle)]
     config_options = DeepzEstimator.config_options.copy()
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
@@ -546,6 +558,11 @@ class DeepzSceneEstimator(DeepzEstimator):
         return net
 
     def run(self):
+        check_output_paths(self)
+        with thread_policy(self.config.num_threads, self.name):
+            self._run()
+
+    def _run(self):
         self.open_model(**self.config)
         m, cfg = self.model, self.config
         if self._given is not None:
@@ -612,6 +629,7 @@ class DeepzSceneEstimator(DeepzEstimator):
         full = dict(ens.ancil) if ens.ancil is not None else {}
         full.update(ancil)
         ens.set_ancil(full)
+        self._check_pdfs(ens, 0)  # rows named are detections (detect) or positions rows
         self.add_data("output", ens)
 
     def _detect_batch(self, maps, sids, parts):
