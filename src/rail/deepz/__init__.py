@@ -18,3 +18,4 @@ import rail.estimation.algos.deepz_embed  # noqa: E402,F401
 import rail.estimation.algos.deepz_somflag  # noqa: E402,F401
 import rail.estimation.algos.deepz_lstm  # noqa: E402,F401
 import rail.estimation.algos.deepz_cnn  # noqa: E402,F401
+import rail.estimation.algos.deepz_scene  # noqa: E402,F401
