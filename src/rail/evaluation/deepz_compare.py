@@ -15,10 +15,9 @@ Either way the estimates are streamed chunk by chunk through
   ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
   ``redshift`` or ``magnitude``; inform/estimate wall times are rows with metric
   ``inform_time_s`` / ``estimate_time_s``; the latter is RAIL's ``estimate()`` call, which
-  after writing the output reads it back whole: for the embedding MDN's ``qp.interp``
-  output on a 1622-point grid, qp's re-normalisation on reading is most of it (4.4 of 5.3 s
-  on DC2's 20,449 objects); the throughput of the stages themselves is measured by
-  ``benchmarks/speed_memory.py``);
+  after writing the output reads it back whole (for ``qp.interp`` outputs on fine grids qp's
+  re-normalisation on reading can be most of it); the throughput of the stages themselves
+  is measured by ``benchmarks/speed_memory.py``);
 * ``pit_qq.png``, ``zphot_zspec.png``, ``metrics_vs_redshift.png``,
   ``metrics_vs_magnitude.png``, ``example_pdfs.png``;
 
@@ -236,10 +235,10 @@ def _split_names(estimators) -> list[str]:
 def _resolve_specs(estimators) -> list:
     """Registry entries for ``estimators``: keys, groups (``all``, ``peers``) or import paths.
 
-    ``all`` runs the deep estimators first and the baselines last. (FlexZBoost leaves a
-    joblib process pool behind that made torch's 2-thread LSTM training ~3x slower, 84 s vs
-    28 s on DC2; run_estimator now shuts it down after every estimator, see
-    rail.deepz.training.release_joblib_workers; the order is kept.) An explicit order is kept.
+    ``all`` runs the deep estimators first and the baselines last (FlexZBoost leaves a
+    joblib process pool behind that slows torch's multi-threaded training; run_estimator
+    shuts it down after every estimator, see rail.deepz.training.release_joblib_workers, and
+    CHANGELOG.md for the measurement). An explicit order is kept.
     """
     from . import deepz_registry as reg
 
