@@ -163,14 +163,14 @@ def write_markdown(result: dict, path: Path) -> None:
                   "(value [16%, 84%] bootstrap; a resample repeats objects, which biases the PIT KS "
                   "statistic upward, so its interval can lie above the value)", ""]
         for cls in ("all", "isolated", "mild", "blended"):
-            lines += [f"**{cls}**", "", "| estimator | n | sigma_IQR | eta | bias | CRPS | CDE loss | PIT KS |",
+            lines += [f"**{cls}**", "", "| estimator | n | sigma_IQR | eta | bias (median) | CRPS | CDE loss | PIT KS |",
                       "|---|---|---|---|---|---|---|---|"]
             for name, g in run["photoz"].items():
                 s = g[cls]
                 if s["n"] == 0:
                     lines.append(f"| {name} | 0 | | | | | | |")
                     continue
-                lines.append(f"| {name} | {s['n']} | {_fmt(s['rail_sigma_iqr'])} | {_fmt(s['eta'])} | {_fmt(s['bias'])} "
+                lines.append(f"| {name} | {s['n']} | {_fmt(s['rail_sigma_iqr'])} | {_fmt(s['eta'])} | {_fmt(s['bias_median'])} "
                              f"| {_fmt(s['crps'])} | {_fmt(s['cde_loss'])} | {_fmt(s['pit_ks'])} |")
             lines.append("")
         lines += [f"timings (s, under load): {json.dumps({k: round(v, 1) for k, v in run['timings_s'].items()})}", ""]

@@ -25,7 +25,7 @@ ISOLATED_MAX = 0.01
 BLENDED_MIN = 0.2
 BLEND_CLASSES = ("isolated", "mild", "blended")
 #: metrics reported per blending class (names of :func:`summarize_group`)
-REPORTED = ("sigma_nmad", "rail_sigma_iqr", "eta", "rail_outlier_rate", "bias", "crps", "cde_loss", "pit_ks")
+REPORTED = ("sigma_nmad", "rail_sigma_iqr", "eta", "rail_outlier_rate", "bias_median", "crps", "cde_loss", "pit_ks")
 
 
 def blend_class(blendedness) -> np.ndarray:
