@@ -247,6 +247,21 @@ def validate_options(stage) -> None:
             par.validate(key)
 
 
+def check_training_stage(stage) -> TrainConfig:
+    """Validate an informer's options (keys, types, ranges, training settings, z range) before any data is read.
+
+    Returns the :class:`TrainConfig` of the stage. Shared by :class:`DeepzInformer` and informers that do not
+    read photometry (the scene informer).
+    """
+    validate_config_keys(stage)
+    validate_options(stage)
+    train_config = TrainConfig.from_config(stage.config)
+    train_config.validate()
+    if stage.config.zmax <= stage.config.zmin:
+        raise ValueError(f"Option 'zmax' ({stage.config.zmax}) must exceed 'zmin' ({stage.config.zmin})")
+    return train_config
+
+
 def with_defaults(options: Mapping[str, Param], **defaults: Any) -> dict:
     """Copy a dict of ``Param`` and change some defaults (a method's paper values)."""
     out = {}
@@ -555,12 +570,7 @@ class DeepzInformer(CheckedOptions, CatInformer):
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        validate_config_keys(self)
-        validate_options(self)
-        self.train_config = TrainConfig.from_config(self.config)
-        self.train_config.validate()
-        if self.config.zmax <= self.config.zmin:
-            raise ValueError(f"Option 'zmax' ({self.config.zmax}) must exceed 'zmin' ({self.config.zmin})")
+        self.train_config = check_training_stage(self)
         settings = photometry_settings(self.config)
         if self.config.bands:  # (a stage may not need photometry: embedding columns)
             validate_photometry_options(

@@ -73,12 +73,11 @@ from rail.deepz.stages import (
     DeepzEstimator,
     check_option_choice,
     check_output_paths,
+    check_training_stage,
     table_to_numpy_dict,
-    validate_config_keys,
-    validate_options,
     with_defaults,
 )
-from rail.deepz.training import TrainConfig, resolve_device, seed_everything, split_indices, thread_policy
+from rail.deepz.training import resolve_device, seed_everything, split_indices, thread_policy
 
 MODES = ("detect", "positions")
 TRUTH_TRAIN_COLUMNS = ("scene_id", "x", "y", "box", "footprint")
@@ -303,12 +302,7 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        validate_config_keys(self)
-        validate_options(self)
-        self.train_config = TrainConfig.from_config(self.config)
-        self.train_config.validate()
-        if self.config.zmax <= self.config.zmin:
-            raise ValueError(f"Option 'zmax' ({self.config.zmax}) must exceed 'zmin' ({self.config.zmin})")
+        self.train_config = check_training_stage(self)
         if self.config.width < 1 or self.config.n_components < 1 or self.config.hidden < 1:
             raise ValueError("Options 'width', 'hidden' and 'n_components' must be >= 1")
 
