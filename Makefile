@@ -43,11 +43,18 @@ $(STAMP): pyproject.toml
 	    echo "[make] installing torch==$(TORCH_VERSION) (CUDA build from the package index)"; \
 	    $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	elif [ "$(TORCH)" = "cpu" ]; then \
-	    echo "[make] installing torch==$(TORCH_VERSION) (CPU build)"; \
-	    $(BIN)/python -m pip install -q --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	    if $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+	        echo "[make] installing torch==$(TORCH_VERSION) (CPU build, from $(TORCH_CPU_INDEX))"; \
+	        $(BIN)/python -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	    else \
+	        echo "[make] $(TORCH_CPU_INDEX) is not reachable: torch==$(TORCH_VERSION) from the configured package index"; \
+	        $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
+	    fi; \
 	else echo "TORCH must be cpu or cuda, got '$(TORCH)'" >&2; exit 1; fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@$(BIN)/python -c 'import torch; print("[make] torch", torch.__version__, "CUDA build" if torch.version.cuda else "CPU build")'
+	@if [ "$(TORCH)" = "cpu" ] && $(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then \
+	    echo "[make] WARNING: TORCH=cpu but the package index gave a CUDA build of torch (it runs on the CPU too, but is several GB)." >&2; fi
 	@touch $(STAMP)
 
 clean-venv:
