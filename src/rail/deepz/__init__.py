@@ -17,3 +17,4 @@ import rail.estimation.algos.deepz_nnc  # noqa: E402,F401
 import rail.estimation.algos.deepz_embed  # noqa: E402,F401
 import rail.estimation.algos.deepz_lstm  # noqa: E402,F401
 import rail.estimation.algos.deepz_cnn  # noqa: E402,F401
+import rail.estimation.algos.deepz_stack  # noqa: E402,F401
