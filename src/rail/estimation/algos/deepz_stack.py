@@ -104,16 +104,19 @@ def _raw_cdf(ens: qp.Ensemble, edges: np.ndarray, block: int = 2000) -> np.ndarr
     md, od = ens.metadata, ens.objdata
     if kind in ("hist", "interp"):
         x = np.asarray(md["bins" if kind == "hist" else "xvals"], dtype=np.float64).reshape(-1)
-        y = np.asarray(od["pdfs" if kind == "hist" else "yvals"], dtype=np.float64)
-        y = y.reshape(ens.npdf, -1)
+        yall = np.asarray(od["pdfs" if kind == "hist" else "yvals"]).reshape(ens.npdf, -1)
         dx = np.diff(x)
-        cells = y * dx if kind == "hist" else 0.5 * (y[:, 1:] + y[:, :-1]) * dx
-        cum = np.zeros((y.shape[0], x.size))
-        np.cumsum(cells, axis=1, out=cum[:, 1:])
-        total = cum[:, -1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cum = cum / np.where(total > 0, total, np.nan)
-        return _lerp_shared(cum, x, edges)
+        out = np.empty((ens.npdf, edges.size))
+        for i in range(0, ens.npdf, block):  # float64 temporaries of a block of rows only
+            y = yall[i: i + block].astype(np.float64)
+            cells = y * dx if kind == "hist" else 0.5 * (y[:, 1:] + y[:, :-1]) * dx
+            cum = np.zeros((y.shape[0], x.size))
+            np.cumsum(cells, axis=1, out=cum[:, 1:])
+            total = cum[:, -1:]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cum /= np.where(total > 0, total, np.nan)
+            out[i: i + block] = _lerp_shared(cum, x, edges)
+        return out
     if kind == "mixmod":
         w = torch.as_tensor(np.asarray(od["weights"], dtype=np.float64)).reshape(ens.npdf, -1)
         mu = torch.as_tensor(np.asarray(od["means"], dtype=np.float64)).reshape(w.shape)
