@@ -146,11 +146,18 @@ def test_per_bin_weights_follow_the_better_input():
     sa, sb = np.where(bright, 0.05, 0.25), np.where(bright, 0.25, 0.05)
     ens = {"a": _interp(z + sa * rng.standard_normal(n), sa), "b": _hist(z + sb * rng.standard_normal(n), sb)}
     c, h, _, _ = ds.read_inputs(ens, EDGES, 0, n)
-    model = ds.fit_stack(c, h, z, EDGES, ["a", "b"], bin_values=mag, bin_edges=[22.0], min_bin_objects=200,
-                         holdout_fraction=0.0, max_iter=40)
+    model = ds.fit_stack(c, h, z, EDGES, ["a", "b"], bin_col="mag", bin_values=mag, bin_edges=[22.0],
+                         min_bin_objects=200, holdout_fraction=0.0, max_iter=40)
     w = model["weights"]
     assert w.shape == (3, 2) and w[0, 0] > 0.8 and w[1, 1] > 0.8
     assert model["bin_counts"].tolist() == [int(bright.sum()), int((~bright).sum()), n]
+    # applied per row: better than the global row of the same model (NaN bin values -> global)
+    e, zt = torch.as_tensor(EDGES), torch.as_tensor(z)
+    per_bin = ds.scores(torch.as_tensor(ds.stack_cdfs(model, c, h, mag)), e, zt)["crps"].mean()
+    glob = ds.scores(torch.as_tensor(ds.stack_cdfs(model, c, h, np.full(n, np.nan))), e, zt)["crps"].mean()
+    assert per_bin < 0.8 * glob
+    with pytest.raises(ValueError, match="per bin of 'mag'"):
+        ds.stack_cdfs(model, c, h)
 
 
 # ---------------------------------------------------------------- stages and bad inputs

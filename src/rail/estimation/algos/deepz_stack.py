@@ -333,7 +333,7 @@ def bin_index(values, edges) -> np.ndarray:
 
 
 def fit_stack(cdfs: np.ndarray, has: np.ndarray, z: np.ndarray, edges: np.ndarray, names: Sequence[str],
-              *, score: str = "crps", recalibrate: bool = True, bin_values=None, bin_edges=(),
+              *, score: str = "crps", recalibrate: bool = True, bin_col: str = "", bin_values=None, bin_edges=(),
               min_bin_objects: int = 300, holdout_fraction: float = 0.25, max_iter: int = 100,
               seed: int = 42, log=None) -> dict:
     """Fit the stack on validation CDFs (N, M, G) (from :func:`input_cdfs`) and truths (N,).
@@ -341,6 +341,7 @@ def fit_stack(cdfs: np.ndarray, has: np.ndarray, z: np.ndarray, edges: np.ndarra
     With ``holdout_fraction`` > 0, a first fit on the other rows is scored on the held-out
     rows against each input alone, the equal-weight pool and the fitted linear pool (the
     model's ``diagnostics``); the returned parameters are then fitted on all rows.
+    ``bin_values`` (N,) of column ``bin_col`` with inner ``bin_edges``: one fit per bin.
     """
     if score not in SCORES:
         raise ValueError(f"Option 'score'={score!r} is not one of {SCORES}")
@@ -402,6 +403,7 @@ def fit_stack(cdfs: np.ndarray, has: np.ndarray, z: np.ndarray, edges: np.ndarra
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
         "method": METHOD, "inputs": list(names), "score": score, "recalibrate": bool(recalibrate),
+        "bin_col": str(bin_col) if bin_values is not None else "",
         "zmin": float(edges[0]), "zmax": float(edges[-1]), "nzbins": int(len(edges) - 1),
         "bin_edges": bin_edges, "weights": np.asarray(W, dtype=np.float64), "a": np.asarray(A, dtype=np.float64),
         "b": np.asarray(B, dtype=np.float64), "bin_counts": counts, "n_fit": int(n),
@@ -598,10 +600,10 @@ class DeepzStackInformer(CatInformer):
             self.log.warning(f"[stack] {int(no_mass.sum())} validation row(s) where no input has probability "
                              f"in [{cfg.zmin}, {cfg.zmax}]: uniform")
         model = fit_stack(cdfs, has, z[rows], edges, list(inputs), score=cfg.score, recalibrate=cfg.recalibrate,
-                          bin_values=None if bin_values is None else bin_values[rows], bin_edges=bin_edges,
+                          bin_col=cfg.bin_col, bin_values=None if bin_values is None else bin_values[rows],
+                          bin_edges=bin_edges,
                           min_bin_objects=cfg.min_bin_objects, holdout_fraction=cfg.holdout_fraction,
                           max_iter=cfg.max_iter, seed=cfg.seed, log=self.log.info)
-        model["bin_col"] = str(cfg.bin_col)
         model["input_kinds"] = list(kinds or [])
         self.model = model
         self.add_data("model", self.model)
