@@ -244,3 +244,21 @@ def test_bad_inputs_raise(tmp_path):
     nan_ens = qp.Ensemble(qp.interp, data=dict(xvals=CENT, yvals=y, norm=False, warn=False))
     with pytest.raises(ValueError, match=r"Input 'b': 1 PDF\(s\) are NaN/inf.*rows \[42\]"):
         ds.read_inputs({"a": ens["a"], "b": nan_ens}, EDGES, 0, 200)
+
+
+def test_scores_match_the_harness_and_the_histogram():
+    """CRPS of the stacked CDF (linear between nodes) equals the comparison harness's
+    crps_grid; the log score is -log of the output histogram's density at the truth; the PIT
+    is its CDF there."""
+    from rail.evaluation.deepz_metrics import crps_grid
+
+    z, ens = make_inputs(300, seed=11)
+    c, h, _, _ = ds.read_inputs(ens, EDGES, 0, 300)
+    g = ds.pool(torch.as_tensor(c, dtype=torch.float64), torch.as_tensor(h),
+                torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64))
+    s = ds.scores(g, torch.as_tensor(EDGES), torch.as_tensor(z))
+    assert np.allclose(s["crps"].numpy(), crps_grid(g.numpy(), EDGES, z), atol=1e-9)
+    hist = qp.Ensemble(qp.hist, data=dict(bins=EDGES, pdfs=np.diff(g.numpy(), axis=1) / np.diff(EDGES)))
+    dens = hist.pdf(z[:, None])[:, 0]  # each PDF at its own truth
+    assert np.allclose(s["logscore"].numpy(), -np.log(dens), atol=1e-6)
+    assert np.allclose(s["pit"].numpy(), hist.cdf(z[:, None])[:, 0], atol=1e-6)
