@@ -54,6 +54,8 @@ def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse the single estimators' qp files (and times) of "
+                   "an earlier run in --out / --results instead of retraining them")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     p.add_argument("--out", default=str(HERE / "out" / "stack_dc2"))
     p.add_argument("--results", default=str(HERE / "results"))
@@ -83,9 +85,14 @@ def main(argv=None) -> int:
 
     keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
     val_files, test_files, timings = {}, {}, {}
+    previous = Path(a.results) / ("stack_dc2" + ("_quick" if a.quick else "") + ".json")
     for key in keys:
-        path, t = run_estimator(reg.get(key), ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
         val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
+        if a.reuse and val_files[key].exists() and test_files[key].exists():  # same split, same seed
+            timings[key] = json.loads(previous.read_text())["timings_s_under_load"][key]
+            print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]}", flush=True)
+            continue
+        path, t = run_estimator(reg.get(key), ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
         split_file(path, n_val, val_files[key], test_files[key])
         timings[key] = t
     vtab = {"redshift": val[ds.redshift_col], ds.ref_band: val[ds.ref_band]}
