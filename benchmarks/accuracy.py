@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPORT_METRICS = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "eta", "bias", "crps",
-                  "pit_ks", "pit_cvm", "pit_ad", "cde_loss", "pco", "inform_time_s", "estimate_time_s"]
+REPORT_METRICS = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "sigma_nmad_nomedian", "eta", "bias_median",
+                  "crps", "pit_ks", "pit_cvm", "pit_ad", "cde_loss", "pco", "inform_time_s", "estimate_time_s"]
 
 
 def machine_info() -> dict:

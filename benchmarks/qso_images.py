@@ -72,7 +72,9 @@ def load_qso():
 
 def metrics(ens, z, limits=(2.5, 7.5)):
     """The papers' metrics of any qp ensemble against the true redshifts z."""
-    from rail.evaluation.deepz_metrics import bias, crps, eta, pit_metrics, pit_values, sigma_nmad
+    from rail.evaluation.deepz_metrics import bias_median as bias
+    from rail.evaluation.deepz_metrics import crps, eta, pit_metrics, pit_values
+    from rail.evaluation.deepz_metrics import sigma_nmad_nomedian as sigma_nmad  # PICZL's 1.4826 median(|dz|)
 
     zp = np.ravel(ens.ancil["zmedian"]) if ens.ancil is not None and "zmedian" in ens.ancil else np.ravel(ens.median())
     pit = pit_metrics(pit_values(ens, z))

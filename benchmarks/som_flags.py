@@ -43,7 +43,7 @@ from accuracy import git_commit, machine_info  # noqa: E402
 
 FLAGS = ("flag_ood", "flag_underperforming", "flag_any")
 SUBSET_METRICS = ("sigma_nmad", "eta", "pco", "bias")
-OVERALL_METRICS = ("sigma_nmad", "eta", "bias", "pco", "crps", "pit_ks", "rail_sigma_iqr", "rail_outlier_rate")
+OVERALL_METRICS = ("sigma_nmad_nomedian", "eta", "bias_median", "pco", "crps", "pit_ks", "rail_sigma_iqr", "rail_outlier_rate")
 _uid = iter(range(10**6))
 
 
@@ -85,7 +85,7 @@ def _flag_other(ds, key, train_fit, calib, calib_path, test, test_path, outdir, 
     import qp
     from rail.core.data import QPHandle, TableHandle
 
-    from rail.estimation.algos.deepz_embed import DeepzSOMFlagger, DeepzSOMFlagInformer
+    from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
     phot = {k: v for k, v in ds.catalog_config().items() if k in ("bands", "err_bands", "mag_limits", "redshift_col",
                                                                  "zmin", "zmax", "hdf5_groupname")}
@@ -114,8 +114,8 @@ def _subset_table(po, flags, n_boot=200, seed=0):
 
     def metrics(idx):
         zp, zt, pit = po["zphot"][idx], po["ztrue"][idx], po["pit"][idx]
-        return {"sigma_nmad": dm.sigma_nmad(zp, zt), "eta": dm.eta(zp, zt), "pco": dm.pco(pit),
-                "bias": dm.bias(zp, zt)}
+        return {"sigma_nmad": dm.sigma_nmad_nomedian(zp, zt), "eta": dm.eta(zp, zt), "pco": dm.pco(pit),
+                "bias": dm.bias_median(zp, zt)}  # the SOM paper's definitions, as rail.deepz.som
 
     out = {}
     for name, mask in flags.items():

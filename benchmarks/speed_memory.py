@@ -5,7 +5,7 @@ What it measures
 1. Trains each estimator once on the DC2 training file (10,225 objects) with the
    registry's architecture and options but few epochs (``--train-epochs``, default 3):
    inference cost depends on the network, not on how long it was trained. Or reuses model
-   pickles from ``--models-dir`` (``<key>_model.pkl``, e.g. from benchmarks/accuracy.py).
+   model files from ``--models-dir`` (``<key>_model.pkl``, e.g. from benchmarks/accuracy.py).
 2. For each size N (``--sizes``, default 1e5, 1e6, 1e7) writes an HDF5 input of N rows
    resampled from the DC2 test file (benchmarks/make_large_input.py, bounded memory).
 3. Runs each estimator's RAIL stage on that file in a *separate process*: the input is
@@ -21,6 +21,14 @@ What it measures
    (``make_large_input --images``: 6 bands x 16 x 16 pixels) at ``--image-sizes``
    (default 1e4, 1e5) with ``--image-chunk-size`` rows per chunk.
 
+5. ``--metrics``: the metric pass instead, end to end: ``deepz-compare --truth T --estimate
+   a=F --no-plots --quiet`` in a separate process on synthetic qp files of each
+   representation (``--metric-kinds``, default ``hist:600`` (NNC's bins), ``interp:301``
+   (FlexZBoost's grid), ``mixmod:15`` (the LSTM's components)) at ``--metric-sizes`` (default
+   1e5, 1e6) objects, with ``object_id`` on both sides (so the id check runs too). Reports the
+   process wall time (imports included), the metric pass alone, objects/s and peak RSS, to
+   ``benchmarks/results/speed_metrics.json`` / ``.md``.
+
 Estimators: every registry entry that is not a baseline and needs only ``catalog``
 (``nnc``, ``lstm``, ``embed``... whatever is registered), plus those needing images.
 The estimate configuration is the registry's with the stage's default output
@@ -33,6 +41,7 @@ says so.
     python benchmarks/speed_memory.py --sizes 1e5 --estimators nnc --threads 2
     python benchmarks/speed_memory.py --device cuda --set nnc.mixed_precision=true
     python benchmarks/speed_memory.py --table                   # rewrite (and print) the markdown table from the JSON
+    python benchmarks/speed_memory.py --metrics --metric-sizes 1e5,1e6 --threads 2
 
 Results are merged into ``benchmarks/results/speed_memory.json`` (one entry per estimator,
 rows and device, each with machine, date, commit, settings) and the table is rewritten in
@@ -56,7 +65,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-TARGETS = {"catalog": 50_000, "images": 2_000}  # objects/s on CPU (issue 7)
+TARGETS = {"catalog": 50_000, "images": 2_000, "metrics": 50_000}  # objects/s on CPU (issues 7, 20)
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -234,6 +243,152 @@ def run_child(spec_key, model, infile, outfile, cfg, threads, env_extra=None) ->
     return json.loads(line[0][7:])
 
 
+# ----------------------------------------------------------------- the metric pass (issue 20)
+
+METRIC_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from rail.evaluation.deepz_cli import main
+t_import = time.perf_counter() - t0
+t0 = time.perf_counter()
+rc = main(sys.argv[1:])
+main_s = time.perf_counter() - t0
+cpu_s = time.process_time()  # user + system CPU of all threads, imports included
+# VmHWM: this process's own peak (ru_maxrss keeps the parent's peak across fork + exec)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("METRIC_RESULT " + json.dumps({"rc": rc, "import_s": t_import, "main_s": main_s, "cpu_s": cpu_s,
+      "peak_rss_mb": peak}))
+"""
+
+
+def write_synthetic_qp(kind: str, size: int, n: int, path: Path, chunk: int = 50_000, seed: int = 0):
+    """A qp file of ``n`` PDFs of representation ``kind`` (``size`` bins, grid points or
+    components over [0, 3]), written chunk by chunk with h5py in qp's layout (bounded
+    memory), with ancil ``zmode`` and ``object_id``. Returns the true redshifts: each drawn
+    from its own PDF's main peak (width 0.05) or, for 5%, uniform on [0, 3] (outliers)."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ztrue = np.empty(n)
+    with h5py.File(path, "w") as f:
+        meta, data, anc = f.create_group("meta"), f.create_group("data"), f.create_group("ancil")
+        meta["pdf_name"] = np.array([kind.encode()])
+        meta["pdf_version"] = np.array([0])
+        if kind == "hist":
+            edges = np.linspace(0.0, 3.0, size + 1)
+            meta["bins"] = edges[None]
+            x = 0.5 * (edges[1:] + edges[:-1])
+            keys = ("pdfs",)
+        elif kind == "interp":
+            x = np.linspace(0.0, 3.0, size)
+            meta["xvals"] = x[None]
+            keys = ("yvals",)
+        elif kind == "mixmod":
+            keys = ("weights", "means", "stds")
+        else:
+            raise ValueError(f"no synthetic writer for {kind!r}")
+        dsets = {k: data.create_dataset(k, (n, size), "f8") for k in keys}
+        zmode = anc.create_dataset("zmode", (n,), "f8")
+        anc.create_dataset("object_id", data=np.arange(n, dtype=np.int64) + 10_000_000)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            m = e - s
+            mu = rng.uniform(0.05, 2.95, m)
+            mu2 = rng.uniform(0.05, 2.95, m)
+            if kind == "mixmod":
+                w = rng.dirichlet(np.full(size, 0.3), m)
+                w[:, 0] += 2.0
+                w /= w.sum(1, keepdims=True)
+                means = np.concatenate([mu[:, None], mu[:, None] + rng.normal(0, 0.3, (m, size - 1))], axis=1)
+                dsets["weights"][s:e] = w
+                dsets["means"][s:e] = means
+                dsets["stds"][s:e] = rng.uniform(0.02, 0.3, (m, size))
+            else:
+                y = (np.exp(-0.5 * ((x[None] - mu[:, None]) / 0.05) ** 2)
+                     + 0.3 * np.exp(-0.5 * ((x[None] - mu2[:, None]) / 0.1) ** 2) + 1e-6)
+                dsets[keys[0]][s:e] = y
+            zmode[s:e] = mu
+            z = mu + rng.normal(0, 0.05, m)
+            out = rng.random(m) < 0.05
+            ztrue[s:e] = np.clip(np.where(out, rng.uniform(0, 3, m), z), 0.0, 3.0)
+    return ztrue
+
+
+def metric_benchmark(args, info, date, commit, results: Path):
+    """Time ``deepz-compare`` on synthetic files of each representation; write the tables."""
+    import h5py
+    import qp
+
+    kinds = [k.split(":") for k in args.metric_kinds.split(",") if k]
+    sizes = [int(float(s)) for s in args.metric_sizes.split(",") if s]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="deepz_metrics_"))
+    work.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = results / "speed_metrics.json", results / "speed_metrics.md"
+    report = json.loads(jpath.read_text()) if jpath.exists() else {"runs": []}
+    env = dict(os.environ)
+    if args.threads > 0:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        env["DEEPZ_METRIC_WORKERS"] = str(args.threads)
+    new_runs = []
+    for kind, size in kinds:
+        for n in sizes:
+            est, truth = work / f"{kind}_{n}.hdf5", work / f"truth_{kind}_{n}.hdf5"
+            t0 = time.perf_counter()
+            z = write_synthetic_qp(kind, int(size), n, est)
+            with h5py.File(est, "r") as f:
+                ids = f["ancil"]["object_id"][()]
+            with h5py.File(truth, "w") as f:
+                f["redshift"] = z
+                f["object_id"] = ids
+            qp.read(str(est)) if n <= 10_000 else next(qp.iterator(str(est), chunk_size=1000))  # a valid qp file
+            print(f"[metrics] {kind}:{size} N={n:,}: files written in {time.perf_counter() - t0:.1f} s", flush=True)
+            os.sync()
+            cmd = [sys.executable, "-c", METRIC_CHILD, "--truth", str(truth), "--estimate", f"{kind}={est}",
+                   "--out", str(work / "out"), "--no-plots", "--quiet"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - t0
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("METRIC_RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"[metrics] {kind} N={n:,} FAILED:\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            r = json.loads(line[0].split(" ", 1)[1])
+            r.update(representation=f"{kind}:{size}", rows=n, wall_s=wall, objects_per_s=n / wall,
+                     pass_objects_per_s=n / r["main_s"], date=date, commit=commit, machine=info,
+                     threads=args.threads, load=args.load_note,
+                     estimate_mb=est.stat().st_size / 2**20,
+                     command="deepz-compare --truth T --estimate a=F --no-plots --quiet",
+                     data="synthetic (benchmarks/speed_memory.py write_synthetic_qp, seed 0)")
+            new_runs.append(r)
+            print(f"[metrics] {kind}:{size:>4} N={n:>10,}  {wall:7.1f} s  {r['objects_per_s']:9,.0f} obj/s "
+                  f"(metric pass + table {r['pass_objects_per_s']:9,.0f}/s)  peak RSS {r['peak_rss_mb']:6,.0f} MB",
+                  flush=True)
+            est.unlink(missing_ok=True)
+            truth.unlink(missing_ok=True)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    keyf = lambda r: (r["representation"], r["rows"])  # noqa: E731
+    replaced = {keyf(r) for r in new_runs}
+    report["runs"] = [r for r in report.get("runs", []) if keyf(r) not in replaced] + new_runs
+    results.mkdir(parents=True, exist_ok=True)
+    jpath.write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["# Metric pass: `deepz-compare --truth T --estimate a=F` end to end", "",
+             "Written by `benchmarks/speed_memory.py --metrics`; synthetic qp files (see its docstring); "
+             f"target {TARGETS['metrics']:,} objects/s (issue 20). `load` says whether the machine was shared.", "",
+             "| representation | objects | wall s | objects/s | pass+table objects/s | CPU s | peak RSS MB | "
+             "threads | load | machine | commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(report["runs"], key=keyf):
+        m = r["machine"]
+        cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else "-"
+        lines.append(f"| {r['representation']} | {r['rows']:,} | {r['wall_s']:.1f} | {r['objects_per_s']:,.0f} | "
+                     f"{r['pass_objects_per_s']:,.0f} | {cpu} | {r['peak_rss_mb']:,.0f} | {r['threads'] or 'default'} | "
+                     f"{r['load']} | {m['cpu']} x{m['cpu_count']} | {r['commit'][:10]} | {r['date']} |")
+    mpath.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def markdown(report: dict) -> str:
     runs = sorted(report["runs"], key=lambda r: (r["kind"], r["estimator"], r["device_name"],
                                                  r["precision"], r["rows"]))
@@ -296,6 +451,11 @@ def main(argv=None):
     p.add_argument("--workdir", default=None, help="inputs, models and outputs (default: a temp dir)")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--table", action="store_true", help="only print/rewrite the markdown from the JSON")
+    p.add_argument("--metrics", action="store_true", help="benchmark the metric pass (deepz-compare) instead")
+    p.add_argument("--metric-sizes", default="1e5,1e6", help="objects per synthetic estimate file (--metrics)")
+    p.add_argument("--metric-kinds", default="hist:600,interp:301,mixmod:15",
+                   help="representation:size list (--metrics): bins, grid points or components")
+    p.add_argument("--load-note", default="quiet", help="recorded with --metrics runs, e.g. 'under load'")
     args = p.parse_args(argv)
 
     results = Path(args.results)
@@ -309,6 +469,12 @@ def main(argv=None):
         md = markdown(report)
         mpath.write_text(md)
         print(md)
+        return
+
+    if args.metrics:
+        info = machine_info(args.threads)
+        date, commit = _dt.datetime.now().isoformat(timespec="seconds"), git_commit()
+        metric_benchmark(args, info, date, commit, results)
         return
 
     from make_large_input import make_large_input

@@ -58,7 +58,8 @@ def metrics(ens, z) -> dict:
     import qp
 
     from rail.deepz.mixtures import gmm_crps_numpy
-    from rail.evaluation.deepz_metrics import eta, sigma_nmad
+    from rail.evaluation.deepz_metrics import eta
+    from rail.evaluation.deepz_metrics import sigma_nmad_nomedian as sigma_nmad  # the papers' 1.4826 median(|dz|)
 
     d = ens.objdata
     out = {}

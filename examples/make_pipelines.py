@@ -10,6 +10,15 @@ run from the repository root with ``ceci examples/<key>_<data>.yml``; outputs go
 ``out/examples/<key>_<data>/`` (git-ignored). Adding an estimator to the registry and
 re-running this script adds its pipeline.
 
+An estimator that needs images (the CNN) on a data set without them gets two
+``DeepzSyntheticStamps`` stages (:mod:`rail.evaluation.deepz_stamps`) after the data stage,
+which add simulated stamps to the training and test tables:
+
+    DeepzExampleData -> DeepzSyntheticStamps (train, test) -> <Informer> -> <Estimator> -> DeepzCompareEvaluator
+
+Those stamps' sizes follow the true redshift: such a pipeline shows the method running,
+its metrics are not a measure of the CNN on real images.
+
     python examples/make_pipelines.py                  # full settings, into examples/
     python examples/make_pipelines.py --quick --n-train 500 --n-test 500 --dest /tmp/q
     python examples/make_pipelines.py --keys nnc --data dc2
@@ -27,6 +36,24 @@ HERE = Path(__file__).resolve().parent
 
 # modules ceci imports to find the stages (rail.deepz imports every deepz estimator)
 BASE_MODULES = ["rail.deepz", "rail.evaluation.deepz_stages"]
+STAMPS_MODULE = "rail.evaluation.deepz_stamps"
+#: side (pixels) of the synthetic stamps of the image pipelines
+STAMP_SIZE = 16
+
+
+def _provides(ds) -> set:
+    return set(ds.extra.get("provides", ("catalog",)))
+
+
+def with_synthetic_stamps(ds):
+    """A shallow copy of ``ds`` that says it provides images (column ``images``, one band per
+    catalog band): what the data set looks like after the ``DeepzSyntheticStamps`` stages."""
+    import copy
+
+    out = copy.copy(ds)
+    out.extra = {**ds.extra, "provides": tuple(sorted(_provides(ds) | {"images"})),
+                 "image_col": "images", "image_bands": list(ds.bands)}
+    return out
 
 
 def _plain(x):
@@ -42,19 +69,36 @@ def _plain(x):
     return x
 
 
-def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_path="", out_root="out/examples"):
-    """(pipeline dict, stage-config dict) for one estimator on one data set."""
+def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_path="", out_root="out/examples",
+                 stamps=False):
+    """(pipeline dict, stage-config dict) for one estimator on one data set.
+
+    ``stamps``: insert the two ``DeepzSyntheticStamps`` stages (``ds`` as returned by
+    :func:`with_synthetic_stamps`); the estimator then reads the stamped tables."""
     key, data = spec.key, ds.name
     name = f"{key}_{data}"
     inform_cfg, est_cfg = spec.make_configs(ds, quick)
     mod = spec.informer.split(":")[0]
     modules = BASE_MODULES + ([mod] if not mod.startswith("rail.estimation.algos.deepz_") else [])
+    train_tag, test_tag = f"train_{data}", f"test_{data}"
+    stamp_stages, stamp_cfg = [], {}
+    if stamps:
+        modules = modules + [STAMPS_MODULE]
+        for part, tag, offset in (("train", train_tag, 0), ("test", test_tag, 1)):
+            stage_name = f"stamps_{part}_{data}"
+            stamp_stages.append(dict(classname="DeepzSyntheticStamps", name=stage_name, nprocess=1,
+                                     aliases=dict(input=tag, output=f"{tag}_stamps")))
+            stamp_cfg[stage_name] = dict(bands=list(ds.bands), mag_limits=_plain(dict(ds.mag_limits)),
+                                         redshift_col=ds.redshift_col, column="images", size=STAMP_SIZE,
+                                         seed=int(seed) + offset)
+        train_tag, test_tag = f"{train_tag}_stamps", f"{test_tag}_stamps"
     stages = [
         dict(classname="DeepzExampleData", name=f"data_{data}", nprocess=1),
+        *stamp_stages,
         dict(classname=spec.informer.split(":")[1], name=f"inform_{key}", nprocess=1,
-             aliases=dict(input=f"train_{data}", model=f"model_{key}")),
+             aliases=dict(input=train_tag, model=f"model_{key}")),
         dict(classname=spec.estimator.split(":")[1], name=f"estimate_{key}", nprocess=1,
-             aliases=dict(input=f"test_{data}", model=f"model_{key}", output=f"pz_{key}")),
+             aliases=dict(input=test_tag, model=f"model_{key}", output=f"pz_{key}")),
         dict(classname="DeepzCompareEvaluator", name=f"compare_{key}", nprocess=1,
              aliases=dict(input=f"pz_{key}", truth=f"test_{data}", output=f"metrics_{key}")),
     ]
@@ -72,6 +116,7 @@ def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_p
     )
     cfg = {
         f"data_{data}": dict(dataset=data, n_train=int(n_train), n_test=int(n_test), seed=int(seed)),
+        **stamp_cfg,
         f"inform_{key}": _plain(inform_cfg),
         f"estimate_{key}": _plain(dict(est_cfg, chunk_size=10000)),
         f"compare_{key}": dict(input_label=key, redshift_col=ds.redshift_col, mag_col=ds.ref_band,
@@ -100,7 +145,9 @@ def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quic
             continue
         for key in keys or list(reg.ESTIMATORS):
             spec = reg.get(key)
-            why = dc._supported(spec, ds)
+            stamps = "images" in spec.needs and "images" not in _provides(ds)
+            ds_key = with_synthetic_stamps(ds) if stamps else ds
+            why = dc._supported(spec, ds_key)
             if why:
                 print(f"skipping {key} on {data}: {why}")
                 continue
@@ -110,8 +157,8 @@ def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quic
                 cfg_ref = str(cfg_path.resolve().relative_to(rel_to.resolve()))
             except ValueError:
                 cfg_ref = str(cfg_path.resolve())
-            pipe, cfg = pipeline_for(spec, ds, quick=quick, n_train=n_train, n_test=n_test, seed=seed,
-                                     config_path=cfg_ref, out_root=out_root)
+            pipe, cfg = pipeline_for(spec, ds_key, quick=quick, n_train=n_train, n_test=n_test, seed=seed,
+                                     config_path=cfg_ref, out_root=out_root, stamps=stamps)
             pipe_path = dest / f"{name}.yml"
             pipe_path.write_text(yaml.safe_dump(pipe, sort_keys=False))
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

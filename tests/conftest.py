@@ -1,5 +1,7 @@
 """Shared pytest setup."""
 
+import os
+
 import pytest
 
 
@@ -21,3 +23,15 @@ def _release_joblib_pool():
     from rail.deepz.training import release_joblib_workers
 
     release_joblib_workers()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_torch_threads():
+    """Stages choose torch's thread count from the machine's load (``num_threads=0``), and
+    another count changes float rounding; tests that compare two runs bit for bit need one
+    fixed count for the session: torch's own (``OMP_NUM_THREADS`` or the CPU count)."""
+    import torch
+
+    if not os.environ.get("DEEPZ_NUM_THREADS"):
+        os.environ["DEEPZ_NUM_THREADS"] = str(torch.get_num_threads())
+    yield

@@ -20,7 +20,7 @@ from rail.deepz.mixtures import (
     gmm_crps_numpy,
     gmm_nll,
 )
-from rail.deepz.pdf import binned_ensemble, cdf_inverse, grid_summaries, mixture_ensemble, mixture_summaries
+from rail.deepz.pdf import binned_ensemble, grid_summaries, mixture_ensemble, mixture_summaries
 from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
 from rail.deepz.scaling import Standardizer
 from rail.deepz.training import TrainConfig, fuse_linear_batchnorm, resolve_device, split_indices, train_model
@@ -55,6 +55,33 @@ def test_photometry_nondetect_nan_inf_replaced_by_limit():
     assert ph.mags[3, 1] == pytest.approx(26.5)
     expected_invalid = {(0, 0), (1, 1), (2, 2), (3, 1), (4, 2)}
     assert {tuple(ix) for ix in np.argwhere(~ph.valid)} == expected_invalid
+
+
+def test_photometry_take_slices_every_per_object_array():
+    d = _table()
+    d["mag_r"][1] = np.nan
+    ph = extract_photometry(d, BANDS, ERRS, mag_limits=LIMITS)
+    idx = np.array([3, 1, 1])
+    sub = ph.take(idx)
+    assert sub.bands == ph.bands and len(sub) == 3
+    for key in ("mags", "errs", "valid"):
+        np.testing.assert_array_equal(getattr(sub, key), getattr(ph, key)[idx])
+    mask = np.zeros(len(ph), dtype=bool)
+    mask[[0, 1]] = True
+    np.testing.assert_array_equal(ph.take(mask).valid, ph.valid[:2])
+
+
+def test_feature_blocks_list_is_what_features_accepts():
+    from rail.deepz import encoders, som
+    from rail.deepz.photometry import FEATURE_BLOCKS
+
+    ph = extract_photometry(_table(), BANDS, ERRS, mag_limits=LIMITS)
+    widths = {b: ph.features([b]).shape[1] for b in FEATURE_BLOCKS}
+    assert widths == {"mags": 3, "colors": 2, "errors": 3, "color_errors": 2, "valid": 3}
+    with pytest.raises(ValueError, match="flux"):
+        ph.features(["flux"])
+    assert encoders.PHOT_BLOCKS is FEATURE_BLOCKS
+    assert tuple(som.PHOT_BLOCKS) == FEATURE_BLOCKS
 
 
 def test_photometry_raise_policy_names_column():
@@ -348,17 +375,6 @@ def test_binned_window_mode_against_brute_force():
     assert np.all(np.isfinite(wide)) and np.all((wide > 0) & (wide < 3))
     # windows narrower than two bins: the most probable bin
     np.testing.assert_allclose(binned_ensemble(p, edges, mode_window=0.02).ancil["zmode"], centers[np.argmax(p, 1)])
-
-
-def test_cdf_inverse_against_per_row_interp():
-    rng = np.random.default_rng(4)
-    x = np.linspace(0, 1, 30)
-    cdf = np.cumsum(rng.random((25, 30)), axis=1)
-    cdf = (cdf - cdf[:, :1]) / (cdf[:, -1:] - cdf[:, :1])
-    qs = [0.1, 0.5, 0.9]
-    got = cdf_inverse(cdf, x, qs)
-    for i in range(25):
-        np.testing.assert_allclose(got[i], np.interp(qs, cdf[i], x), atol=1e-12)
 
 
 def test_grid_summaries_of_a_gaussian():

@@ -1,6 +1,6 @@
 """Tests of the embedding MDN, its encoders, the SOM flags and the stand-alone flagger."""
 
-import pickle
+import io
 
 import numpy as np
 import pytest
@@ -17,17 +17,19 @@ from rail.deepz.encoders import (
     encoder_from_dict,
 )
 from rail.deepz.mixtures import MixtureParams, fixed_grid_crps, fixed_grid_pair_matrix, gmm_crps
+from rail.deepz.modelfile import decode, encode
 from rail.deepz.photometry import extract_photometry
 from rail.deepz.som import SOMFlagModel, cell_statistics, grouped_median
-from rail.estimation.algos.deepz_embed import (
-    DeepzEmbedEstimator,
-    DeepzEmbedInformer,
-    DeepzSOMFlagger,
-    DeepzSOMFlagInformer,
+from rail.deepz.pdf import (
     RepeatedRows,
+    ensemble_pit,
+    ensemble_point_and_pit,
+    ensemble_point_estimate,
     fixed_grid_ensemble,
     fixed_grid_summaries,
 )
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer, EmbedMDN
+from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
 QUICK = dict(hdf5_groupname="", epochs=25, ae_epochs=15, hidden_layers=[64, 64, 64], ae_hidden=[32],
              som_shape=[6, 6], som_iterations=4000, som_n_boot=30, progress=False, seed=3)
@@ -98,6 +100,8 @@ def test_fixed_grid_ensemble_ancil_is_exact():
     w = rng.dirichlet(np.full(200, 0.05), size=20)
     ens = fixed_grid_ensemble(w, c, 0.0037, 0.0, 3.0)
     assert ens.gen_class.name == "mixmod"
+    # exact normalisation: mass inside [0, 3] by qp's mixture CDF + reported p_outside = 1
+    np.testing.assert_allclose(np.ravel(ens.cdf(3.0) - ens.cdf(0.0)) + ens.ancil["p_outside"], 1.0, atol=1e-5)
     inside = ens.ancil["p_outside"] < 1e-6
     np.testing.assert_allclose(ens.ancil["zmean"][inside], (w * c).sum(1)[inside], atol=2e-3)
     x = np.linspace(0, 3, 3001)
@@ -137,6 +141,45 @@ def test_fixed_grid_ensemble_with_shared_rows_is_unchanged():
     full = fixed_grid_summaries(w, c, 0.0037, 0.0, 3.0, block=4096)
     for key in full:
         np.testing.assert_allclose(small[key], full[key], rtol=1e-6, atol=1e-7)
+
+
+def test_fixed_grid_centres_have_one_source():
+    """The head's means, the loss's and the output's are the same evenly spaced points."""
+    from rail.deepz.mixtures import FixedGridMixtureHead, fixed_grid_centers
+
+    head = FixedGridMixtureHead(4, 0.0, 3.0, 200, 0.0037)
+    c = fixed_grid_centers(0.0, 3.0, 200)
+    assert c[0] == 0.0 and c[-1] == 3.0 and np.allclose(np.diff(c), 3.0 / 199)
+    np.testing.assert_array_equal(head.centers.numpy(), c.astype(np.float32))
+    net = EmbedMDN(5, [8], 0.0, 3.0, 200, 0.0037)
+    x = torch.randn(7, 5)
+    # the network's output is its head's weights
+    np.testing.assert_array_equal(net(x).detach().numpy(), net.head(net.body(x)).weights.detach().numpy())
+
+
+def test_ensemble_point_and_pit_match_qp():
+    """The helper for any qp ensemble: ancil point estimate if present, else from the PDF;
+    PIT equal to qp's PIT samples, also when read in chunks."""
+    from qp.metrics.pit import PIT
+
+    rng = np.random.default_rng(5)
+    n = 60
+    means = rng.uniform(0.2, 2.5, (n, 2))
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=np.full((n, 2), 0.5), means=means, stds=np.full((n, 2), 0.05)))
+    z = rng.uniform(0.0, 3.0, n)
+    zmode, pit = ensemble_point_and_pit(ens, z, "zmode", 0.0, 3.0, chunk=17)
+    np.testing.assert_allclose(pit, PIT._gather_pit_samples(ens, z), atol=1e-12)
+    grid = np.linspace(0.0, 3.0, 1201)
+    np.testing.assert_allclose(zmode, grid[np.argmax(ens.pdf(grid), axis=1)])
+    gauss = qp.Ensemble(qp.stats.norm, data=dict(loc=means[:, :1], scale=np.full((n, 1), 0.1)))
+    np.testing.assert_allclose(ensemble_point_estimate(gauss, "zmean", grid), means[:, 0], atol=1e-9)
+    np.testing.assert_allclose(ensemble_point_estimate(gauss, "zmedian", grid), means[:, 0], atol=1e-9)
+    ens.set_ancil(dict(zmode=np.full(n, 1.5)))
+    assert np.all(ensemble_point_and_pit(ens, z, "zmode", 0.0, 3.0)[0] == 1.5)
+    with pytest.raises(KeyError, match="z_q50"):
+        ensemble_point_estimate(ens, "z_q50", grid)
+    with pytest.raises(ValueError, match="60 PDFs"):
+        ensemble_pit(ens, z[:10])
 
 
 # ------------------------------------------------------------------ encoders
@@ -256,7 +299,10 @@ def test_underperforming_cells_are_found():
     assert under[bad[va]].mean() > 0.8
     assert under[~bad[va]].mean() < 0.15
     assert not flags["flag_ood"].any() or flags["flag_ood"].mean() < 0.01
-    restored = SOMFlagModel.from_dict(pickle.loads(pickle.dumps(fm.to_dict())))
+    buf = io.BytesIO()  # the model file format: torch.save, read back with weights_only=True
+    torch.save(encode(fm.to_dict()), buf)
+    buf.seek(0)
+    restored = SOMFlagModel.from_dict(decode(torch.load(buf, weights_only=True)))
     np.testing.assert_array_equal(restored.flag(x[va])["flag_underperforming"], under)
 
 
@@ -447,14 +493,15 @@ def test_rail_interactive_runs_embed_and_flagger(tmp_path):
     script = textwrap.dedent("""
         import rail.interactive
         from rail.interactive.estimation.algos import deepz_embed as de
+        from rail.interactive.estimation.algos import deepz_somflag as sf
         from rail.deepz.datasets import load_dc2
         ds = load_dc2(n_train=600, n_test=200, seed=1)
         m = de.deepz_embed_informer(training_data=ds.train, hdf5_groupname="", epochs=2, ae_epochs=2,
                                     som_shape=[3, 3], som_iterations=200, som_n_boot=5, progress=False)
         ens = de.deepz_embed_estimator(input_data=ds.test, model=m["model"], hdf5_groupname="")["output"]
-        fm = de.deepz_som_flag_informer(training_data=ds.train, truth=ds.test, ensemble=ens, hdf5_groupname="",
+        fm = sf.deepz_som_flag_informer(training_data=ds.train, truth=ds.test, ensemble=ens, hdf5_groupname="",
                                         som_shape=[3, 3], som_iterations=200, som_n_boot=5)
-        out = de.deepz_som_flagger(input_data=ds.test, ensemble=ens, model=fm["model"], hdf5_groupname="")
+        out = sf.deepz_som_flagger(input_data=ds.test, ensemble=ens, model=fm["model"], hdf5_groupname="")
         assert out["output"].npdf == 200 and "flag_ood" in out["output"].ancil
         print("OK")
     """)

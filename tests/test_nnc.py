@@ -202,9 +202,8 @@ def test_inference_batch_size_does_not_change_the_pdfs(trained, dc2):
 
 
 def test_loss_and_mode_options_are_checked(trained, dc2):
-    inf = DeepzNNCInformer.make_stage(name=_name("inf"), model="unused.pkl", nll_weight=-1.0, **QUICK)
-    with pytest.raises(ValueError, match="nll_weight"):
-        inf.inform(dc2.train)
+    with pytest.raises(ValueError, match="nll_weight"):  # refused when the stage is made, before any data
+        DeepzNNCInformer.make_stage(name=_name("inf"), model="unused.pkl", nll_weight=-1.0, **QUICK)
     with pytest.raises(ValueError, match="mode_window"):
         _estimate(str(trained[1]), dc2.test, mode_window=-0.1)
 

@@ -197,6 +197,14 @@ def test_stages_end_to_end(tmp_path):
     direct = ds.stack_ensemble(model, c, h, p)
     assert np.allclose(out.objdata["pdfs"], direct.objdata["pdfs"], atol=1e-5)
 
+    # the model file is not a pickle (rail.deepz.modelfile) and is read back from its path
+    path = tmp_path / "stack.pkl"
+    assert path.read_bytes()[:4] == b"PK\x03\x04"
+    est_f = ds.DeepzStackEstimator.make_stage(name="stack_est_file", model=str(path), inputs=pt, hdf5_groupname="",
+                                              output=str(tmp_path / "out_file.hdf5"))
+    out_f = est_f.estimate(TableHandle("input", data={"redshift": z[800:]})).data
+    assert np.allclose(out_f.objdata["pdfs"], out.objdata["pdfs"])
+
     # estimate-time inputs must be the model's estimators
     bad = dict(pt)
     bad.pop("broad")

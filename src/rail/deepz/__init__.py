@@ -3,7 +3,7 @@
 Importing this package registers every stage with RAIL (``rail`` discovers plugins
 through the regular package ``rail.<pkg>``). Shared building blocks live in the
 submodules: :mod:`.photometry`, :mod:`.scaling`, :mod:`.mixtures`, :mod:`.training`,
-:mod:`.pdf`, :mod:`.stages`, :mod:`.datasets`.
+:mod:`.pdf`, :mod:`.stages`, :mod:`.datasets`, :mod:`.som`, :mod:`.som_options`.
 
 The stage modules are imported as modules (not ``from ... import Name``) because they
 themselves import this package's submodules: whichever is imported first, the other
@@ -15,6 +15,8 @@ from ._version import __version__  # noqa: F401
 
 import rail.estimation.algos.deepz_nnc  # noqa: E402,F401
 import rail.estimation.algos.deepz_embed  # noqa: E402,F401
+import rail.estimation.algos.deepz_somflag  # noqa: E402,F401
 import rail.estimation.algos.deepz_lstm  # noqa: E402,F401
 import rail.estimation.algos.deepz_cnn  # noqa: E402,F401
+import rail.estimation.algos.deepz_scene  # noqa: E402,F401
 import rail.estimation.algos.deepz_stack  # noqa: E402,F401

@@ -40,12 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import preprocess_images
+from .photometry import FEATURE_BLOCKS as PHOT_BLOCKS
 from .photometry import Photometry
-from .scaling import Standardizer
+from .scaling import Standardizer, fit_standardizer
 from .training import TrainConfig, concat_outputs, predict_batched, resolve_device, train_model
 
 ENCODER_KINDS = ("columns", "autoencoder", "foundation")
-PHOT_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
 
 
 class EncoderError(ValueError):
@@ -283,19 +284,24 @@ class AutoencoderEncoder(Encoder):
         Optional image column (N, C, H, W); adds a conv branch of ``image_latent_dim``.
     epochs, lr, batch_size : training of the autoencoder (the rest of the training
         settings, seed and device come from the stage's training options).
+    mask : bool
+        ``missing_policy='mask'``: masked measurements (and colours using them) are zeroed
+        after standardisation and the per-band indicators (``valid`` block) are added, so the
+        encoder never sees a masked value.
     """
 
     kind = "autoencoder"
     needs_photometry = True
 
     def __init__(self, features=("mags", "colors"), hidden=(64, 64), latent_dim=16, image_column="",
-                 image_latent_dim=8, epochs=100, lr=1e-3, batch_size=512):
+                 image_latent_dim=8, epochs=100, lr=1e-3, batch_size=512, mask=False):
         bad = [b for b in features if b not in PHOT_BLOCKS]
         if bad or not features:
             raise EncoderError(f"Option 'ae_features'={list(features)} must be a non-empty subset of {PHOT_BLOCKS}")
         if int(latent_dim) < 1:
             raise EncoderError(f"Option 'ae_latent_dim' must be >= 1, got {latent_dim}")
-        self.features = list(features)
+        self.mask = bool(mask)
+        self.features = list(features) + (["valid"] if self.mask and "valid" not in features else [])
         self.hidden = [int(h) for h in hidden]
         self.latent_dim = int(latent_dim)
         self.image_column = str(image_column or "")
@@ -318,19 +324,19 @@ class AutoencoderEncoder(Encoder):
     def _inputs(self, data, phot):
         if phot is None:
             raise EncoderError("the autoencoder encoder needs photometry (options 'bands'/'err_bands')")
-        x = self.scaler.transform(phot.features(self.features))
+        x = self.scaler.transform(*phot.masked_features(self.features, self.mask))
         inputs = [x]
         if self.image_column:
             img = read_images(data, self.image_column, self.image_shape)
             # arcsinh stretch with a per-channel scale fitted on the training images
-            inputs.append(np.arcsinh(img / self.image_scale[None, :, None, None]).astype(np.float32))
+            inputs.append(preprocess_images(img, self.image_scale))
         return inputs
 
     def fit(self, data, phot, train_idx, val_idx, train_config=None):
         if phot is None:
             raise EncoderError("the autoencoder encoder needs photometry (options 'bands'/'err_bands')")
-        x = phot.features(self.features)
-        self.scaler = Standardizer().fit(x[train_idx])
+        x, fvalid = phot.masked_features(self.features, self.mask)
+        self.scaler = fit_standardizer(x, fvalid, train_idx)
         if self.image_column:
             img = read_images(data, self.image_column)
             self.image_shape = tuple(int(s) for s in img.shape[1:])
@@ -364,7 +370,8 @@ class AutoencoderEncoder(Encoder):
 
     def to_dict(self):
         return {
-            "kind": self.kind, "features": self.features, "hidden": self.hidden, "latent_dim": self.latent_dim,
+            "kind": self.kind, "features": self.features, "mask": self.mask, "hidden": self.hidden,
+            "latent_dim": self.latent_dim,
             "image_column": self.image_column, "image_latent_dim": self.image_latent_dim,
             "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
             "scaler": self.scaler.to_dict(), "image_shape": self.image_shape, "image_scale": self.image_scale,
@@ -375,7 +382,7 @@ class AutoencoderEncoder(Encoder):
     @classmethod
     def from_dict(cls, d):
         obj = cls(d["features"], d["hidden"], d["latent_dim"], d["image_column"], d["image_latent_dim"],
-                  d["epochs"], d["lr"], d["batch_size"])
+                  d["epochs"], d["lr"], d["batch_size"], d.get("mask", False))
         obj.scaler = Standardizer.from_dict(d["scaler"])
         obj.image_shape = tuple(d["image_shape"]) if d["image_shape"] is not None else None
         obj.image_scale = None if d["image_scale"] is None else np.asarray(d["image_scale"], dtype=np.float32)
@@ -536,7 +543,7 @@ class FoundationModelEncoder(Encoder):
         self._load()
         self.sha256 = file_sha256(self.path)
         probe = self.encode({k: np.asarray(v)[train_idx[:4]] for k, v in data.items()},
-                            None if phot is None else _subset_phot(phot, train_idx[:4]))
+                            None if phot is None else phot.take(train_idx[:4]))
         self.out_dim = int(probe.shape[1])
         return self
 
@@ -593,26 +600,31 @@ class _FirstOutput(nn.Module):
         return out.float()
 
 
-def _subset_phot(phot: Photometry, idx) -> Photometry:
-    return Photometry(bands=phot.bands, mags=phot.mags[idx], errs=phot.errs[idx], valid=phot.valid[idx])
-
-
 # ----------------------------------------------------------------- factory
 
 _CLASSES = {c.kind: c for c in (ColumnsEncoder, AutoencoderEncoder, FoundationModelEncoder)}
 
 
 def make_encoder(kind: str, options: Mapping) -> Encoder:
-    """Build an encoder from the stage options (keys as in ``ENCODER_OPTIONS``)."""
+    """Build an encoder from the stage options (keys as in ``ENCODER_OPTIONS``, plus the
+    photometry option ``missing_policy`` when present)."""
+    mask = "missing_policy" in options and options["missing_policy"] == "mask"
     if kind == "columns":
         return ColumnsEncoder(options["embedding_columns"])
     if kind == "autoencoder":
         return AutoencoderEncoder(options["ae_features"], options["ae_hidden"], options["ae_latent_dim"],
                                   options["ae_image_column"], options["ae_image_latent_dim"],
-                                  options["ae_epochs"], options["ae_lr"], options["ae_batch_size"])
+                                  options["ae_epochs"], options["ae_lr"], options["ae_batch_size"], mask)
     if kind == "foundation":
-        return FoundationModelEncoder(options["foundation_path"], options["foundation_format"],
-                                      options["foundation_loader"], options["foundation_inputs"])
+        enc = FoundationModelEncoder(options["foundation_path"], options["foundation_format"],
+                                     options["foundation_loader"], options["foundation_inputs"])
+        if mask and enc.needs_photometry:
+            raise EncoderError(
+                "missing_policy='mask' cannot hide a value from a pretrained foundation model fed "
+                f"photometric blocks {enc.inputs} (it has no mask input); use missing_policy='limit' "
+                "or 'raise', or the autoencoder encoder"
+            )
+        return enc
     raise EncoderError(f"Option 'encoder'={kind!r} is not one of {ENCODER_KINDS}")
 
 

@@ -126,12 +126,9 @@ class BinSmoother(nn.Module):
         # fraction of each source bin's kernel that lands inside [0, n_bins)
         idx = torch.arange(n_bins).reshape(-1, 1) + offsets.reshape(1, -1).long()
         inside = ((idx >= 0) & (idx < n_bins)).float() @ kernel
-        # derived from (n_bins, sigma_bins): not saved in state dicts
-        self.register_buffer("kernel", kernel.reshape(1, 1, -1), persistent=False)
-        self.register_buffer("source_weight", 1.0 / inside, persistent=False)
-        # the same operation as one (n_bins, n_bins) banded matrix: out = probs @ matrix.
-        # F.conv1d over (N, 1, n_bins) is ~20x slower on CPU for N ~ 1e5 (26 s vs 1.3 s
-        # for 1e5 x 600 bins, one thread) and a matmul is what GPUs do best.
+        # the convolution as one (n_bins, n_bins) banded matrix: out = probs @ matrix (F.conv1d
+        # is much slower on CPU, CHANGELOG.md; a matmul is what GPUs do best). Derived from
+        # (n_bins, sigma_bins): not saved in state dicts.
         src = torch.arange(n_bins).reshape(-1, 1)
         dst = src + offsets.reshape(1, -1).long()
         ok = (dst >= 0) & (dst < n_bins)
@@ -143,6 +140,13 @@ class BinSmoother(nn.Module):
         if self.half == 0:
             return probs
         return probs @ self.matrix.to(probs.dtype)
+
+
+def fixed_grid_centers(zmin: float, zmax: float, n_components: int) -> np.ndarray:
+    """Means of the fixed-grid mixture: ``n_components`` points evenly spaced over [zmin, zmax]
+    (both ends included), float64. The one definition used by the head, the loss and the
+    output (:func:`rail.deepz.pdf.fixed_grid_ensemble`)."""
+    return np.linspace(float(zmin), float(zmax), int(n_components))
 
 
 class FixedGridMixtureHead(nn.Module):
@@ -163,11 +167,16 @@ class FixedGridMixtureHead(nn.Module):
     def __init__(self, in_features: int, zmin: float, zmax: float, n_components: int = 200, sigma: float = 0.0037):
         super().__init__()
         self.logits = nn.Linear(in_features, n_components)
-        self.register_buffer("centers", torch.linspace(zmin, zmax, n_components))
+        self.register_buffer("centers", torch.as_tensor(fixed_grid_centers(zmin, zmax, n_components),
+                                                        dtype=torch.float32))
         self.sigma = float(sigma)
 
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Component weights (N, K) only: the means and widths are the same for every object."""
+        return torch.softmax(self.logits(h), dim=-1)
+
     def forward(self, h: torch.Tensor) -> MixtureParams:
-        weights = torch.softmax(self.logits(h), dim=-1)
+        weights = self.weights(h)
         means = self.centers.expand_as(weights)
         sigmas = torch.full_like(weights, self.sigma)
         return MixtureParams(weights, means, sigmas)
@@ -189,12 +198,11 @@ def gmm_nll(params: MixtureParams, z: torch.Tensor) -> torch.Tensor:
 
 
 # Two slow paths of the CPU float kernels, both hit by Gaussian densities evaluated far from
-# their centre (measured, float32, one thread): exp() of an argument whose result underflows
-# (below about -87; -708 in float64) costs 18-28 ns per element instead of 0.25, and
-# arithmetic with a subnormal operand or result (below 1.2e-38) 9-12 ns instead of 2.5 (a
-# (16384, 200) x (200, 1201) product with 684 subnormal entries in the second factor: 0.46 s
-# instead of 0.085 s). Exponents are floored where exp is still a normal number, far below
-# any density value that matters (1.8e-35 in float32).
+# their centre: exp() of an argument whose result underflows (below about -87; -708 in
+# float64) and arithmetic with a subnormal operand or result (below 1.2e-38); both cost many
+# times a normal operation (measured: benchmarks/README.md, "Subnormal numbers"). Exponents
+# are floored where exp is still a normal number, far below any density value that matters
+# (1.8e-35 in float32).
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0, torch.bfloat16: -80.0, torch.float16: -9.0}
 
 

@@ -24,12 +24,15 @@ inputs live on, so a GPU estimator summarises on the GPU):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import qp
 import torch
+from scipy.special import ndtr
 
-from rail.deepz.mixtures import exp_floored_
+from rail.deepz.calibration import mixture_pit
+from rail.deepz.mixtures import exp_floored_, gaussian_basis
 
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -47,30 +50,6 @@ def _tensor(a, dtype=torch.float32, device=None) -> torch.Tensor:
 
 def _numpy64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
-
-
-def cdf_inverse(cdf, xgrid, qs) -> np.ndarray:
-    """Invert monotone CDFs (N, G) tabulated at ``xgrid`` (G,) at levels ``qs`` -> (N, len(qs)).
-
-    One batched ``torch.searchsorted`` finds the bracketing grid interval of each level,
-    then linear interpolation inside it. No loop over objects.
-    """
-    cdf = _tensor(cdf, torch.float64)
-    x = _tensor(xgrid, torch.float64, cdf.device)
-    return _numpy64(_interp_levels(cdf, x, _tensor(qs, torch.float64, cdf.device)))
-
-
-def _interp_levels(cdf: torch.Tensor, x: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Levels qs (Q,) of monotone cdf (N, G) at nodes x (G,) -> (N, Q), same dtype as x."""
-    n, g = cdf.shape
-    levels = qs.to(cdf.dtype).expand(n, -1).contiguous()
-    idx = torch.searchsorted(cdf.contiguous(), levels, side="left").clamp_(1, g - 1)
-    c0 = torch.gather(cdf, 1, idx - 1).to(x.dtype)
-    c1 = torch.gather(cdf, 1, idx).to(x.dtype)
-    q = qs.to(x.dtype).expand(n, -1)
-    step = c1 - c0
-    frac = torch.where(step > 0, (q - c0) / torch.where(step > 0, step, 1.0), 0.0).clamp_(0.0, 1.0)
-    return x[idx - 1] + frac * (x[idx] - x[idx - 1])
 
 
 def grid_summaries(pdfs, zgrid, quantiles=DEFAULT_QUANTILES) -> dict:
@@ -138,8 +117,7 @@ def _ndtr(t: torch.Tensor) -> torch.Tensor:
 # with the argument floored (rail.deepz.mixtures.EXP_FLOOR: no underflowing exp, no subnormal
 # products; 1.8e-35 is far below float32 resolution of any density it is added to), and
 # CDF terms w_k Phi(t) with w_k >= 1e-15 and t >= -9 (Phi(-9) = 1e-19; changes a CDF by
-# < 2e-14). On real LSTM mixtures (20k DC2 objects, 1 thread) this took the summaries from
-# 42-43k to 52k objects/s.
+# < 2e-14). Speed gain: benchmarks/results/implementation_notes.md.
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 _CDF_T_FLOOR, _CDF_W_FLOOR = -9.0, 1e-15
 
@@ -167,16 +145,18 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024) -> np.ndarray:
+def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024,
+                        dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Densities of Gaussian mixtures (N, K) on one grid (G,) -> (N, G) float64 array:
     sum_k w_k N(x | mu_k, sigma_k), the formula of ``qp.mixmod``'s pdf (sigmas must be > 0),
     by :func:`_mixture_pdf` in float64 (exponents floored at ``EXP_FLOOR``: a term below
     ~1e-304 counts as 1e-304). qp evaluates the same sum through ``scipy.stats.norm`` on
-    (N, G, K) arrays: 11.6 s against 0.07 s for 10,000 15-component DC2 LSTM mixtures on
-    301 points (2 threads), equal to 1e-14 relative."""
-    w = _tensor(weights, torch.float64)
-    mu, s = (_tensor(a, torch.float64, w.device) for a in (means, sigmas))
-    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), torch.float64, w.device)
+    (N, G, K) arrays, much slower for the same result
+    (benchmarks/results/implementation_notes.md). ``dtype=torch.float32`` computes the sum
+    in float32 (faster; the metrics' option ``MetricConfig.mixture_float32``)."""
+    w = _tensor(weights, dtype)
+    mu, s = (_tensor(a, dtype, w.device) for a in (means, sigmas))
+    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), dtype, w.device)
     with torch.no_grad():
         return _numpy64(_mixture_pdf(w, mu, s, z, chunk))
 
@@ -381,6 +361,146 @@ def interp_ensemble(zgrid, pdf) -> qp.Ensemble:
     return qp.Ensemble(qp.interp, data=dict(xvals=z, yvals=p.numpy(), norm=False, warn=False))
 
 
+# ---------------------------------------------------------------- fixed-grid mixtures
+#
+# Gaussians with fixed, evenly spaced means (rail.deepz.mixtures.fixed_grid_centers) and one
+# common width; only the weights differ between objects (the embedding MDN's output).
+
+
+def fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins: int = 301, quantiles=DEFAULT_QUANTILES,
+                         block: int = 4096):
+    """Ancil of fixed-grid mixtures truncated to [zmin, zmax] (the same keys as
+    :func:`rail.deepz.pdf.mixture_ensemble`), from the PDFs on a fine grid (spacing below
+    ``sigma``) obtained as one (N, K) x (K, G) product per ``block`` rows (bounded memory;
+    4096 x 1201 float32 is 20 MB, below glibc's 32 MB mmap threshold, so the blocks reuse heap
+    memory instead of mapping and page-faulting fresh pages each time; speed:
+    benchmarks/results/implementation_notes.md)."""
+    weights = np.asarray(weights, dtype=np.float32)
+    centers = np.asarray(centers, dtype=np.float64)
+    fine = np.linspace(zmin, zmax, max(nzbins, 1201))  # spacing <= 0.0025 for [0, 3]
+    basis = gaussian_basis(fine, centers, sigma)
+    parts = [grid_summaries(torch.as_tensor(weights[i : i + block]) @ basis, fine, quantiles)
+             for i in range(0, max(len(weights), 1), block)]
+    ancil = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # each component's mass outside [zmin, zmax], then one float32 product (no float64 copy of
+    # the weights): relative precision ~1e-7 of the (small) outside mass
+    outside_k = (ndtr((zmin - centers) / sigma) + ndtr((centers - zmax) / sigma)).astype(np.float32)
+    ancil["p_outside"] = np.clip((weights @ outside_k).astype(np.float64), 0.0, 1.0)
+    return ancil
+
+
+def fixed_grid_pit(weights, centers, sigma, z) -> np.ndarray:
+    """CDF of each (untruncated) mixture at its own ``z`` (what qp.mixmod's cdf gives)."""
+    return mixture_pit(np.asarray(weights, dtype=np.float64), np.asarray(centers, dtype=np.float64)[None, :],
+                       sigma, np.asarray(z, dtype=np.float64))
+
+
+class RepeatedRows:
+    """Read-only (n, k) float32 arrays of one repeated row, kept between calls.
+
+    ``qp.mixmod`` stores means and widths per object, although for a fixed-grid mixture they
+    are the same row for every object; building (and, for the HDF5 writer, making contiguous)
+    two fresh (chunk, K) arrays per chunk costs more than the network. One array per row is
+    kept, as long as the largest chunk seen, and each call returns a view of its first n rows.
+    """
+
+    def __init__(self):
+        self._arrays: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, row, n: int) -> np.ndarray:
+        row = np.asarray(row, dtype=np.float32).ravel()
+        key = row.tobytes()
+        arr = self._arrays.get(key)
+        if arr is None or len(arr) < n:
+            arr = np.ascontiguousarray(np.broadcast_to(row, (n, row.size)))
+            arr.flags.writeable = False
+            self._arrays[key] = arr
+        return arr[:n]
+
+
+def fixed_grid_ensemble(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
+                        representation: str = "mixmod", rows: RepeatedRows | None = None) -> qp.Ensemble:
+    """Fixed-grid mixtures -> ``qp.mixmod`` (exact) or ``qp.interp`` on ``nzbins`` points.
+
+    ``interp`` samples the PDF on the grid: choose ``nzbins`` so that the spacing is well
+    below sigma (e.g. >= 3 (zmax - zmin) / sigma), or the narrow components are aliased.
+
+    The ``mixmod`` parameters are stored in float32, the precision of the network's softmax
+    (float64 would double the output, 4.8 kB per object for 200 components, for no
+    information); the weights must be finite and non-negative (a softmax output), so qp's
+    per-element input checks are skipped. The means and widths are read-only arrays from
+    ``rows`` (a :class:`RepeatedRows` reused over chunks; by default a new one).
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    n, k = weights.shape
+    ancil = fixed_grid_summaries(weights, centers, sigma, zmin, zmax, nzbins)
+    if representation == "mixmod":
+        rows = rows if rows is not None else RepeatedRows()
+        means, stds = rows(centers, n), rows(np.full(k, sigma), n)
+        ens = qp.Ensemble(qp.mixmod, data=dict(weights=weights, means=means, warn=False, stds=stds))
+    elif representation == "interp":
+        zgrid = np.linspace(zmin, zmax, nzbins)
+        basis = gaussian_basis(zgrid, centers, sigma).numpy()
+        ens = interp_ensemble(zgrid, weights @ basis)
+    else:
+        raise ValueError(f"Option 'qp_representation'={representation!r} is not 'mixmod' or 'interp'")
+    ens.set_ancil({key: np.asarray(v) for key, v in ancil.items()})
+    return ens
+
+
+# ---------------------------------------------------------------- any qp ensemble
+
+
+def ensemble_point_estimate(ens: qp.Ensemble, key: str, zgrid) -> np.ndarray:
+    """Point estimate ``key`` of every PDF of any qp ensemble -> (N,) float64.
+
+    The ancil column ``key`` when the ensemble has one; otherwise computed from the PDFs:
+    ``zmode``/``mode`` = the grid point of highest density on ``zgrid`` (as ``qp``'s
+    ``mode``), ``zmedian``/``median`` and ``zmean``/``mean`` by qp. Any other key absent
+    from the ancil is an error (no silent substitute).
+    """
+    if ens.ancil is not None and key in ens.ancil:
+        return np.asarray(ens.ancil[key], dtype=np.float64).reshape(-1)
+    if key in ("zmode", "mode"):
+        grid = np.asarray(zgrid, dtype=np.float64).reshape(-1)
+        return grid[np.argmax(np.asarray(ens.pdf(grid)).reshape(ens.npdf, -1), axis=1)]
+    if key in ("zmedian", "median"):
+        return np.asarray(ens.median(), dtype=np.float64).reshape(-1)
+    if key in ("zmean", "mean"):
+        return np.asarray(ens.mean(), dtype=np.float64).reshape(-1)
+    raise KeyError(f"point estimate {key!r} is neither in the ensemble's ancil nor zmode/zmean/zmedian")
+
+
+def ensemble_pit(ens: qp.Ensemble, z) -> np.ndarray:
+    """PIT_i = CDF_i(z_i) of any qp ensemble (N PDFs, N redshifts) -> (N,) float64, as
+    ``qp.metrics.pit.PIT`` samples it (``ens.cdf`` at each object's own redshift; a
+    non-finite value becomes 0, qp's convention)."""
+    z = np.atleast_1d(np.asarray(z, dtype=np.float64)).reshape(-1)
+    if len(z) != ens.npdf:
+        raise ValueError(f"The ensemble has {ens.npdf} PDFs but {len(z)} redshifts were given")
+    with np.errstate(invalid="ignore"):
+        pit = np.asarray(ens.cdf(z[:, None]), dtype=np.float64).reshape(-1)
+    pit[~np.isfinite(pit)] = 0.0
+    return pit
+
+
+def ensemble_point_and_pit(ens: qp.Ensemble, z, point: str, zmin: float, zmax: float,
+                           chunk: int = 10000) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ensemble_point_estimate` (a missing ``zmode`` from a 1201-point grid over
+    [zmin, zmax]) and :func:`ensemble_pit` of any qp ensemble, ``chunk`` PDFs at a time."""
+    z = np.asarray(z, dtype=np.float64).reshape(-1)
+    n = ens.npdf
+    if len(z) != n:
+        raise ValueError(f"The ensemble has {n} PDFs but the truth table has {len(z)} rows")
+    grid = np.linspace(zmin, zmax, 1201)
+    points, pits = [], []
+    for s in range(0, max(n, 1), chunk):
+        part = ens if n <= chunk else ens[s : min(s + chunk, n)]
+        points.append(ensemble_point_estimate(part, point, grid))
+        pits.append(ensemble_pit(part, z[s : s + chunk]))
+    return np.concatenate(points), np.concatenate(pits)
+
+
 # ---------------------------------------------------------------- histograms
 
 
@@ -463,7 +583,7 @@ def binned_ensemble(
 
     Rows are processed ``block_rows`` at a time into one preallocated output, so the
     (N, nbins) temporaries of a whole chunk (240 MB each for 1e5 rows of 600 bins) are
-    never alive together: NNC's peak RSS with 1e5-row chunks fell from 1.73 to 1.42 GB.
+    never alive together (peak memory: benchmarks/results/implementation_notes.md).
     """
     if representation not in ("hist", "interp"):
         raise ValueError(f"Option 'qp_representation'={representation!r} is not 'hist' or 'interp'")
@@ -498,3 +618,113 @@ def binned_ensemble(
         ens = qp.Ensemble(qp.interp, data=dict(xvals=centers, yvals=dens, norm=False, warn=False))
     ens.set_ancil(ancil)
     return ens
+
+
+# ---------------------------------------------------------------- validity of the output
+
+#: largest accepted |total mass - 1| of a stored PDF (float32 outputs). The stored mass is
+#: a sum of at most a few thousand non-negative float32 terms (softmax weights, bins, grid
+#: cells) that should add up to 1; float32 rounding moves such a sum by at most
+#: n * 2**-24 ~ 1.2e-4 for n = 2000, so 1e-3 leaves an 8x margin and still catches an
+#: unnormalised PDF, a zero row or a lost component.
+MASS_TOL = 1e-3
+#: the same under ``mixed_precision`` (bf16 softmax outputs): each weight is rounded to
+#: 8 significant bits (relative 2**-9 = 0.2 %; measured up to 3e-4 over 600 bins), so the
+#: sum can miss 1 by up to ~0.4 %
+MASS_TOL_BF16 = 1e-2
+_SUMMARY_KEYS = ("zmode", "zmean", "zstd", "zmedian", "p_outside")
+
+
+def summary_keys(ancil) -> list:
+    """The point-estimate ancil columns written by this module (not e.g. SOM flags)."""
+    return [k for k in ancil if k in _SUMMARY_KEYS or k.startswith("z_q")]
+
+
+def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 4096) -> np.ndarray:
+    """Total probability of each stored PDF (N,), NaN where a parameter is not finite or
+    not valid (negative weight or density, width <= 0).
+
+    * ``mixmod``: with ``zrange`` = (zmin, zmax) and an ancil ``p_outside``, the exact mass
+      inside [zmin, zmax] (mixture CDF) plus the reported ``p_outside``; otherwise the sum of
+      the weights. (qp renormalises mixture weights, so an unnormalised network output shows
+      up as a ``p_outside`` that disagrees with the stored mixture.)
+    * ``hist``: sum of density x bin width; ``interp``: trapezoid integral over the grid
+      (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
+    Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
+    """
+    name = ens.gen_class.name
+    n = ens.npdf
+    mass = np.ones(n, dtype=np.float64)
+    obj = ens.objdata
+    ancil = ens.ancil or {}
+    outside = None
+    if name == "mixmod" and zrange is not None and "p_outside" in ancil:
+        outside = np.asarray(ancil["p_outside"], dtype=np.float64).reshape(n)
+    for i in range(0, n, block_rows):
+        sl = slice(i, min(i + block_rows, n))
+        rows = sl.stop - sl.start
+
+        def block(key, dtype=np.float64):  # (rows, K); qp may hold a single PDF as a 1-D array
+            a = np.asarray(obj[key])
+            return np.asarray((a.reshape(n, -1) if a.ndim == 1 else a)[sl], dtype=dtype).reshape(rows, -1)
+
+        if name == "mixmod":
+            # float32 torch (6x faster than scipy's float64 ndtr; CDF differences good to ~1e-7)
+            with warnings.catch_warnings():  # read-only arrays (RepeatedRows): only read here
+                warnings.simplefilter("ignore", UserWarning)
+                w, mu, s = (torch.from_numpy(block(k, np.float32)) for k in ("weights", "means", "stds"))
+            w_ok = (w.amin(1) >= 0) & torch.isfinite(w.sum(1))
+            # fixed-grid mixtures (the embedding MDN) repeat one row of means and widths: then
+            # (finite columns whose min equals their max) one check and one product for the block
+            mu0, s0 = mu.amin(0), s.amin(0)
+            repeated = bool(((mu0 == mu.amax(0)) & (s0 == s.amax(0))).all())
+            if repeated:
+                row_ok = bool(torch.isfinite(mu0).all() & torch.isfinite(s0).all() & (s0 > 0).all())
+                valid = (w_ok & row_ok).numpy()
+            else:
+                valid = (w_ok & torch.isfinite(mu.sum(1)) & (s.amin(1) > 0) & torch.isfinite(s.sum(1))).numpy()
+            if outside is None:
+                m = w.sum(1, dtype=torch.float64).numpy()
+            else:
+                lo, hi = zrange
+                if repeated:
+                    m = w @ (_ndtr((hi - mu0) / s0) - _ndtr((lo - mu0) / s0))
+                else:
+                    m = (w * (_ndtr((hi - mu) / s) - _ndtr((lo - mu) / s))).sum(1)
+                m = m.double().numpy() + outside[sl]
+        elif name in ("hist", "interp"):
+            # float32 (the stored precision; a float32 sum of normalised terms is good to ~1e-6)
+            p = block("pdfs" if name == "hist" else "yvals", np.float32)
+            x = np.asarray(ens.metadata["bins" if name == "hist" else "xvals"], dtype=np.float64).ravel()
+            dx = np.diff(x)
+            if name == "interp":  # trapezoid weights: sum_j p_j (dx_{j-1} + dx_j) / 2
+                dx = 0.5 * (np.concatenate([dx, [0.0]]) + np.concatenate([[0.0], dx]))
+            m = p @ dx.astype(np.float32)
+            valid = (p.min(1) >= 0) & np.isfinite(m)  # a NaN row's min is NaN; inf makes the sum inf
+        else:
+            continue
+        mass[sl] = np.where(valid, m, np.nan)
+    return mass
+
+
+def pdf_ok(ens: qp.Ensemble, tol: float = MASS_TOL, zrange: tuple | None = None) -> np.ndarray:
+    """Boolean (N,): the PDF's parameters are finite and valid, its total mass (see
+    :func:`pdf_mass`; ``zrange`` = the estimator's (zmin, zmax)) is within ``tol`` of 1, and
+    its point-estimate ancil is finite."""
+    ok = np.abs(pdf_mass(ens, zrange) - 1.0) <= tol  # NaN -> False
+    if len(ok) == 0:  # an empty input gives an empty, valid ensemble
+        return ok
+    ancil = ens.ancil or {}
+    for k in summary_keys(ancil):
+        ok &= np.isfinite(np.asarray(ancil[k], dtype=np.float64).reshape(len(ok), -1)).all(1)
+    return ok
+
+
+def flag_bad_pdfs(ens: qp.Ensemble, ok: np.ndarray) -> None:
+    """Add the ancil column ``pdf_ok`` and set every point estimate of the rows not ok to NaN."""
+    ancil = ens.ancil
+    for k in summary_keys(ancil):
+        v = np.array(ancil[k], dtype=np.float64)
+        v[~ok] = np.nan
+        ancil[k] = v
+    ancil["pdf_ok"] = np.asarray(ok, dtype=bool)

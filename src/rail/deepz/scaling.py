@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -29,8 +31,8 @@ class Standardizer:
         if valid is not None:
             v = np.asarray(valid, dtype=bool).reshape(-1, x.shape[-1])
             x = np.where(v, x, np.nan)
-        with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-            sup.filter(RuntimeWarning)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-invalid features: handled below
             mean = np.nanmean(x, axis=0)
             std = np.nanstd(x, axis=0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
@@ -62,3 +64,9 @@ class Standardizer:
         obj.mean = np.asarray(d["mean"], dtype=np.float32)
         obj.std = np.asarray(d["std"], dtype=np.float32)
         return obj
+
+
+def fit_standardizer(x: np.ndarray, valid: np.ndarray | None, rows: np.ndarray) -> Standardizer:
+    """A :class:`Standardizer` fitted on ``x[rows]``, ignoring entries where ``valid`` is False
+    (``valid`` None: all entries count)."""
+    return Standardizer().fit(x[rows], None if valid is None else valid[rows])

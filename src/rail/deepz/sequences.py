@@ -16,7 +16,7 @@ Flux scaling (``flux_transform``):
   linear scaling the faint majority ends up in a sliver around ``-mean/std`` and a few
   bright objects set the scale; the asinh transform is linear near the noise level and
   logarithmic for bright objects, so colours become differences of inputs again (see the
-  LSTM module docstring for the DC2 comparison).
+  DC2 comparison in benchmarks/results/ablations_lstm.md).
 
 Invalid entries (``Photometry.valid`` False) get ``mask_value`` = 0 (the training mean
 after standardisation) in the flux and error channels and 0 in the validity channel; the
@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .photometry import Photometry
 from .scaling import Standardizer
@@ -144,3 +145,18 @@ class BandSequencer:
         obj.flux_scaler = Standardizer.from_dict(d["flux_scaler"])
         obj.err_scaler = Standardizer.from_dict(d["err_scaler"])
         return obj
+
+
+def make_band_dropout(p: float):
+    """Training augmentation of sequence batches (N, B, N_CHANNELS): mask each band of each
+    object with probability ``p`` (validity flag and values set to 0, as a masked step)."""
+
+    def augment(batch):
+        x = batch[0]
+        drop = torch.rand(x.shape[:2], device=x.device) < p
+        x = x.clone()
+        x[..., 2] = x[..., 2] * (~drop).to(x.dtype)
+        x[..., :2] = x[..., :2] * x[..., 2:3]
+        return [x, *batch[1:]]
+
+    return augment

@@ -6,7 +6,8 @@ object. It provides: AdamW/Adam, a plateau, step or one-cycle learning-rate sche
 clipping, early stopping that restores the best weights, deterministic CPU training
 from ``seed``, device selection (``auto``/``cpu``/``cuda``), optional mixed precision on
 CUDA, a one-line-per-epoch progress display that can be turned off, and a history list
-stored with the model.
+stored with the model. :func:`thread_policy` sets torch's CPU thread count for a stage's run
+(option ``num_threads``; 0 = fewer threads when other processes keep the CPUs busy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -59,13 +61,11 @@ def release_joblib_workers() -> bool:
 
     FlexZBoost (FlexCode: scikit-learn's ``MultiOutputRegressor(n_jobs=-1)`` over xgboost)
     leaves such a pool behind. While it lives, torch's multi-threaded CPU work in the same
-    process is 2-3x slower: its OpenMP threads sleep and wake at every parallel region
-    instead of spinning (60 LSTM training steps, 2 threads: 0.7-0.8 s before FlexZBoost's
-    inform, 1.8-2.0 s after, ~15,000 voluntary context switches per second in each torch
-    thread; 0.6-0.9 s again once the pool is shut down; LSTM inference on 20k objects 0.20 s
-    before, 0.31 s after, 0.26 s once shut down). Most likely the pool's manager thread
-    holds an OpenMP team of its own (xgboost shares torch's libgomp), so libgomp counts more
-    threads than CPUs and stops spinning. joblib starts a new pool the next time it needs one.
+    process is slower: its OpenMP threads sleep and wake at every parallel region instead
+    of spinning (measured: benchmarks/results/implementation_notes.md). Most likely the
+    pool's manager thread holds an OpenMP team of its own (xgboost shares torch's libgomp),
+    so libgomp counts more threads than CPUs and stops spinning. joblib starts a new pool the
+    next time it needs one.
     """
     ex = _joblib_executor()
     if ex is None:
@@ -85,6 +85,102 @@ def warn_if_joblib_pool_alive(device: torch.device) -> None:
             "before FlexZBoost).",
             RuntimeWarning, stacklevel=3,
         )
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (``os.sched_getaffinity``; all CPUs where unsupported)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_jiffies(cpus) -> tuple[float, float] | None:
+    """(busy, total) jiffies summed over ``cpus`` from /proc/stat, or None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    want = {f"cpu{c}" for c in cpus}
+    busy = total = 0.0
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] in want:
+            v = [float(x) for x in parts[1:]]
+            idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
+            tot = sum(v[:8])  # guest time is already counted in user
+            busy += tot - idle
+            total += tot
+    return (busy, total) if total > 0 else None
+
+
+def busy_cpus_elsewhere(cpus=None, probe_s: float = 0.1) -> float | None:
+    """CPUs (among ``cpus``, default :func:`allowed_cpus`) kept busy by *other* processes,
+    measured over ``probe_s`` seconds: busy time in /proc/stat minus this process's own
+    CPU time (its idle OpenMP threads may still be spinning). Falls back to the 1-minute
+    load average (which counts this process too) where /proc/stat is unreadable; None if
+    neither is available."""
+    cpus = allowed_cpus() if cpus is None else list(cpus)
+    a, own_a = _cpu_jiffies(cpus), os.times()
+    if a is None:
+        try:
+            return max(0.0, os.getloadavg()[0] - 1.0)
+        except (AttributeError, OSError):  # pragma: no cover
+            return None
+    time.sleep(probe_s)
+    b, own_b = _cpu_jiffies(cpus), os.times()
+    if b is None or b[1] <= a[1]:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    own = ((own_b.user - own_a.user) + (own_b.system - own_a.system)) * hz
+    per_cpu = (b[1] - a[1]) / len(cpus)  # elapsed jiffies per CPU
+    return max(0.0, (b[0] - a[0] - own) / per_cpu)
+
+
+def choose_num_threads(num_threads: int = 0) -> tuple[int, str]:
+    """torch intra-op threads for a stage: ``num_threads`` if > 0, else the environment
+    variable ``DEEPZ_NUM_THREADS`` if set (a fixed count for a whole session, e.g. the tests),
+    else automatic.
+
+    Automatic: the current ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or the user
+    set) capped by the CPUs this process may use, minus the CPUs other processes keep busy
+    (:func:`busy_cpus_elsewhere`), rounded, at least 1. It only ever lowers the count: on an
+    oversubscribed machine OpenMP threads that wait on each other slow torch down far more
+    than one thread fewer does (issue 15: NNC beside three busy processes on 2 cores, 47.6 s
+    with 2 threads, 17.7 s with 1). Returns the count and a sentence saying why.
+    """
+    if num_threads < 0:
+        raise ValueError(f"Option 'num_threads' must be >= 0 (0 = automatic), got {num_threads}")
+    if num_threads > 0:
+        return int(num_threads), "set by option num_threads"
+    env = os.environ.get("DEEPZ_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"Environment variable DEEPZ_NUM_THREADS={env!r} must be a positive integer")
+        return int(env), "set by the environment variable DEEPZ_NUM_THREADS"
+    cpus = allowed_cpus()
+    cap = max(1, min(torch.get_num_threads(), len(cpus)))
+    busy = busy_cpus_elsewhere(cpus)
+    if busy is None:
+        return cap, f"automatic: {cap} (torch's count, capped by {len(cpus)} usable CPUs; load unknown)"
+    n = int(max(1, min(cap, round(len(cpus) - busy))))
+    return n, (f"automatic: {len(cpus)} usable CPUs, {busy:.1f} busy with other processes, "
+               f"torch's count {torch.get_num_threads()}")
+
+
+@contextmanager
+def thread_policy(num_threads: int = 0, who: str = "rail.deepz"):
+    """Set torch's intra-op threads (:func:`choose_num_threads`) for the ``with`` block,
+    log the choice, and restore the previous count afterwards."""
+    before = torch.get_num_threads()
+    n, why = choose_num_threads(num_threads)
+    log.info(f"{who}: {n} torch thread(s) ({why})")
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -276,6 +372,12 @@ def train_model(
         otherwise the whole set is copied to the device once (fast for catalogues).
     """
     cfg.validate()
+    if len(train_z) < MIN_TRAIN_BATCH:  # no batch, no optimiser step: refuse to save the init
+        raise ValueError(
+            f"The training split holds {len(train_z)} row(s): no optimiser step is possible "
+            f"(a batch needs at least {MIN_TRAIN_BATCH}); give more training rows or a smaller "
+            "'val_fraction'"
+        )
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cpu" and os.environ.get("DEEPZ_NUM_THREADS"):
@@ -347,9 +449,12 @@ def train_model(
             {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_now}
         )
         if cfg.progress:
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)
             print(
                 f"[deepz] epoch {epoch + 1:4d}/{cfg.epochs}  train {train_loss:.5f}  "
-                f"val {val_loss:.5f}  lr {lr_now:.2e}",
+                f"val {val_loss:.5f}  lr {lr_now:.2e}  {_hms(elapsed)} elapsed, "
+                f"<= {_hms(eta)} left",
                 file=sys.stderr,
                 flush=True,
             )
@@ -369,11 +474,28 @@ def train_model(
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - t0
+    if cfg.progress:
+        print(
+            f"[deepz] stopped at epoch {len(result.history)}/{cfg.epochs}, best epoch {result.best_epoch + 1} "
+            f"(val {result.best_val_loss:.5f}), {_hms(result.seconds)}",
+            file=sys.stderr,
+            flush=True,
+        )
     log.info(
         "trained %d epochs in %.1f s on %s; best epoch %d, val loss %.5f",
         len(result.history), result.seconds, device, result.best_epoch, result.best_val_loss,
     )
     return result
+
+
+def _hms(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``4.1s`` for progress lines."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
 
 
 def predict_batched(
@@ -392,7 +514,7 @@ def predict_batched(
     use_amp = bool(mixed_precision) and device.type in ("cuda", "cpu")
     n = len(inputs[0])
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
+        for i in range(0, max(n, 1), batch_size):  # an empty input still gives one (empty) output
             batch = [torch.as_tensor(np.ascontiguousarray(a[i : i + batch_size])).to(device) for a in inputs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(*batch)

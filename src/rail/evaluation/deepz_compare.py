@@ -15,10 +15,9 @@ Either way the estimates are streamed chunk by chunk through
   ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
   ``redshift`` or ``magnitude``; inform/estimate wall times are rows with metric
   ``inform_time_s`` / ``estimate_time_s``; the latter is RAIL's ``estimate()`` call, which
-  after writing the output reads it back whole: for the embedding MDN's ``qp.interp``
-  output on a 1622-point grid, qp's re-normalisation on reading is most of it (4.4 of 5.3 s
-  on DC2's 20,449 objects); the throughput of the stages themselves is measured by
-  ``benchmarks/speed_memory.py``);
+  after writing the output reads it back whole (for ``qp.interp`` outputs on fine grids qp's
+  re-normalisation on reading can be most of it); the throughput of the stages themselves
+  is measured by ``benchmarks/speed_memory.py``);
 * ``pit_qq.png``, ``zphot_zspec.png``, ``metrics_vs_redshift.png``,
   ``metrics_vs_magnitude.png``, ``example_pdfs.png``;
 
@@ -42,8 +41,8 @@ from . import deepz_metrics as dm
 
 # columns of the overall printed table, in order
 SUMMARY_METRICS = [
-    "sigma_nmad", "eta", "bias", "rail_sigma_iqr", "rail_outlier_rate", "crps", "pco",
-    "pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate", "cde_loss", "brier",
+    "sigma_nmad", "eta", "bias_median", "rail_sigma_iqr", "rail_outlier_rate", "crps", "pco",
+    "pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate", "cde_loss", "brier", "n_bad_pdf", "n_bad_truth",
     "inform_time_s", "estimate_time_s",
 ]
 TIME_METRICS = ("inform_time_s", "estimate_time_s")
@@ -225,20 +224,42 @@ def read_metrics_hdf5(path):
 # ----------------------------------------------------------------- running estimators
 
 
-def _resolve_keys(estimators) -> list[str]:
+def _split_names(estimators) -> list[str]:
+    if estimators is None:
+        return ["all"]
+    if isinstance(estimators, str):
+        return [e.strip() for e in estimators.split(",") if e.strip()]
+    return list(estimators)
+
+
+def _resolve_specs(estimators) -> list:
+    """Registry entries for ``estimators``: keys, groups (``all``, ``peers``) or import paths.
+
+    ``all`` runs the deep estimators first and the baselines last (FlexZBoost leaves a
+    joblib process pool behind that slows torch's multi-threaded training; run_estimator
+    shuts it down after every estimator, see rail.deepz.training.release_joblib_workers, and
+    CHANGELOG.md for the measurement). An explicit order is kept.
+    """
     from . import deepz_registry as reg
 
-    if estimators is None or estimators == "all" or estimators == ["all"]:
-        # deep estimators first, baselines last. (FlexZBoost leaves a joblib process pool
-        # behind that made torch's 2-thread LSTM training ~3x slower, 84 s vs 28 s on DC2;
-        # run_estimator now shuts it down after every estimator, see
-        # rail.deepz.training.release_joblib_workers; the order is kept.)
-        return sorted(reg.ESTIMATORS, key=lambda k: reg.ESTIMATORS[k].baseline)
-    if isinstance(estimators, str):
-        estimators = [e.strip() for e in estimators.split(",") if e.strip()]
-    for key in estimators:
-        reg.get(key)  # KeyError naming the known keys
-    return list(estimators)
+    specs, seen = [], set()
+    for name in _split_names(estimators):
+        if name in reg.GROUPS:
+            group = sorted(reg.GROUPS[name](), key=lambda k: reg.ESTIMATORS[k].baseline)
+            new = [reg.ESTIMATORS[k] for k in group]
+        else:
+            new = [reg.resolve(name)]  # KeyError naming the known keys, or ImportError
+        for spec in new:
+            if spec.key in seen:
+                continue
+            seen.add(spec.key)
+            specs.append(spec)
+    return specs
+
+
+def _resolve_keys(estimators) -> list[str]:
+    """Keys of :func:`_resolve_specs` (registered names and groups only)."""
+    return [s.key for s in _resolve_specs(estimators)]
 
 
 def _supported(spec, ds) -> str | None:
@@ -247,15 +268,30 @@ def _supported(spec, ds) -> str | None:
     if datasets and ds.name not in datasets:
         return f"only configured for data sets {list(datasets)}"
     have = set(ds.extra.get("provides", ("catalog",)))
+    if ds.extra.get("bpz_filters"):
+        have.add("bpz_filters")
     missing = [n for n in spec.needs if n not in have]
+    if missing == ["bpz_filters"]:
+        return (f"no BPZ filter curves known for the bands {list(ds.bands)}: give --bpz-filters (built in for "
+                "LSST/DC2, DECam and HSC band names, e.g. the dc2 preset)")
     if missing:
         return f"needs {missing}, data set {ds.name!r} provides {sorted(have)}"
-    return None
+    return spec.available() if hasattr(spec, "available") else None
+
+
+def _private_copy(table: dict) -> dict:
+    """Each estimator gets its own copy of the table: some RAIL stages write into their input
+    columns (BPZ subtracts its zero-point offsets in place), which must not reach the next one."""
+    return {k: np.array(v, copy=True) for k, v in table.items()}
 
 
 def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: int = 10_000,
-                  device: str | None = None, log=None) -> tuple[Path, dict]:
-    """Inform ``spec`` on ``ds.train``, estimate ``ds.test``; returns (qp file, timings)."""
+                  device: str | None = None, log=None, progress: bool | None = None) -> tuple[Path, dict]:
+    """Inform ``spec`` on ``ds.train``, estimate ``ds.test``; returns (qp file, timings).
+
+    ``progress`` (default: whether ``log`` is set) is passed to stages with a ``progress``
+    option (one line per training epoch with elapsed time and ETA).
+    """
     from rail.core.data import TableHandle
 
     from rail.deepz.training import release_joblib_workers
@@ -266,6 +302,9 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
         for cfg, cls in ((inform_cfg, inf_cls), (est_cfg, est_cls)):
             if "device" in cls.config_options:
                 cfg["device"] = device
+    show = bool(log) if progress is None else bool(progress)
+    if "progress" in inf_cls.config_options and "progress" not in inform_cfg:
+        inform_cfg["progress"] = show
     uid = next(_uid)
     model_path = outdir / f"{spec.key}_model.pkl"
     out_path = outdir / f"{spec.key}.hdf5"
@@ -275,7 +314,7 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
         log(f"[compare] {spec.key}: inform on {n_train} objects ...")
     inf = inf_cls.make_stage(name=f"deepz_cmp_inform_{spec.key}_{uid}", model=str(model_path), **inform_cfg)
     t0 = time.perf_counter()
-    inf.inform(TableHandle("input", data=ds.train))
+    inf.inform(TableHandle("input", data=_private_copy(ds.train)))
     t_inf = time.perf_counter() - t0
     if log:
         log(f"[compare] {spec.key}: inform took {t_inf:.1f} s; estimate {n_test} objects ...")
@@ -284,7 +323,7 @@ def run_estimator(spec, ds, outdir: Path, *, quick: bool = False, chunk_size: in
     est = est_cls.make_stage(name=f"deepz_cmp_estimate_{spec.key}_{uid}", model=inf.get_handle("model"),
                              output=str(out_path), **est_cfg)
     t0 = time.perf_counter()
-    handle = est.estimate(TableHandle("input", data=ds.test))
+    handle = est.estimate(TableHandle("input", data=_private_copy(ds.test)))
     t_est = time.perf_counter() - t0
     path = Path(handle.path) if getattr(handle, "path", None) else out_path
     if not path.exists():  # pragma: no cover - stage returned data only
@@ -307,14 +346,108 @@ def _write_truth(ds, path: Path, mag_col: str) -> None:
                 f.create_dataset(col, data=np.asarray(ds.test[col]))
 
 
-def load_dataset(data: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
-    """A :class:`rail.deepz.datasets.Dataset`, with random train/test subsets if asked."""
+def load_dataset(data, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """A :class:`rail.deepz.datasets.Dataset` (a preset name or a Dataset), with random subsets if asked."""
     from rail.deepz import datasets
 
-    ds = datasets.load(data)
+    ds = datasets.load(data) if isinstance(data, str) else data
     ds.train = datasets.subsample(ds.train, n_train, seed)
     ds.test = datasets.subsample(ds.test, n_test, seed + 1)
     return ds
+
+
+def _check_settings(zmin, zmax, chunk_size) -> None:
+    """Settings errors before any work: one line naming the option."""
+    if chunk_size is None or int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if zmin is not None and zmax is not None and not float(zmax) > float(zmin):
+        raise ValueError(f"zmax ({zmax}) must be larger than zmin ({zmin})")
+
+
+def _check_estimate(label, est) -> None:
+    """An estimate given as a file must exist and be a qp ensemble file (error naming the file)."""
+    if not isinstance(est, (str, Path)):
+        return
+    import qp
+
+    path = Path(est)
+    if not path.is_file():
+        raise FileNotFoundError(f"estimate {label!r}: file {path} not found")
+    try:
+        meta = qp.read_metadata(str(path))
+        if "pdf_name" not in meta:
+            raise KeyError("pdf_name")
+    except Exception as err:  # noqa: BLE001 - any reader error means "not a qp file"
+        raise ValueError(f"estimate {label!r}: {path} is not a qp ensemble file "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def _estimate_grid(est) -> tuple[float, float] | None:
+    """(zmin, zmax) of the grid a qp file or ensemble was tabulated on (interp/hist), or None."""
+    import qp
+
+    try:
+        if isinstance(est, (str, Path)):
+            meta = qp.read_metadata(str(est))
+        else:
+            meta = est.metadata
+        for key in ("xvals", "bins"):
+            if key in meta:
+                grid = np.asarray(meta[key], dtype=np.float64).reshape(-1)
+                return float(grid.min()), float(grid.max())
+    except Exception:  # noqa: BLE001 - no grid: the caller falls back to the truth rule
+        return None
+    return None
+
+
+def metric_zrange(estimates: Mapping, ztrue) -> tuple[float, float]:
+    """The redshift range of the metric grids when none is given: one rule for both modes.
+
+    The estimators' own grid (qp ``interp``/``hist`` files: the widest over the files), else
+    [0, :func:`rail.deepz.datasets.default_zmax` of the true redshifts]. Run by the harness
+    (mode b) the estimators' grid is the data set's range, so a file scored later in mode (a)
+    gets the same grid as in the run that wrote it.
+    """
+    from rail.deepz.datasets import default_zmax
+
+    grids = [g for g in (_estimate_grid(e) for e in estimates.values()) if g is not None]
+    if grids:
+        return min(0.0, min(g[0] for g in grids)), max(g[1] for g in grids)
+    return 0.0, default_zmax(ztrue)
+
+
+def _truth_columns(truth, groupname) -> list:
+    if isinstance(truth, (str, Path)):
+        path = Path(truth)
+        if path.suffix in (".hdf5", ".h5", ".hdf", ".hd5") and path.is_file():
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                grp = f[groupname] if groupname and groupname in f else f
+                names = [k for k in grp if not isinstance(grp[k], h5py.Group)]
+                if not names:
+                    subs = [k for k in grp if isinstance(grp[k], h5py.Group)]
+                    names = list(grp[subs[0]]) if len(subs) == 1 else []
+                return names
+        return []
+    if hasattr(truth, "columns"):
+        return [str(c) for c in truth.columns]
+    if isinstance(truth, Mapping):
+        if groupname and groupname in truth:
+            truth = truth[groupname]
+        return list(truth.keys())
+    return []
+
+
+def _guess_mag_col(truth, groupname) -> str | None:
+    """An i-band magnitude column of the truth table (by name), the default reference band."""
+    from rail.deepz.datasets import _band_of
+
+    for col in _truth_columns(truth, groupname):
+        low = col.lower()
+        if _band_of(col)[1] == "i" and "err" not in low and not low.startswith("e"):
+            return col
+    return None
 
 
 # ----------------------------------------------------------------- compare
@@ -324,7 +457,7 @@ def compare(
     estimates: Mapping | None = None,
     truth=None,
     *,
-    data: str | None = None,
+    data=None,
     estimators=None,
     outdir="out/compare",
     quick: bool = False,
@@ -338,9 +471,12 @@ def compare(
     zmin: float | None = None,
     zmax: float | None = None,
     z_edges=None,
+    z_nbins: int = 6,
     mag_edges=None,
     point_estimate: str = "zmode",
     chunk_size: int = 10_000,
+    id_col: str | None = None,
+    exclude_bad: bool = False,
     n_example_pdfs: int = 6,
     plots: bool = True,
     print_table: bool = True,
@@ -355,9 +491,12 @@ def compare(
     truth : path, numpyDict or DataFrame
         Mode (a): the table with the true redshifts (``redshift_col``) and, for the
         magnitude bins, ``mag_col``.
-    data : {"dc2", "boss"}, optional
-        Mode (b): data set of :mod:`rail.deepz.datasets`; ``estimators`` (keys of the
-        registry, a comma list, or ``"all"``) are informed on its training table and run on
+    data : str or Dataset, optional
+        Mode (b): a preset name of :mod:`rail.deepz.datasets` (``dc2``, ``boss``, ``zcosmos``)
+        or a :class:`~rail.deepz.datasets.Dataset` built from your files
+        (:func:`rail.deepz.datasets.from_files`); ``estimators`` (registry keys, ``all``,
+        ``peers``, import paths ``pkg.module:XInformer``; a comma list) are informed on its
+        training table and run on
         its test table. Can be combined with ``estimates`` (extra files on the same test
         table, e.g. from an earlier run).
     quick : bool
@@ -367,13 +506,18 @@ def compare(
     device : str, optional
         ``cpu``/``cuda``/``auto`` passed to estimators that have a ``device`` option.
     redshift_col, mag_col, truth_groupname : truth columns (defaults from the data set, or
-        ``redshift`` and no magnitude bins).
-    zmin, zmax : redshift range of the metric grids and redshift bins (default [0, 3] or the
-        data set's).
-    z_edges, mag_edges : bin edges (default 6 equal bins over [zmin, zmax]; 1-mag bins over
-        the 1-99 % range of the magnitudes).
+        ``redshift`` and an i-band column found by name for the magnitude bins).
+    zmin, zmax : redshift range of the metric grids and redshift bins (default: the data set's
+        range, else :func:`metric_zrange`: the estimates' own grid, else [0, zmax rule]).
+    z_edges, mag_edges : bin edges (default ``z_nbins`` = 6 equal bins over [zmin, zmax]; 1-mag
+        bins over the 1-99 % range of the magnitudes).
     point_estimate : ancil key of the point estimate (``zmode``, RAIL's default).
     chunk_size : PDFs per chunk when streaming the estimates (memory bound).
+    id_col : id column of the truth table and of the estimates' ancil (default: the data set's,
+        else the first of ``id``/``object_id``/... found); when both sides have it, rows are
+        matched by id (reordered if only the order differs, an error if the ids differ).
+    exclude_bad : leave rows with a non-finite PDF, point estimate or truth out of the metrics
+        (their counts are the rows ``n_bad_pdf``/``n_bad_truth``); by default they are an error.
     progress : True (print), a callable, or False.
     """
     import pandas as pd
@@ -386,6 +530,9 @@ def compare(
     files: dict = {}
     if data is None and not estimates:
         raise ValueError("compare() needs estimate files (estimates=..., truth=...) or a data set (data=...)")
+    _check_settings(zmin, zmax, chunk_size)
+    for label, est in estimates.items():
+        _check_estimate(label, est)
 
     if data is not None:
         if quick:
@@ -393,27 +540,33 @@ def compare(
             n_test = 2000 if n_test is None else n_test
         ds = load_dataset(data, n_train, n_test, seed)
         redshift_col = redshift_col or ds.redshift_col
-        mag_col = mag_col or ds.ref_band
+        if not mag_col:
+            mag_col = ds.ref_band
+            if log:
+                log(f"[compare] magnitude bins: reference band {mag_col} (--mag-col to change)")
         zmin = ds.zmin if zmin is None else zmin
         zmax = ds.zmax if zmax is None else zmax
+        _check_settings(zmin, zmax, chunk_size)
         truth_path = outdir / f"truth_{ds.name}.hdf5"
         _write_truth(ds, truth_path, mag_col)
         files["truth"] = truth_path
         if truth is None:
             truth = ds.test
-        from . import deepz_registry as reg
-
-        keys = _resolve_keys(estimators)
+        specs = _resolve_specs(estimators)
+        keys = [s.key for s in specs]
         if log:
             log(f"[compare] data set {ds.name}: {len(next(iter(ds.train.values())))} train / "
-                f"{len(next(iter(ds.test.values())))} test objects; estimators {keys}")
-        for i, key in enumerate(keys):
-            spec = reg.get(key)
+                f"{len(next(iter(ds.test.values())))} test objects, z in [{ds.zmin:g}, {ds.zmax:g}]; "
+                f"estimators {keys}")
+        for i, spec in enumerate(specs):
+            key = spec.key
             why = _supported(spec, ds)
             if why:
                 if log:
                     log(f"[compare] ({i + 1}/{len(keys)}) skipping {key}: {why}")
                 continue
+            if key in estimates:
+                raise ValueError(f"estimator {key!r} is both run and given as an estimate file")
             if log:
                 log(f"[compare] ({i + 1}/{len(keys)}) {key} ({spec.label})")
             path, t = run_estimator(spec, ds, outdir, quick=quick, chunk_size=chunk_size, device=device, log=log)
@@ -423,27 +576,43 @@ def compare(
     if truth is None:
         raise ValueError("compare(estimates=...) needs truth= (table or file with the true redshifts)")
     redshift_col = redshift_col or "redshift"
+    if not mag_col:
+        mag_col = _guess_mag_col(truth, truth_groupname)
+        if log:
+            log(f"[compare] magnitude bins: {'i-band column ' + mag_col if mag_col else 'none'} "
+                f"({'--mag-col to change' if mag_col else 'no i-band column found: give --mag-col'})")
     ztrue, mag = read_truth(truth, redshift_col, mag_col, truth_groupname)
-    zmin = 0.0 if zmin is None else float(zmin)
-    zmax = max(3.0, float(np.nanmax(ztrue))) if zmax is None else float(zmax)
+    if zmin is None or zmax is None:
+        lo, hi = metric_zrange(estimates, ztrue)
+        zmin = lo if zmin is None else zmin
+        zmax = hi if zmax is None else zmax
+    zmin, zmax = float(zmin), float(zmax)
+    _check_settings(zmin, zmax, chunk_size)
     cfg = dm.MetricConfig.for_range(zmin, zmax, point_estimate=point_estimate)
-    z_edges = dm.default_z_edges(zmin, zmax) if z_edges is None else np.asarray(z_edges, dtype=float)
+    z_edges = dm.default_z_edges(zmin, zmax, z_nbins) if z_edges is None else np.asarray(z_edges, dtype=float)
     if mag_edges is None and mag is not None:
         mag_edges = dm.default_mag_edges(mag)
     # example objects: spread over the true-redshift range, the same for every estimator
-    order = np.argsort(ztrue)
-    keep = order[np.linspace(0, ztrue.size - 1, min(n_example_pdfs, ztrue.size)).astype(int)] if ztrue.size else []
+    # (only objects whose true redshift is inside the plotted range [zmin, zmax])
+    inside = np.flatnonzero(np.isfinite(ztrue) & (ztrue >= zmin) & (ztrue <= zmax))
+    order = inside[np.argsort(ztrue[inside])]
+    keep = order[np.linspace(0, order.size - 1, min(n_example_pdfs, order.size)).astype(int)] if order.size else []
 
+    if id_col is None and data is not None:
+        id_col = ds.extra.get("id_col")
+    tids = dm.truth_ids(truth, id_col, truth_groupname)
     rows, per_object, examples = [], {}, {}
     for j, (label, est) in enumerate(estimates.items()):
         if log:
             log(f"[compare] metrics ({j + 1}/{len(estimates)}) {label} ...")
         acc = dm.accumulate_estimate(est, ztrue, mag, config=cfg, chunk_size=chunk_size, keep_pdfs=keep,
-                                     progress=log, label=label)
+                                     progress=log, label=label, truth_ids=tids,
+                                     id_col=id_col if tids is not None else None, exclude_bad=exclude_bad)
         po = acc.per_object()
-        per_object[label] = po
+        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)  # counts the flagged rows
+        good = dm.good_rows(po)
+        per_object[label] = po if good.all() else {k: v[good] for k, v in po.items()}  # (--exclude-bad)
         examples[label] = acc.kept_pdfs
-        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)
         for tkey in TIME_METRICS:
             if label in timings:
                 n = timings[label]["n_train" if tkey == "inform_time_s" else "n_test"]
@@ -458,7 +627,8 @@ def compare(
 
         if log:
             log("[compare] plots ...")
-        files.update(deepz_plots.make_all(result, outdir, zmin=zmin, zmax=zmax))
+        files.update(deepz_plots.make_all(result, outdir, zmin=zmin, zmax=zmax, mag_label=mag_col,
+                                          z_label=redshift_col, point_estimate=point_estimate))
     if print_table and not table.empty:
         print(format_table(table), flush=True)
         sys.stdout.flush()

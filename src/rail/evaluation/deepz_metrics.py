@@ -4,45 +4,73 @@ Every metric is computed from a handful of *per-object* quantities, obtained in 
 over a qp file (or ensemble) chunk by chunk:
 
 * ``zphot``  the point estimate (ancil ``zmode`` by default, RAIL's convention),
-* ``pit``    CDF of the PDF at the true redshift (qp's :class:`qp.metrics.pit.PIT` sampling),
+* ``pit``    CDF of the PDF at the true redshift,
 * ``crps``   CRPS of the PDF at the true redshift,
 * ``cde1``, ``cde2``  the two per-object terms of the CDE loss,
-* ``brier``  the per-object Brier sum.
+* ``brier``  the per-object Brier sum,
+* ``bad_pdf``, ``bad_truth``  flags of rows that cannot be scored (see below).
 
-Only these O(N) float arrays are kept (8 floats per object: ~64 MB for 1e6 objects);
-PDFs are evaluated on grids one chunk at a time (at most ``chunk_size x grid`` floats in
-memory, and the CRPS grid in sub-blocks of ``_BLOCK`` rows), and never all held at once.
-Medians, quantiles and PIT statistics are then exact (no digest approximation), and
-every summary can be re-binned (by redshift, by magnitude) without another pass.
+Only these O(N) arrays are kept (~10 numbers per object: ~80 MB for 1e6 objects); PDFs are
+evaluated in blocks of ``_BLOCK`` rows and never all held at once. Medians, quantiles and
+PIT statistics are then exact (no digest approximation), and every summary can be
+re-binned (by redshift, by magnitude) without another pass.
 
-Definitions (``dz_norm = (zphot - ztrue) / (1 + ztrue)``):
+Direct paths: ``qp.hist``, ``qp.interp`` and ``qp.mixmod`` estimates are read and evaluated
+from their stored parameters by :mod:`rail.evaluation.deepz_pdfblock` (equal to qp's values
+within the tolerances stated in ``tests/test_metrics_fast.py``); other representations
+through qp.
 
-================  ==========================================================================
-sigma_nmad        1.4826 * median(|dz_norm|)    (the papers' NMAD, no median subtracted)
-eta               fraction with |dz_norm| > 0.15 (catastrophic outliers of the papers)
-bias              median(dz_norm)               (LSTM-MDNz paper eq. 14; = RAIL point_bias)
-bias_inlier_mean  mean(dz_norm) over |dz_norm| <= 0.15 (NNC paper eq. 6)
-rail_sigma_iqr    IQR(dz_norm) / 1.349          (RAIL ``PointSigmaIQR``)
-rail_outlier_rate fraction with |dz_norm| > max(0.06, 3 sigma_IQR) (RAIL ``PointOutlierRate``)
-rail_bias         median(dz_norm)               (RAIL ``PointBias``)
-rail_sigma_mad    1.4826 * median(|dz_norm - median(dz_norm)|) (RAIL ``PointSigmaMAD``)
-crps              mean over objects of int (F(z) - 1[z >= ztrue])^2 dz
-pco               fraction whose ztrue is outside the central 99% interval: PIT < 0.005 or > 0.995
-pit_ks/cvm/ad     KS, Cramer-von Mises, Anderson-Darling statistics of the PIT values against
-                  U(0, 1), computed by :class:`qp.metrics.pit.PIT`
-pit_outlier_rate  fraction of PIT values below 1e-4 or above 0.9999, as qp's PIT computes it
-                  (from the PIT quantile ensemble)
-cde_loss          mean_i int f_i(z)^2 dz - 2 mean_i f_i(ztrue_i) on the metric grid, f_i(ztrue_i)
-                  at the grid point nearest to ztrue (RAIL ``CDELoss``, Izbicki & Lee 2017)
-brier             qp's ``calculate_brier``: mean_i sum_j (p_ij - o_ij)^2 with p_ij the PDF
-                  *density* at the grid points of qp's grid over ``brier_limits`` with step
-                  ``brier_dx``, o_ij = 1 for the grid cell holding ztrue
-================  ==========================================================================
+Rows that cannot be scored. A PDF with any non-finite parameter, whose integral is not
+positive, or whose point estimate is not finite is ``bad_pdf``; a non-finite true redshift is
+``bad_truth``. Their per-object values are NaN. :func:`accumulate_estimate` raises an error
+naming the count and the first rows unless ``exclude_bad=True``, in which case they are
+left out of every metric; either way the table has the counts (``n_bad_pdf``,
+``n_bad_truth``). Nothing is dropped silently, so a NaN PDF cannot lower an outlier rate.
+
+Ids. When the estimate's ancil and the truth table both have an id column, rows are matched
+by id (:func:`align_to_truth`): the truth is reordered to the estimate's order when only
+the order differs; different id sets are an error naming how many are missing and extra.
+
+Definitions (``dz = (zphot - ztrue) / (1 + ztrue)``; point metrics from
+:mod:`rail.deepz.pointmetrics`, which says which paper uses which):
+
+===================  ======================================================================
+sigma_nmad           1.4826 median(|dz - median(dz)|)  (NNC eq. 8; RAIL ``PointSigmaMAD``)
+sigma_nmad_nomedian  1.4826 median(|dz|)  (LSTM-MDNz eq. 13, PICZL, SOM paper)
+eta                  fraction with |dz| > 0.15 (catastrophic outliers of the papers)
+bias_median          median(dz)  (LSTM-MDNz eq. 14; RAIL ``PointBias``)
+bias_mean            mean(dz)  (SOM paper; PICZL with the opposite sign)
+bias_inlier_mean     mean(dz) over |dz| <= 0.15 (NNC eq. 6)
+sigma_inlier_std     std(dz) over |dz| <= 0.15 (NNC eq. 7)
+rail_sigma_iqr       IQR(dz) / 1.349 (RAIL ``PointSigmaIQR``; DeepDISC eq. 4)
+rail_outlier_rate    fraction with |dz| > max(0.06, 3 sigma_IQR) (RAIL ``PointOutlierRate``;
+                     DeepDISC eq. 5)
+crps                 mean over objects of int (F(z) - 1[z >= ztrue])^2 dz
+pco                  fraction whose ztrue is outside the central 99% interval: PIT < 0.005
+                     or > 0.995 (SOM paper)
+pit_ks/cvm/ad        KS, Cramer-von Mises, Anderson-Darling statistics of the PIT values
+                     against U(0, 1), computed by :class:`qp.metrics.pit.PIT`
+pit_outlier_rate     fraction of PIT values below 1e-4 or above 0.9999, as qp's PIT computes
+                     it (from the PIT quantile ensemble)
+cde_loss             mean_i int f_i(z)^2 dz - 2 mean_i f_i(ztrue_i) on the metric grid,
+                     f_i(ztrue_i) at the grid point nearest to ztrue (RAIL ``CDELoss``)
+brier                qp's ``calculate_brier``: mean_i sum_j (p_ij - o_ij)^2 with p_ij the
+                     PDF *density* at the grid points of qp's grid over ``brier_limits`` with
+                     step ``brier_dx``, o_ij = 1 for the grid cell holding ztrue
+n_bad_pdf            rows whose PDF or point estimate is not finite (``all`` rows only)
+n_bad_truth          rows whose true redshift is not finite (``all`` rows only)
+===================  ======================================================================
+
+Small or degenerate groups: a group (overall or one bin) with fewer than
+``MIN_OBJECTS`` (10) objects gets NaN for every metric, with its count, and a
+:class:`MetricWarning`; a metric that cannot be computed on a group (e.g. qp's PIT
+statistics when every PIT is ~1) gets NaN and a warning, and the other metrics stay.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,34 +80,44 @@ import numpy as np
 import qp
 from qp.metrics.metrics import _calculate_grid_parameters
 from qp.metrics.pit import DEFAULT_QUANTS, PIT
-from rail.evaluation.metrics.pointestimates import (
-    PointBias,
-    PointOutlierRate,
-    PointSigmaIQR,
-    PointSigmaMAD,
+from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaIQR
+
+from rail.deepz import pointmetrics as pm
+from rail.deepz.pdf import ensemble_pit, ensemble_point_estimate
+
+from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
+    _BLOCK,
+    DIRECT_KINDS,
+    PDFBlock,
+    _cumsum_rows,
+    _prefetched,
+    _to_ensemble,
+    crps,
+    crps_grid,
+    crps_qp,
+    ensemble_length,
+    ensemble_pdf,
+    iterate_blocks,
+    iterate_ensemble,
 )
 
-from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.pdf import mixture_pdf_on_grid
+MIN_OBJECTS = 10  # fewer objects in a group (overall or bin) -> its metrics are NaN
+ID_COLUMNS = ("id", "object_id", "objectId", "galaxy_id")  # looked for when no id column is named
 
-NMAD_FACTOR = 1.4826
-ETA_THRESHOLD = 0.15
-PCO_LEVEL = 0.99
-MIN_OBJECTS_DIST = 10  # fewer objects in a bin -> distribution metrics are NaN
-_BLOCK = 2000  # rows per grid block in the CRPS integral
+PER_OBJECT_KEYS = ("ztrue", "zphot", "pit", "crps", "cde1", "cde2", "brier", "mag", "bad_pdf", "bad_truth")
+PIT_KEYS = ("pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate")
 
-PER_OBJECT_KEYS = ("ztrue", "zphot", "pit", "crps", "cde1", "cde2", "brier", "mag")
-
-# metric name -> (short description, lower is better?)
+# metric name -> short description
 METRIC_INFO = {
-    "sigma_nmad": "1.4826 median(|dz|/(1+z))",
-    "eta": "fraction |dz|/(1+z) > 0.15",
-    "bias": "median(dz/(1+z))",
-    "bias_inlier_mean": "mean(dz/(1+z)) over |dz|/(1+z) <= 0.15",
+    "sigma_nmad": "1.4826 median(|dz - median(dz)|), dz = (zp-z)/(1+z)",
+    "sigma_nmad_nomedian": "1.4826 median(|dz|)",
+    "eta": "fraction |dz| > 0.15",
+    "bias_median": "median(dz)",
+    "bias_mean": "mean(dz)",
+    "bias_inlier_mean": "mean(dz) over |dz| <= 0.15",
+    "sigma_inlier_std": "std(dz) over |dz| <= 0.15",
     "rail_sigma_iqr": "RAIL sigma_IQR",
     "rail_outlier_rate": "RAIL outlier rate (> max(0.06, 3 sigma_IQR))",
-    "rail_bias": "RAIL bias (median)",
-    "rail_sigma_mad": "RAIL sigma_MAD (median subtracted)",
     "crps": "mean CRPS",
     "pco": "fraction of ztrue outside the central 99% interval",
     "pit_ks": "PIT KS statistic",
@@ -89,61 +127,54 @@ METRIC_INFO = {
     "cde_loss": "CDE loss",
     "brier": "Brier score (qp)",
 }
+COUNT_METRICS = ("n_bad_pdf", "n_bad_truth")
+
+# the point-metric functions, re-exported: their one home is rail.deepz.pointmetrics
+dz_norm = pm.dz_norm
+sigma_nmad = pm.sigma_nmad
+sigma_nmad_nomedian = pm.sigma_nmad_nomedian
+eta = pm.eta
+bias_median = pm.bias_median
+bias_mean = pm.bias_mean
+bias_inlier_mean = pm.bias_inlier_mean
+sigma_inlier_std = pm.sigma_inlier_std
+pco = pm.pco
+
+
+class MetricWarning(UserWarning):
+    """A metric of one group could not be computed (too few objects, degenerate PITs)."""
 
 
 # ----------------------------------------------------------------- point metrics
 
 
-def dz_norm(zphot, ztrue) -> np.ndarray:
-    """Normalised residual ``(zphot - ztrue) / (1 + ztrue)``."""
-    zphot = np.asarray(zphot, dtype=np.float64)
-    ztrue = np.asarray(ztrue, dtype=np.float64)
-    return (zphot - ztrue) / (1.0 + ztrue)
-
-
-def sigma_nmad(zphot, ztrue) -> float:
-    """sigma_NMAD = 1.4826 x median(|zphot - ztrue| / (1 + ztrue)).
-
-    The papers' definition (e.g. LSTM-MDNz eq. 13, with 1.4826): no median is subtracted
-    from the residuals (RAIL's ``rail_sigma_mad`` subtracts it).
-    """
-    return float(NMAD_FACTOR * np.median(np.abs(dz_norm(zphot, ztrue))))
-
-
-def eta(zphot, ztrue, threshold: float = ETA_THRESHOLD) -> float:
-    """Catastrophic outlier fraction eta = N(|dz|/(1+ztrue) > 0.15) / N (a fraction, not %).
-
-    Not RAIL's ``point_outlier_rate`` (whose cut is max(0.06, 3 sigma_IQR)).
-    """
-    return float(np.mean(np.abs(dz_norm(zphot, ztrue)) > threshold))
-
-
-def bias(zphot, ztrue) -> float:
-    """bias = median((zphot - ztrue) / (1 + ztrue)) (LSTM-MDNz eq. 14, RAIL ``PointBias``)."""
-    return float(np.median(dz_norm(zphot, ztrue)))
-
-
-def bias_inlier_mean(zphot, ztrue, threshold: float = ETA_THRESHOLD) -> float:
-    """mean((zphot - ztrue)/(1 + ztrue)) over objects with |dz|/(1+z) <= 0.15 (NNC eq. 6)."""
-    d = dz_norm(zphot, ztrue)
-    keep = np.abs(d) <= threshold
-    return float(d[keep].mean()) if keep.any() else float("nan")
+def point_metrics(zphot, ztrue) -> dict:
+    """Every point metric of the table (see the module docstring) of one group."""
+    zp = np.asarray(zphot, dtype=np.float64)
+    zt = np.asarray(ztrue, dtype=np.float64)
+    return {
+        "sigma_nmad": sigma_nmad(zp, zt),
+        "sigma_nmad_nomedian": sigma_nmad_nomedian(zp, zt),
+        "eta": eta(zp, zt),
+        "bias_median": bias_median(zp, zt),
+        "bias_mean": bias_mean(zp, zt),
+        "bias_inlier_mean": bias_inlier_mean(zp, zt),
+        "sigma_inlier_std": sigma_inlier_std(zp, zt),
+        **rail_point_metrics(zp, zt),
+    }
 
 
 def rail_point_metrics(zphot, ztrue) -> dict:
-    """RAIL's point metrics (``rail.evaluation.metrics.pointestimates``), called as is.
+    """RAIL's sigma_IQR and outlier rate (``rail.evaluation.metrics.pointestimates``), called as is.
 
-    sigma_IQR = IQR(dz_norm)/1.349; outlier rate = fraction with |dz_norm| >
-    max(0.06, 3 sigma_IQR); bias = median(dz_norm); sigma_MAD = 1.4826 median(|dz_norm -
-    median(dz_norm)|).
+    sigma_IQR = IQR(dz)/1.349; outlier rate = fraction with |dz| > max(0.06, 3 sigma_IQR).
+    (RAIL's ``PointBias`` and ``PointSigmaMAD`` are ``bias_median`` and ``sigma_nmad``.)
     """
     zp = np.asarray(zphot, dtype=np.float64)
     zt = np.asarray(ztrue, dtype=np.float64)
     return {
         "rail_sigma_iqr": float(PointSigmaIQR(zp, zt).evaluate()),
         "rail_outlier_rate": float(PointOutlierRate(zp, zt).evaluate()),
-        "rail_bias": float(PointBias(zp, zt).evaluate()),
-        "rail_sigma_mad": float(PointSigmaMAD(zp, zt).evaluate()),
     }
 
 
@@ -167,11 +198,9 @@ class PITFromSamples(PIT):
 
 
 def pit_values(ens: qp.Ensemble, ztrue) -> np.ndarray:
-    """PIT_i = CDF_i(ztrue_i), exactly as qp's PIT samples it (non-finite values -> 0)."""
-    ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.atleast_1d(PIT._gather_pit_samples(ens, ztrue)).astype(np.float64)
+    """PIT_i = CDF_i(ztrue_i) through qp, exactly as qp's PIT samples it (non-finite -> 0):
+    :func:`rail.deepz.pdf.ensemble_pit`, the general path."""
+    return ensemble_pit(ens, ztrue)
 
 
 def pit_metrics(pit) -> dict:
@@ -203,101 +232,7 @@ def pit_metrics(pit) -> dict:
     return out
 
 
-def pco(pit, level: float = PCO_LEVEL) -> float:
-    """Probabilistic catastrophic outliers: fraction of objects whose true redshift lies
-    outside the central ``level`` (99%) interval of its PDF, i.e. PIT < (1-level)/2 or
-    PIT > 1 - (1-level)/2 (SOM/embedding-MDN paper)."""
-    pit = np.asarray(pit, dtype=np.float64)
-    tail = 0.5 * (1.0 - level)
-    return float(np.mean((pit < tail) | (pit > 1.0 - tail)))
-
-
-# ----------------------------------------------------------------- CRPS
-
-
-def _ensemble_support(ens: qp.Ensemble, default) -> tuple[float, float]:
-    """[lo, hi] covering the tabulated support of interp/hist ensembles and ``default``."""
-    lo, hi = float(default[0]), float(default[1])
-    md = ens.metadata
-    for key in ("xvals", "bins"):
-        if key in md:
-            x = np.asarray(md[key], dtype=np.float64).ravel()
-            lo, hi = min(lo, x.min()), max(hi, x.max())
-    return lo, hi
-
-
-def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue) -> np.ndarray:
-    """CRPS_i = int (F_i(x) - 1[x >= z_i])^2 dx from CDFs tabulated on ``grid`` (N, G).
-
-    Written as ``int_lo^hi F^2 - 2 int_zc^hi F + (hi - zc) + |z - zc|`` with
-    ``zc = clip(z, lo, hi)``, taking F linear between grid points (exact for ``qp.hist``
-    tabulated on a grid holding its bin edges); the step at ``z`` is integrated exactly. Assumes F = 0 below ``lo`` and
-    F = 1 above ``hi`` (the grid covers the PDF's support). Vectorised.
-    """
-    cdf = np.clip(np.asarray(cdf, dtype=np.float64), 0.0, 1.0)
-    grid = np.asarray(grid, dtype=np.float64)
-    z = np.asarray(ztrue, dtype=np.float64)
-    lo, hi = grid[0], grid[-1]
-    dx = np.diff(grid)
-    c1 = np.zeros_like(cdf)
-    c2 = np.zeros_like(cdf)
-    f0, f1 = cdf[:, :-1], cdf[:, 1:]
-    # F linear on each grid interval: int F^2 = dx (f0^2 + f0 f1 + f1^2) / 3 exactly
-    c1[:, 1:] = np.cumsum((f0 * f0 + f0 * f1 + f1 * f1) * (dx / 3.0), axis=1)
-    c2[:, 1:] = np.cumsum(0.5 * (cdf[:, 1:] + cdf[:, :-1]) * dx, axis=1)
-    zc = np.clip(z, lo, hi)
-    j = np.clip(np.searchsorted(grid, zc, side="right") - 1, 0, grid.size - 2)
-    rows = np.arange(cdf.shape[0])
-    # exact integral of the linear CDF piece from grid[j] to zc
-    t = zc - grid[j]
-    f0 = cdf[rows, j]
-    slope = (cdf[rows, j + 1] - f0) / dx[j]
-    g2_at_z = c2[rows, j] + f0 * t + 0.5 * slope * t * t
-    return c1[:, -1] - 2.0 * (c2[:, -1] - g2_at_z) + (hi - zc) + np.abs(z - zc)
-
-
-def _is_mixmod(ens: qp.Ensemble) -> bool:
-    """Whether ``ens`` holds Gaussian mixtures (``qp.mixmod``)."""
-    return getattr(ens.gen_class, "name", "") == "mixmod"
-
-
-def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.ndarray:
-    """Per-object CRPS = int (F(x) - 1[x >= ztrue])^2 dx of each PDF at its true redshift.
-
-    Exact closed form for ``qp.mixmod`` (Gaussian mixtures,
-    :func:`rail.deepz.mixtures.gmm_crps_numpy`); otherwise the CDF is tabulated on
-    ``npts`` evenly spaced points over ``limits`` widened to the ensemble's tabulated
-    support, and integrated with :func:`crps_grid` (in blocks of rows).
-    """
-    ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    if _is_mixmod(ens):
-        od = ens.objdata
-        return gmm_crps_numpy(od["weights"], od["means"], od["stds"], ztrue)
-    lo, hi = _ensemble_support(ens, limits)
-    step = (limits[1] - limits[0]) / max(npts - 1, 1)
-    grid = np.linspace(lo, hi, int(round((hi - lo) / step)) + 1)
-    out = np.empty(ens.npdf)
-    for s in range(0, ens.npdf, _BLOCK):
-        e = min(s + _BLOCK, ens.npdf)
-        sub = ens[s:e] if (s, e) != (0, ens.npdf) else ens
-        out[s:e] = crps_grid(np.asarray(sub.cdf(grid)).reshape(e - s, -1), grid, ztrue[s:e])
-    return out
-
-
 # ----------------------------------------------------------------- CDE loss, Brier
-
-
-def ensemble_pdf(ens: qp.Ensemble, grid) -> np.ndarray:
-    """``ens.pdf(grid)`` as an (N, G) float64 array. Gaussian mixtures (``qp.mixmod``, all
-    widths > 0) are evaluated by :func:`rail.deepz.pdf.mixture_pdf_on_grid` (the same sum,
-    faster than qp's scipy-based evaluation); anything else by qp."""
-    grid = np.asarray(grid, dtype=np.float64).reshape(-1)
-    if _is_mixmod(ens):
-        od = ens.objdata
-        stds = np.asarray(od["stds"])
-        if stds.ndim == 2 and np.all(stds > 0) and np.all(np.isfinite(stds)):
-            return mixture_pdf_on_grid(od["weights"], od["means"], stds, grid)
-    return np.asarray(ens.pdf(grid), dtype=np.float64).reshape(ens.npdf, -1)
 
 
 def nearest_index(grid: np.ndarray, x) -> np.ndarray:
@@ -314,9 +249,30 @@ def cde_terms(pdf_on_grid: np.ndarray, grid: np.ndarray, ztrue) -> tuple[np.ndar
 
     ``cde_loss = mean(term1) - 2 mean(term2)`` (RAIL ``CDELoss``; Izbicki & Lee 2017).
     """
-    t1 = np.trapezoid(pdf_on_grid**2, x=grid, axis=1)
-    t2 = pdf_on_grid[np.arange(pdf_on_grid.shape[0]), nearest_index(grid, ztrue)]
+    p2 = pdf_on_grid**2
+    dx = np.diff(np.asarray(grid, dtype=np.float64))
+    t1 = 0.5 * ((p2[:, 1:] + p2[:, :-1]) @ dx)
+    z = np.nan_to_num(np.asarray(ztrue, dtype=np.float64))
+    t2 = pdf_on_grid[np.arange(pdf_on_grid.shape[0]), nearest_index(grid, z)]
     return t1, t2
+
+
+def brier_from_pdf(p: np.ndarray, ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
+    """Per-object Brier sums from densities ``p`` on qp's Brier grid (see :func:`brier_terms`)."""
+    g = _calculate_grid_parameters(limits, dx)
+    z = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
+    edges = g.hist_bin_edges
+    k = np.searchsorted(edges, z, side="right") - 1
+    k = np.where(z == edges[-1], edges.size - 2, k)  # np.histogram's closed last bin
+    inside = (k >= 0) & (k < edges.size - 1)
+    kk = np.clip(k, 0, edges.size - 2)
+    pk = p[np.arange(p.shape[0]), kk]
+    return (p * p).sum(axis=1) + np.where(inside, 1.0 - 2.0 * pk, 0.0)
+
+
+def brier_grid(limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
+    """qp's Brier grid values over ``limits`` with step ``dx``."""
+    return _calculate_grid_parameters(limits, dx).grid_values
 
 
 def brier_terms(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
@@ -328,16 +284,7 @@ def brier_terms(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), dx: float = 0.01) ->
     sum_j p_ij^2 - 2 p_ik + 1 (k the cell of ztrue; the last two terms vanish when ztrue is
     outside the grid, where qp would widen the limits instead). brier = mean_i term_i.
     """
-    g = _calculate_grid_parameters(limits, dx)
-    p = ensemble_pdf(ens, g.grid_values)
-    z = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    edges = g.hist_bin_edges
-    k = np.searchsorted(edges, z, side="right") - 1
-    k = np.where(z == edges[-1], edges.size - 2, k)  # np.histogram's closed last bin
-    inside = (k >= 0) & (k < edges.size - 1)
-    kk = np.clip(k, 0, edges.size - 2)
-    pk = p[np.arange(p.shape[0]), kk]
-    return (p**2).sum(axis=1) + np.where(inside, 1.0 - 2.0 * pk, 0.0)
+    return brier_from_pdf(ensemble_pdf(ens, brier_grid(limits, dx)), ztrue, limits, dx)
 
 
 # ----------------------------------------------------------------- accumulation
@@ -351,11 +298,15 @@ class MetricConfig:
     ----------
     point_estimate : str
         Ancil key of the point estimate (``zmode``: RAIL's default); if absent from the
-        ensemble it is computed as the mode on ``zgrid``.
+        ensemble, ``zmode``/``mode`` is the mode on ``zgrid``, ``zmedian``/``zmean`` qp's.
     zgrid : array
         Grid for the CDE loss and the example PDFs (RAIL's ``x_grid``).
-    crps_limits, crps_npts : grid of the CRPS integral for non-mixture PDFs.
+    crps_limits, crps_npts : grid of the CRPS integral on qp's general path (representations
+        other than hist, interp and mixmod).
     brier_limits, brier_dx : qp's Brier grid.
+    mixture_float32 : evaluate Gaussian mixtures on the CDE and Brier grids in float32
+        (2.8x faster; CDE and Brier terms within ~1e-5 relative of float64, see
+        ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
     """
 
     point_estimate: str = "zmode"
@@ -364,6 +315,7 @@ class MetricConfig:
     crps_npts: int = 3001
     brier_limits: tuple = (0.0, 3.0)
     brier_dx: float = 0.01
+    mixture_float32: bool = True
 
     @classmethod
     def for_range(cls, zmin: float, zmax: float, **kw) -> "MetricConfig":
@@ -376,84 +328,191 @@ class MetricConfig:
 class MetricAccumulator:
     """Collects per-object quantities chunk by chunk; summaries come at the end.
 
-    Memory: the per-object arrays (``PER_OBJECT_KEYS``, 8 floats per object) plus one
-    chunk of PDFs on the grids. ``keep_pdfs`` (global row indices) stores those objects'
-    PDFs on ``zgrid`` for plotting.
+    Memory: the per-object arrays (``PER_OBJECT_KEYS``) plus one block of ``_BLOCK`` PDFs on
+    the grids. ``keep_pdfs`` (global row indices) stores those objects' PDFs on ``zgrid``
+    for plotting.
     """
 
-    def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = ()):
+    def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = (),
+                 workers: int | None = None):
         self.config = config or MetricConfig()
+        self.workers = default_workers() if workers is None else max(1, int(workers))
         self._parts: dict[str, list] = {k: [] for k in PER_OBJECT_KEYS}
         self.keep = np.sort(np.asarray(list(keep_pdfs), dtype=np.int64))
         self.kept_pdfs: dict[int, np.ndarray] = {}
         self.n = 0
+        self._brier_grid = brier_grid(self.config.brier_limits, self.config.brier_dx)
 
-    def point_estimate(self, ens: qp.Ensemble) -> np.ndarray:
+    def point_estimate(self, block, pdf_on_zgrid: np.ndarray | None = None) -> np.ndarray:
+        """The point estimate of each PDF: the ancil column ``config.point_estimate``, or
+        the mode on ``zgrid`` (``zmode``/``mode``), or qp's median / mean."""
+        if isinstance(block, qp.Ensemble):
+            block = PDFBlock.from_ensemble(block)
         key = self.config.point_estimate
-        if ens.ancil is not None and key in ens.ancil:
-            return np.asarray(ens.ancil[key], dtype=np.float64).reshape(-1)
+        if key in block.ancil:
+            return np.asarray(block.ancil[key], dtype=np.float64).reshape(-1)
         if key in ("zmode", "mode"):
-            return np.asarray(ens.mode(grid=self.config.zgrid), dtype=np.float64).reshape(-1)
-        if key in ("zmedian", "median"):
-            return np.asarray(ens.median(), dtype=np.float64).reshape(-1)
-        if key in ("zmean", "mean"):
-            return np.asarray(ens.mean(), dtype=np.float64).reshape(-1)
-        raise KeyError(f"point estimate {key!r} is neither in the ensemble's ancil nor zmode/zmean/zmedian")
+            p = block.pdf(self.config.zgrid) if pdf_on_zgrid is None else pdf_on_zgrid
+            z = self.config.zgrid[np.argmax(np.nan_to_num(p, nan=-np.inf), axis=1)]
+            return np.where(block.bad, np.nan, z)
+        ens = block.ens if block.ens is not None else _to_ensemble(block)
+        return ensemble_point_estimate(ens, key, self.config.zgrid)  # qp's median/mean, or a KeyError
 
-    def add(self, ens: qp.Ensemble, ztrue, mag=None, start: int | None = None) -> None:
-        """Add one chunk: ``ens`` (n PDFs) with true redshifts ``ztrue`` (n,) and magnitudes."""
-        cfg = self.config
+    def add(self, ens, ztrue, mag=None, start: int | None = None) -> None:
+        """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
+        redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks of
+        ``_BLOCK``, on ``workers`` Python threads (NumPy and torch release the GIL; torch's
+        own intra-op threads are set to 1 meanwhile, so that the two do not multiply: an
+        OpenMP team per worker on a busy 2-core machine was 5x slower)."""
+        block = PDFBlock.from_ensemble(ens, prepare=False) if isinstance(ens, qp.Ensemble) else ens
+        block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-        if ens.npdf != ztrue.size:
-            raise ValueError(f"{ens.npdf} PDFs but {ztrue.size} true redshifts in this chunk")
+        if block.n != ztrue.size:
+            raise ValueError(f"{block.n} PDFs but {ztrue.size} true redshifts in this chunk")
         start = self.n if start is None else start
-        pdf = ensemble_pdf(ens, cfg.zgrid)
-        t1, t2 = cde_terms(pdf, cfg.zgrid, ztrue)
+        mag = np.full(ztrue.size, np.nan) if mag is None else np.asarray(mag, dtype=np.float64).reshape(-1)
+        spans = [(s, min(s + _BLOCK, block.n)) for s in range(0, block.n, _BLOCK)]
+
+        def one(span):
+            s, e = span
+            return self._block_parts(block.rows(s, e), ztrue[s:e], mag[s:e], start + s)
+
+        if self.workers > 1 and len(spans) > 1 and block.kind in DIRECT_KINDS:
+            with _torch_single_thread():
+                results = list(_pool(self.workers).map(one, spans))
+        elif block.kind == "mixmod":
+            with _torch_single_thread():
+                results = [one(span) for span in spans]
+        else:
+            results = [one(span) for span in spans]
+        for parts, kept in results:
+            for k, v in parts.items():
+                self._parts[k].append(v)
+            self.kept_pdfs.update(kept)
+        self.n += block.n
+
+    def _block_parts(self, block: PDFBlock, ztrue, mag, start: int) -> tuple[dict, dict]:
+        """Per-object quantities of one row block, and the kept example PDFs."""
+        cfg = self.config
+        block = block.prepared()
+        bad_truth = ~np.isfinite(ztrue)
+        zsafe = np.where(bad_truth, 0.0, ztrue)  # keeps NaN truths out of the arithmetic
+        pdf = block.pdf(cfg.zgrid)
+        zphot = self.point_estimate(block, pdf)
+        bad_pdf = block.bad | ~np.isfinite(zphot)
+        t1, t2 = cde_terms(pdf, cfg.zgrid, zsafe)
+        if block.kind == "qp":
+            pit = pit_values(block.ens, zsafe)
+            crps_v = crps_qp(block.ens, zsafe, cfg.crps_limits, cfg.crps_npts)
+            bad_pdf |= ~np.isfinite(pdf).all(axis=1)
+        else:
+            pit = block.cdf_at(zsafe)
+            crps_v = block.crps(zsafe)
         parts = {
             "ztrue": ztrue,
-            "zphot": self.point_estimate(ens),
-            "pit": pit_values(ens, ztrue),
-            "crps": crps(ens, ztrue, cfg.crps_limits, cfg.crps_npts),
+            "zphot": zphot,
+            "pit": pit,
+            "crps": crps_v,
             "cde1": t1,
             "cde2": t2,
-            "brier": brier_terms(ens, ztrue, cfg.brier_limits, cfg.brier_dx),
-            "mag": (np.full(ztrue.size, np.nan) if mag is None
-                    else np.asarray(mag, dtype=np.float64).reshape(-1)),
+            "brier": brier_from_pdf(block.pdf(self._brier_grid), zsafe, cfg.brier_limits, cfg.brier_dx),
+            "mag": mag,
         }
-        for k, v in parts.items():
-            self._parts[k].append(v)
+        bad = bad_pdf | bad_truth
+        if bad.any():  # never a number for a row that cannot be scored
+            for k in ("pit", "crps", "cde1", "cde2", "brier"):
+                parts[k] = np.where(bad, np.nan, parts[k])
+            parts["zphot"] = np.where(bad_pdf, np.nan, zphot)
+        parts["bad_pdf"] = bad_pdf
+        parts["bad_truth"] = bad_truth
+        parts = {k: np.asarray(v) for k, v in parts.items()}
+        kept = {}
         if self.keep.size:
-            sel = self.keep[(self.keep >= start) & (self.keep < start + ens.npdf)]
-            for i in sel:
-                self.kept_pdfs[int(i)] = pdf[i - start].copy()
-        self.n += ens.npdf
+            sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
+            kept = {int(i): pdf[i - start].copy() for i in sel}
+        return parts, kept
 
     def per_object(self) -> dict:
-        return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._parts.items()}
+        out = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._parts.items()}
+        for k in ("bad_pdf", "bad_truth"):
+            out[k] = out[k].astype(bool)
+        return out
 
 
-def summarize_group(po: Mapping) -> dict:
-    """All metrics (see module docstring) of one group of objects (per-object arrays)."""
+def default_workers() -> int:
+    """Threads for the tabulated-PDF metrics: the CPUs this process may use, at most 2
+    (``DEEPZ_METRIC_WORKERS`` overrides)."""
+    env = os.environ.get("DEEPZ_METRIC_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        ncpu = os.cpu_count() or 1
+    return max(1, min(2, ncpu))
+
+
+_POOLS: dict = {}
+
+
+class _torch_single_thread:
+    """Context: torch's intra-op threads set to 1, restored on exit (torch imported lazily)."""
+
+    def __enter__(self):
+        import torch
+
+        self._torch, self._n = torch, torch.get_num_threads()
+        if self._n != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._n != 1:
+            self._torch.set_num_threads(self._n)
+        return False
+
+
+def _pool(workers: int):
+    """One shared thread pool per size (threads are cheap to keep, costly to start per chunk)."""
+    if workers not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepz-metrics")
+    return _POOLS[workers]
+
+
+def _nan_metrics() -> dict:
+    return {k: float("nan") for k in METRIC_INFO}
+
+
+def summarize_group(po: Mapping, where: str = "") -> dict:
+    """All metrics (see module docstring) of one group of objects (per-object arrays).
+
+    Fewer than ``MIN_OBJECTS`` objects: every metric NaN (and a :class:`MetricWarning`
+    naming ``where``); a metric family that fails on this group: NaN and a warning.
+    """
     n = len(po["ztrue"])
-    nan = float("nan")
-    if n == 0:
-        return {k: nan for k in METRIC_INFO}
+    if n < MIN_OBJECTS:
+        if n:
+            warnings.warn(f"{where}: {n} objects, fewer than {MIN_OBJECTS}: metrics set to NaN",
+                          MetricWarning, stacklevel=2)
+        return _nan_metrics()
+    out = _nan_metrics()
     zp, zt = po["zphot"], po["ztrue"]
-    out = {
-        "sigma_nmad": sigma_nmad(zp, zt),
-        "eta": eta(zp, zt),
-        "bias": bias(zp, zt),
-        "bias_inlier_mean": bias_inlier_mean(zp, zt),
-    }
-    out.update(rail_point_metrics(zp, zt))
-    out["crps"] = float(np.mean(po["crps"]))
-    out["pco"] = pco(po["pit"])
-    if n >= MIN_OBJECTS_DIST:
-        out.update(pit_metrics(po["pit"]))
-    else:
-        out.update({k: nan for k in ("pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate")})
-    out["cde_loss"] = float(np.mean(po["cde1"]) - 2.0 * np.mean(po["cde2"]))
-    out["brier"] = float(np.mean(po["brier"]))
+    families = (
+        ("point metrics", lambda: point_metrics(zp, zt)),
+        ("crps", lambda: {"crps": float(np.mean(po["crps"]))}),
+        ("pco", lambda: {"pco": pco(po["pit"])}),
+        ("PIT statistics", lambda: pit_metrics(po["pit"])),
+        ("cde_loss", lambda: {"cde_loss": float(np.mean(po["cde1"]) - 2.0 * np.mean(po["cde2"]))}),
+        ("brier", lambda: {"brier": float(np.mean(po["brier"]))}),
+    )
+    for name, fn in families:
+        try:
+            out.update(fn())
+        except Exception as err:  # noqa: BLE001 - one bad family must not cost the table
+            warnings.warn(f"{where}: {name} could not be computed on {n} objects "
+                          f"({type(err).__name__}: {err}); set to NaN", MetricWarning, stacklevel=2)
     return out
 
 
@@ -471,55 +530,157 @@ def default_mag_edges(mag: np.ndarray, width: float = 1.0) -> np.ndarray:
     return np.arange(lo, hi + 0.5 * width, width)
 
 
+def good_rows(po: Mapping) -> np.ndarray:
+    """Rows that can be scored (finite PDF, point estimate and truth)."""
+    n = len(po["ztrue"])
+    good = np.ones(n, dtype=bool)
+    for k in ("bad_pdf", "bad_truth"):
+        if k in po:
+            good &= ~np.asarray(po[k], dtype=bool)
+    return good
+
+
 def tidy_metrics(po: Mapping, estimator: str, z_edges=None, mag_edges=None) -> list[dict]:
     """Tidy rows ``estimator, bin_type, bin_lo, bin_hi, metric, value, n``.
 
     ``bin_type`` is ``all`` (every object), ``redshift`` (bins of the *true* redshift,
-    [lo, hi)) or ``magnitude`` (bins of the reference magnitude, [lo, hi)).
+    [lo, hi)) or ``magnitude`` (bins of the reference magnitude, [lo, hi)). Rows flagged
+    ``bad_pdf``/``bad_truth`` are left out of every metric (``accumulate_estimate`` only
+    lets them through with ``exclude_bad=True``) and counted in the ``all`` rows
+    ``n_bad_pdf`` / ``n_bad_truth`` (value = count, n = all rows). A bin with fewer than
+    ``MIN_OBJECTS`` objects has NaN metrics and its count.
     """
     rows = []
+    good = good_rows(po)
+    total = good.size
 
     def emit(bin_type, lo, hi, mask):
         sub = {k: np.asarray(v)[mask] for k, v in po.items()}
         n = int(mask.sum())
-        for metric, value in summarize_group(sub).items():
+        where = f"{estimator} {bin_type} [{lo:.4g}, {hi:.4g})" if bin_type != "all" else f"{estimator} (all)"
+        for metric, value in summarize_group(sub, where).items():
             rows.append(dict(estimator=estimator, bin_type=bin_type, bin_lo=float(lo), bin_hi=float(hi),
                              metric=metric, value=value, n=n))
 
-    zt = np.asarray(po["ztrue"])
-    emit("all", np.nan if zt.size == 0 else zt.min(), np.nan if zt.size == 0 else zt.max(),
-         np.ones(zt.size, dtype=bool))
+    zt = np.asarray(po["ztrue"])[good]
+    emit("all", np.nan if zt.size == 0 else zt.min(), np.nan if zt.size == 0 else zt.max(), good)
+    for key in COUNT_METRICS:
+        count = int(np.sum(po[key[2:]])) if key[2:] in po else 0
+        rows.append(dict(estimator=estimator, bin_type="all", bin_lo=np.nan, bin_hi=np.nan, metric=key,
+                         value=float(count), n=total))
     for bin_type, col, edges in (("redshift", "ztrue", z_edges), ("magnitude", "mag", mag_edges)):
         if edges is None or len(edges) < 2:
             continue
         x = np.asarray(po[col], dtype=np.float64)
         for lo, hi in zip(edges[:-1], edges[1:]):
-            mask = (x >= lo) & (x < hi)
+            mask = (x >= lo) & (x < hi) & good
             if mask.any():
                 emit(bin_type, lo, hi, mask)
     return rows
 
 
+# ----------------------------------------------------------------- ids
+
+
+def estimate_ids(estimate, id_col: str | None = None):
+    """The estimate's id column, or None: ancil ``id_col``, else ``id`` (where RAIL's
+    estimators put the input's ``id_col``), else the first of ``ID_COLUMNS``."""
+    cands = tuple(dict.fromkeys(((id_col,) if id_col else ()) + ID_COLUMNS))
+    if isinstance(estimate, qp.Ensemble):
+        anc = estimate.ancil or {}
+        for c in cands:
+            if c in anc:
+                return np.asarray(anc[c]).reshape(-1)
+        return None
+    import h5py
+
+    with h5py.File(str(estimate), "r") as f:
+        if "ancil" in f:
+            for c in cands:
+                if c in f["ancil"]:
+                    return np.asarray(f["ancil"][c][()]).reshape(-1)
+    return None
+
+
+def truth_ids(truth, id_col: str | None = None, groupname: str | None = None):
+    """The truth table's id column (``id_col``, or the first of ``ID_COLUMNS``), or None.
+
+    ``truth`` is a path (HDF5 read column-wise with h5py, other formats through tables_io),
+    a DataHandle, a numpyDict or a DataFrame, possibly one level nested (DC2's
+    ``photometry`` group, or ``groupname``).
+    """
+    cands = (id_col,) if id_col else ID_COLUMNS
+    if hasattr(truth, "data") and hasattr(truth, "path") and not isinstance(truth, (str, bytes)):
+        truth = truth.data if truth.data is not None else truth.path
+    if isinstance(truth, (str, bytes)) or hasattr(truth, "__fspath__"):
+        path = str(truth)
+        if path.endswith((".hdf5", ".h5", ".hdf", ".hd5")):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                groups = [f[groupname]] if groupname else [f] + [f[k] for k in f if isinstance(f[k], h5py.Group)]
+                for g in groups:
+                    for c in cands:
+                        if c in g and isinstance(g[c], h5py.Dataset):
+                            return np.asarray(g[c][()]).reshape(-1)
+            return None
+        import tables_io
+
+        truth = tables_io.read(path)
+    tables = [truth]
+    if isinstance(truth, Mapping):
+        if groupname and groupname in truth:
+            tables = [truth[groupname]]
+        else:
+            tables += [v for v in truth.values() if isinstance(v, Mapping) or hasattr(v, "columns")]
+    for t in tables:
+        cols = t.columns if hasattr(t, "columns") else t.keys()
+        for c in cands:
+            if c in cols:
+                return np.asarray(t[c]).reshape(-1)
+    return None
+
+
+def _comparable(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of two tables as arrays that compare equal when the ids are the same."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "SUO" or b.dtype.kind in "SUO":
+        conv = lambda v: np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in v])  # noqa: E731
+        if a.dtype.kind in "iu" or b.dtype.kind in "iu" or a.dtype.kind != b.dtype.kind:
+            return conv(a), conv(b)
+    return a, b
+
+
+def align_to_truth(est_ids, truth_ids, label: str = "estimate") -> np.ndarray | None:
+    """Truth row for each estimate row, matched by id; None when the rows are already aligned.
+
+    Raises ``ValueError`` naming how many ids are missing from the truth table and how many
+    truth ids have no PDF when the two id sets differ, or when ids repeat.
+    """
+    e, t = _comparable(est_ids, truth_ids)
+    if e.shape == t.shape and np.array_equal(e, t):
+        return None
+    for name, ids in (("estimate " + label, e), ("truth table", t)):
+        u, c = np.unique(ids, return_counts=True)
+        if (c > 1).any():
+            raise ValueError(f"ids repeat in the {name}: {int((c > 1).sum())} ids appear more than once "
+                             f"(e.g. {u[c > 1][:5].tolist()}); rows cannot be matched by id")
+    missing = np.setdiff1d(e, t)
+    extra = np.setdiff1d(t, e)
+    if missing.size or extra.size:
+        raise ValueError(
+            f"ids of estimate {label} and the truth table disagree: {missing.size} of its {e.size} ids are "
+            f"not in the truth table (e.g. {missing[:5].tolist()}), {extra.size} of the {t.size} truth ids have "
+            f"no PDF (e.g. {extra[:5].tolist()})")
+    order = np.argsort(t, kind="stable")
+    return order[np.searchsorted(t, e, sorter=order)]
+
+
 # ----------------------------------------------------------------- one estimate
 
 
-def iterate_ensemble(estimate, chunk_size: int):
-    """Yield (start, end, qp.Ensemble chunk) from a qp file path (qp.iterator) or an ensemble."""
-    if isinstance(estimate, qp.Ensemble):
-        if estimate.npdf <= chunk_size:  # (qp cannot slice a one-PDF ensemble)
-            yield 0, estimate.npdf, estimate
-            return
-        for s in range(0, estimate.npdf, chunk_size):
-            e = min(s + chunk_size, estimate.npdf)
-            yield s, e, estimate[s:e]
-    else:
-        yield from qp.iterator(str(estimate), chunk_size=chunk_size)
-
-
-def ensemble_length(estimate) -> int:
-    if isinstance(estimate, qp.Ensemble):
-        return estimate.npdf
-    return int(qp.data_length(str(estimate)))
+def _first(idx: np.ndarray, k: int = 10) -> str:
+    return ", ".join(str(int(i)) for i in idx[:k]) + (", ..." if idx.size > k else "")
 
 
 def accumulate_estimate(
@@ -532,23 +693,55 @@ def accumulate_estimate(
     keep_pdfs: Iterable[int] = (),
     progress=None,
     label: str = "",
+    truth_ids=None,
+    id_col: str | None = None,
+    exclude_bad: bool = False,
 ) -> MetricAccumulator:
     """One streaming pass over ``estimate`` (qp file path or ensemble) against the truth.
 
-    ``ztrue``/``mag`` are full-length arrays aligned with the ensemble rows.
+    ``ztrue``/``mag`` are full-length arrays, aligned with the ensemble rows unless both
+    ``truth_ids`` and the estimate's ancil id column (:func:`estimate_ids`) are there: then rows are matched by id (:func:`align_to_truth`;
+    the per-object arrays follow the estimate's row order). Rows whose PDF, point estimate or
+    truth is not finite raise a ``ValueError`` naming their count and first rows, unless
+    ``exclude_bad`` (then they are flagged and left out of the metrics).
     ``progress`` is a callable receiving a message per chunk (or None).
     """
-    ztrue = np.asarray(ztrue, dtype=np.float64)
+    label = label or str(estimate)
+    ztrue = np.asarray(ztrue, dtype=np.float64).reshape(-1)
     n = ensemble_length(estimate)
+    if truth_ids is not None:
+        eids = estimate_ids(estimate, id_col)
+        if eids is not None:
+            if eids.size != n:
+                raise ValueError(f"estimate {label}: id column has {eids.size} values for {n} PDFs")
+            perm = align_to_truth(eids, truth_ids, label)
+            if perm is not None:
+                if progress is not None:
+                    progress(f"  metrics {label}: truth rows matched to the estimate by id (other row order)")
+                ztrue = ztrue[perm]
+                mag = None if mag is None else np.asarray(mag)[perm]
+        elif progress is not None:
+            progress(f"  metrics {label}: the estimate has no id column; rows matched by position")
     if n != ztrue.size:
         raise ValueError(
-            f"estimate {label or estimate!s} has {n} PDFs but the truth table has {ztrue.size} rows"
+            f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
         )
     acc = MetricAccumulator(config, keep_pdfs)
     t0 = time.perf_counter()
-    for s, e, ens in iterate_ensemble(estimate, chunk_size):
-        acc.add(ens, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
+    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size)):
+        acc.add(block, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)
-            progress(f"  metrics {label}: {e}/{n} objects ({100 * e / n:.0f}%, {rate:,.0f}/s)")
+            progress(f"  metrics {label}: {e}/{n} objects ({100 * e / max(n, 1):.0f}%, {rate:,.0f}/s)")
+    po = acc.per_object()
+    bad_pdf, bad_truth = np.flatnonzero(po["bad_pdf"]), np.flatnonzero(po["bad_truth"])
+    if (bad_pdf.size or bad_truth.size) and not exclude_bad:
+        parts = []
+        if bad_pdf.size:
+            parts.append(f"{bad_pdf.size} PDFs or point estimates are not finite (rows {_first(bad_pdf)})")
+        if bad_truth.size:
+            parts.append(f"{bad_truth.size} true redshifts are not finite (rows {_first(bad_truth)})")
+        raise ValueError(f"estimate {label}: {'; '.join(parts)} of {n}. Pass exclude_bad=True "
+                         "(deepz-compare --exclude-bad) to leave them out of the metrics; "
+                         "their counts are then reported as n_bad_pdf / n_bad_truth")
     return acc

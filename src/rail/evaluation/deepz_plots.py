@@ -1,12 +1,13 @@
 """Plots of the comparison harness (matplotlib, Agg backend, PNG files).
 
-* ``pit_qq.png``: PIT histogram (top row) and PIT QQ plot against U(0,1) (bottom row),
-  one column per estimator;
-* ``zphot_zspec.png``: 2-D density of the point estimate vs the true redshift, with the
-  one-to-one line and the eta boundaries |dz|/(1+z) = 0.15;
+* ``pit_qq.png``: PIT histogram (top row, shared y axis, KS statistic on each panel) and PIT QQ
+  plot against U(0,1) (bottom row), one column per estimator;
+* ``zphot_zspec.png``: 2-D density of the point estimate (named on the y axis) vs the true
+  redshift, with the one-to-one line, the eta boundaries |dz|/(1+z) = 0.15 and a colour bar;
 * ``metrics_vs_redshift.png`` / ``metrics_vs_magnitude.png``: sigma_NMAD, eta, bias, CRPS,
-  PCO and PIT KS per bin, one line per estimator;
-* ``example_pdfs.png``: PDFs of the same objects (spread over redshift) from every estimator.
+  PCO and PIT KS per bin, one line per estimator, and the number of objects per bin;
+* ``example_pdfs.png``: PDFs of the same objects (spread over redshift, inside the plotted
+  range) from every estimator.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-BINNED_METRICS = ("sigma_nmad", "eta", "bias", "crps", "pco", "pit_ks")
+BINNED_METRICS = ("sigma_nmad", "eta", "bias_median", "crps", "pco", "pit_ks")
 
 
 def _plt():
@@ -27,18 +28,30 @@ def _plt():
     return plt
 
 
-def pit_qq(per_object: dict, path: Path, nbins: int = 50) -> Path:
+def _overall(table, metric: str) -> dict:
+    if table is None:
+        return {}
+    sub = table[(table.bin_type == "all") & (table.metric == metric)]
+    return dict(zip(sub.estimator, sub.value))
+
+
+def pit_qq(per_object: dict, path: Path, nbins: int = 50, table=None) -> Path:
     plt = _plt()
     labels = list(per_object)
-    fig, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.4), squeeze=False, sharey="row")
     q = np.linspace(0, 1, 101)
+    ks = _overall(table, "pit_ks")
     for i, lab in enumerate(labels):
-        pit = per_object[lab]["pit"]
+        pit = np.asarray(per_object[lab]["pit"], dtype=np.float64)
+        pit = pit[np.isfinite(pit)]
         ax = axes[0, i]
         ax.hist(pit, bins=nbins, range=(0, 1), density=True, color="C0", alpha=0.8)
         ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_title(lab)
         ax.set_xlabel("PIT")
+        if lab in ks and np.isfinite(ks[lab]):
+            ax.text(0.5, 0.95, f"KS = {ks[lab]:.3f}", transform=ax.transAxes, ha="center", va="top", fontsize=9,
+                    bbox=dict(boxstyle="round", fc="white", alpha=0.7))
         if i == 0:
             ax.set_ylabel("density")
         ax = axes[1, i]
@@ -54,28 +67,39 @@ def pit_qq(per_object: dict, path: Path, nbins: int = 50) -> Path:
     return path
 
 
-def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: int = 120) -> Path:
+def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: int = 120,
+                point_estimate: str = "zmode", z_label: str = "z true") -> Path:
     plt = _plt()
     from matplotlib.colors import LogNorm
 
     labels = list(per_object)
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels) + 1.0, 3.8), squeeze=False, sharey=True,
+                             layout="constrained")
     x = np.linspace(zmin, zmax, 50)
+    counts = []
     for i, lab in enumerate(labels):
         po = per_object[lab]
+        ok = np.isfinite(po["ztrue"]) & np.isfinite(po["zphot"])
+        h, _, _ = np.histogram2d(po["ztrue"][ok], po["zphot"][ok], bins=nbins, range=[[zmin, zmax], [zmin, zmax]])
+        counts.append(h)
+    vmax = max([h.max() for h in counts] + [1.0])
+    image = None
+    for i, lab in enumerate(labels):
         ax = axes[0, i]
-        ax.hist2d(po["ztrue"], po["zphot"], bins=nbins, range=[[zmin, zmax], [zmin, zmax]], norm=LogNorm(),
-                  cmap="viridis")
+        h = np.ma.masked_equal(counts[i], 0)
+        image = ax.imshow(h.T, origin="lower", extent=[zmin, zmax, zmin, zmax], aspect="auto", cmap="viridis",
+                          norm=LogNorm(vmin=1, vmax=vmax), interpolation="nearest")
         ax.plot(x, x, "r--", lw=1)
         ax.plot(x, x + 0.15 * (1 + x), "r:", lw=1)
         ax.plot(x, x - 0.15 * (1 + x), "r:", lw=1)
         ax.set_xlim(zmin, zmax)
         ax.set_ylim(zmin, zmax)
         ax.set_title(lab)
-        ax.set_xlabel("z true")
+        ax.set_xlabel(z_label)
         if i == 0:
-            ax.set_ylabel("z phot")
-    fig.tight_layout()
+            ax.set_ylabel(f"z phot ({point_estimate})")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), label="objects per cell", fraction=0.04, pad=0.02)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -87,8 +111,9 @@ def metrics_vs(table, bin_type: str, path: Path, xlabel: str) -> Path | None:
     if sub.empty:
         return None
     metrics = [m for m in BINNED_METRICS if m in set(sub.metric)]
+    npanel = len(metrics) + 1  # + objects per bin
     ncol = 3
-    nrow = int(np.ceil(len(metrics) / ncol))
+    nrow = int(np.ceil(npanel / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     for k, m in enumerate(metrics):
         ax = axes.flat[k]
@@ -97,7 +122,16 @@ def metrics_vs(table, bin_type: str, path: Path, xlabel: str) -> Path | None:
             ax.plot(xc, grp.value.to_numpy(), "o-", ms=3, label=lab)
         ax.set_title(m)
         ax.set_xlabel(xlabel)
-    for k in range(len(metrics), nrow * ncol):
+    ax = axes.flat[len(metrics)]
+    first = sub[sub.metric == metrics[0]] if metrics else sub
+    for lab, grp in first.groupby("estimator", sort=False):
+        lo, hi = grp.bin_lo.to_numpy(), grp.bin_hi.to_numpy()
+        n = grp.n.to_numpy(dtype=float)
+        ax.stairs(n, np.append(lo, hi[-1]) if lo.size else [0, 1], label=lab)
+    ax.set_yscale("log")
+    ax.set_title("objects per bin")
+    ax.set_xlabel(xlabel)
+    for k in range(npanel, nrow * ncol):
         axes.flat[k].axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -106,7 +140,8 @@ def metrics_vs(table, bin_type: str, path: Path, xlabel: str) -> Path | None:
     return path
 
 
-def example_pdfs(result, path: Path) -> Path | None:
+def example_pdfs(result, path: Path, zmin: float | None = None, zmax: float | None = None,
+                 z_label: str = "z") -> Path | None:
     plt = _plt()
     examples = result.example_pdfs
     idx = sorted({i for d in examples.values() for i in d})
@@ -123,7 +158,11 @@ def example_pdfs(result, path: Path) -> Path | None:
                 ax.plot(result.zgrid, d[i], lw=1.2, label=lab)
         ax.axvline(ztrue[i], color="k", ls="--", lw=1)
         ax.set_title(f"object {i}, z = {ztrue[i]:.3f}", fontsize=9)
-        ax.set_xlabel("z")
+        ax.set_xlabel(z_label)
+        if zmin is not None and zmax is not None:
+            ax.set_xlim(zmin, zmax)
+        if k % ncol == 0:
+            ax.set_ylabel("p(z)")
     for k in range(len(idx), nrow * ncol):
         axes.flat[k].axis("off")
     axes.flat[0].legend(fontsize=7)
@@ -133,15 +172,18 @@ def example_pdfs(result, path: Path) -> Path | None:
     return path
 
 
-def make_all(result, outdir: Path, zmin: float, zmax: float) -> dict:
+def make_all(result, outdir: Path, zmin: float, zmax: float, mag_label: str | None = None,
+             z_label: str | None = None, point_estimate: str = "zmode") -> dict:
     """All plots of a :class:`~rail.evaluation.deepz_compare.CompareResult`; name -> path."""
     outdir = Path(outdir)
+    zl = f"z true ({z_label})" if z_label else "z true"
     files = {
-        "pit_qq": pit_qq(result.per_object, outdir / "pit_qq.png"),
-        "zphot_zspec": zphot_zspec(result.per_object, outdir / "zphot_zspec.png", zmin, zmax),
-        "metrics_vs_redshift": metrics_vs(result.table, "redshift", outdir / "metrics_vs_redshift.png", "z true"),
+        "pit_qq": pit_qq(result.per_object, outdir / "pit_qq.png", table=result.table),
+        "zphot_zspec": zphot_zspec(result.per_object, outdir / "zphot_zspec.png", zmin, zmax,
+                                   point_estimate=point_estimate, z_label=zl),
+        "metrics_vs_redshift": metrics_vs(result.table, "redshift", outdir / "metrics_vs_redshift.png", zl),
         "metrics_vs_magnitude": metrics_vs(result.table, "magnitude", outdir / "metrics_vs_magnitude.png",
-                                           "reference magnitude"),
-        "example_pdfs": example_pdfs(result, outdir / "example_pdfs.png"),
+                                           mag_label or "reference magnitude"),
+        "example_pdfs": example_pdfs(result, outdir / "example_pdfs.png", zmin, zmax),
     }
     return {k: v for k, v in files.items() if v is not None}

@@ -37,7 +37,8 @@ class DeepzCompareEvaluator(RailStage):
         mag_col=Param(str, "", msg="reference magnitude column for the magnitude bins ('' = none)"),
         hdf5_groupname=Param(str, "", msg="group of the truth table in its HDF5 file ('' = auto)"),
         zmin=Param(float, 0.0, msg="lower end of the metric grids and redshift bins"),
-        zmax=Param(float, 3.0, msg="upper end of the metric grids and redshift bins"),
+        zmax=Param(float, 0.0, msg="upper end of the metric grids and redshift bins; 0 = the estimates' own "
+                   "grid, else the true redshifts' maximum rounded up to 0.1 (deepz_compare.metric_zrange)"),
         n_zbins=Param(int, 6, msg="number of equal-width true-redshift bins"),
         point_estimate=Param(str, "zmode", msg="ancil key of the point estimate"),
         chunk_size=Param(int, 10000, msg="PDFs per chunk when streaming estimates"),
@@ -76,10 +77,13 @@ class DeepzCompareEvaluator(RailStage):
         if not plot_dir:
             out = self.get_output(self.get_aliased_tag("output"))
             plot_dir = str(Path(out).parent / self.instance_name) if out and out != "None" else self.instance_name
+        auto = cfg.zmax == 0.0
         result = dc.compare(
             estimates, truth, outdir=plot_dir, redshift_col=cfg.redshift_col, mag_col=cfg.mag_col or None,
-            truth_groupname=cfg.hdf5_groupname or None, zmin=cfg.zmin, zmax=cfg.zmax,
-            z_edges=np.linspace(cfg.zmin, cfg.zmax, cfg.n_zbins + 1), point_estimate=cfg.point_estimate,
+            truth_groupname=cfg.hdf5_groupname or None, zmin=cfg.zmin,
+            zmax=None if auto else cfg.zmax,
+            z_edges=None if auto else np.linspace(cfg.zmin, cfg.zmax, cfg.n_zbins + 1),
+            z_nbins=cfg.n_zbins, point_estimate=cfg.point_estimate,
             chunk_size=cfg.chunk_size, plots=cfg.plots, progress=cfg.progress,
         )
         table = result.table
@@ -98,7 +102,7 @@ class DeepzExampleData(RailStage):
     interactive_function = "deepz_example_data"
     config_options = RailStage.config_options.copy()
     config_options.update(
-        dataset=Param(str, "dc2", msg="data set of rail.deepz.datasets ('dc2' or 'boss')"),
+        dataset=Param(str, "dc2", msg="preset data set of rail.deepz.datasets ('dc2', 'boss' or 'zcosmos')"),
         n_train=Param(int, 0, msg="random training subset size (0 = all)"),
         n_test=Param(int, 0, msg="random test subset size (0 = all)"),
         seed=Param(int, 0, msg="seed of the random subsets"),
@@ -107,6 +111,10 @@ class DeepzExampleData(RailStage):
     outputs = [("train", Hdf5Handle), ("test", Hdf5Handle)]
 
     def make_data(self):
+        """Write the data set's tables; returns {"train": handle, "test": handle}.
+
+        (``rail.interactive`` requires a docstring on every stage's entry point.)
+        """
         self.run()
         self.finalize()
         return {"train": self.get_handle("train"), "test": self.get_handle("test")}

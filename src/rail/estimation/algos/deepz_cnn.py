@@ -43,13 +43,15 @@ from rail.deepz.images import (
 from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps, gmm_crps_numpy, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.photometry import check_model_bands
-from rail.deepz.scaling import Standardizer
+from rail.deepz.scaling import Standardizer, fit_standardizer
 from rail.deepz.stages import (
     MIXTURE_OUTPUT_OPTIONS,
-    MIXTURE_REPRESENTATIONS,
     DeepzEstimator,
     DeepzInformer,
-    check_option_choice,
+    Option,
+    bound,
+    one_of,
+    positive_int_list,
     with_defaults,
 )
 from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
@@ -158,33 +160,26 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
                           "empty = the catalog 'bands'"),
         use_images=Param(bool, True, msg="False: catalog branch only (ablation; no image column needed)"),
         image_colors=Param(bool, True, msg="add C-1 colour channels (differences of adjacent asinh images)"),
-        bad_pixel_policy=Param(str, "raise", msg="NaN/inf pixels: 'raise' or 'zero' (set to 0)"),
+        bad_pixel_policy=Option(str, "raise", check=one_of(*BAD_PIXEL_POLICIES), msg="NaN/inf pixels: 'raise' or 'zero' (set to 0)"),
         augment=Param(bool, True, msg="random flips and 90-degree rotations of training images"),
-        n_components=Param(int, 5, msg="Gaussian components K per member"),
-        n_members=Param(int, 3, msg="ensemble members M (seeds seed + m); output has M x K components"),
-        loss=Param(str, "crps", msg="'crps' (closed-form mixture CRPS), 'nll', or 'both' (alternating over members)"),
-        member_weighting=Param(str, "equal",
+        n_components=Option(int, 5, check=bound(">=", 1), msg="Gaussian components K per member"),
+        n_members=Option(int, 3, check=bound(">=", 1), msg="ensemble members M (seeds seed + m); output has M x K components"),
+        loss=Option(str, "crps", check=one_of("crps", "nll", "both"), msg="'crps' (closed-form mixture CRPS), 'nll', or 'both' (alternating over members)"),
+        member_weighting=Option(str, "equal", check=one_of("equal", "inverse_val_crps"),
                                msg="'equal' (1/M) or 'inverse_val_crps' (normalised 1 / validation CRPS)"),
-        conv_channels=Param(list, [16, 32, 64], msg="output channels of the conv blocks (each halves H and W)"),
-        dense_units=Param(list, [64, 64],
+        conv_channels=Option(list, [16, 32, 64], check=positive_int_list, msg="output channels of the conv blocks (each halves H and W)"),
+        dense_units=Option(list, [64, 64], check=positive_int_list,
                           msg="widths of the catalog branch's dense layers (the last also sizes the merge layer)"),
     )
 
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
         cfg = self.config
-        if cfg.loss not in ("crps", "nll", "both"):
-            raise ValueError(f"Option 'loss'={cfg.loss!r} is not 'crps', 'nll' or 'both'")
-        if cfg.member_weighting not in ("equal", "inverse_val_crps"):
-            raise ValueError(f"Option 'member_weighting'={cfg.member_weighting!r} is not 'equal' or 'inverse_val_crps'")
-        if cfg.bad_pixel_policy not in BAD_PIXEL_POLICIES:
-            raise ValueError(f"Option 'bad_pixel_policy'={cfg.bad_pixel_policy!r} is not one of {BAD_PIXEL_POLICIES}")
-        if cfg.n_members < 1 or cfg.n_components < 1:
-            raise ValueError("Options 'n_members' and 'n_components' must be >= 1")
-        blocks = list(FEATURES) + (["valid"] if cfg.missing_policy == "mask" else [])
-        x = self._photometry(data).features(blocks)
+        mask = cfg.missing_policy == "mask"
+        blocks = list(FEATURES) + (["valid"] if mask else [])
+        x, fvalid = self._photometry(data).masked_features(blocks, mask)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
-        scaler = Standardizer().fit(x[tr])
-        xs = scaler.transform(x).astype(np.float32)
+        scaler = fit_standardizer(x, fvalid, tr)
+        xs = scaler.transform(x, fvalid)
         inputs = [xs]
         image_info = {"use_images": bool(cfg.use_images)}
         in_ch = 0
@@ -233,6 +228,8 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         return self._model_dict(
             arch=arch,
             feature_blocks=blocks,
+            # masked features zeroed after standardisation (absent in older models: not zeroed)
+            mask_features=mask,
             images=image_info,
             member_state_dicts=members,
             member_weights=[float(v) for v in mw],
@@ -255,16 +252,9 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
     config_options.update(
         image_col=Param(str, "", msg="image column; empty = the column name used at training"),
         image_bands=Param(list, [], msg="image band names; empty = the model's. If given, must equal the model's"),
-        bad_pixel_policy=Param(str, "", msg="NaN/inf pixels: 'raise', 'zero', or empty = the model's setting"),
+        bad_pixel_policy=Option(str, "", check=one_of("", *BAD_PIXEL_POLICIES),
+                                msg="NaN/inf pixels: 'raise', 'zero', or empty = the model's setting"),
     )
-
-    def __init__(self, args, **kwargs):
-        super().__init__(args, **kwargs)
-        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
-        if self.config.bad_pixel_policy not in ("",) + BAD_PIXEL_POLICIES:
-            raise ValueError(
-                f"Option 'bad_pixel_policy'={self.config.bad_pixel_policy!r} is not one of {BAD_PIXEL_POLICIES}"
-            )
 
     def _check_model(self, model) -> None:
         super()._check_model(model)
@@ -285,7 +275,8 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model
-        x = self.scaler.transform(self._photometry(data).features(m["feature_blocks"])).astype(np.float32)
+        x = self.scaler.transform(*self._photometry(data).masked_features(
+            m["feature_blocks"], m.get("mask_features", False)))
         inputs = [x]
         info = m["images"]
         if info["use_images"]:

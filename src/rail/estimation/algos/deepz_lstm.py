@@ -14,86 +14,27 @@ direction, dropout 0.3 + batch norm after each, the last hidden states aggregate
 layer, K = 15, NLL, Adam lr 1e-3, batch 128, lr x0.1 every 50 epochs, early stopping
 patience 20 (best weights restored), per-band standardisation of flux and error.
 
-Beyond the paper (which drops objects lacking any band):
+Departures from the paper, each measured in ``benchmarks/results/ablations_lstm.md``
+(what was tried and not kept: ``CHANGELOG.md``):
 
-* ``missing_policy="mask"`` (default here): a missing, NaN or non-detected band becomes a
-  *masked step*: its flux/error inputs are replaced by a learned per-band token and its
-  validity flag is 0, so every object gets a PDF whatever bands it lacks;
-* ``band_dropout``: during training each band of each object is masked with this
-  probability, so the network learns to widen its PDFs when bands are absent (measured in
-  ``tests/test_lstm.py``: removing bands at estimate time broadens the PDFs and keeps
-  them finite and normalised);
+* ``missing_policy="mask"`` (paper: objects lacking any band are dropped): a missing, NaN
+  or non-detected band becomes a *masked step*: its flux/error inputs are replaced by a
+  learned per-band token and its validity flag is 0, so every object gets a PDF;
+* ``band_dropout=0.1``: during training each band of each object is masked with this
+  probability, so the network widens its PDFs when bands are absent at estimate time
+  (``tests/test_lstm.py`` checks that they broaden and stay finite and normalised);
 * ``width_calibration="pit_ks"``: one factor on all component widths, fitted on the
-  validation split so that the validation PITs are closest to uniform (the MDN trained with
-  NLL and dropout gives over-dispersed PDFs on DC2, with or without band dropout: inverted-U
-  PIT histogram, test PIT KS 0.051-0.053; the fitted factor ~0.7 brings it to 0.019-0.022).
-  Means and weights are unchanged;
+  validation split so that the validation PITs are closest to uniform (the raw MDN is
+  over-dispersed on DC2); means and weights are unchanged;
 * ``flux_transform="asinh"``: asinh-scaled fluxes and log errors instead of linear
-  standardisation (see :mod:`rail.deepz.sequences`).
-
-Defaults that differ from the paper, and why (DC2, 10,225 train / 20,449 test, 1 thread on
-a shared 2-core machine, so times are with contention; point estimate zmode; "train s"
-is the stage's inform time):
-
-==========================================  =========  ======  =========  =======  =======
-setting                                     sigma_IQR  eta     PIT KS     epochs   train s
-==========================================  =========  ======  =========  =======  =======
-paper: BiLSTM 128/64, linear, no band drop  0.0209     0.0247  0.051      129      538
-  + width calibration                       0.0209     0.0246  0.022      129      538
-64/32, asinh, no band dropout, width cal.   0.0210     0.0255  0.022      171      706
-64/32, asinh, band_dropout 0.1,            0.0223     0.0259  0.019      141      306
-width calibration, aggregation 'last'
-  the same with 'flatten'                   0.0213     0.0250  0.019      121      124
-  + one-cycle lr 3e-3 over 40 epochs        0.0223     0.0231  0.029      40       45
-  + dropout 0.1                             0.0203     0.0246  0.023      40       45
-default: + dropout 0, seed 42              0.01945    0.0261  0.024      40       42
-  the same, seed 1                          0.01918    0.0249  0.024      40       38
-  the same, seed 2                          0.01905    0.0260  0.011      40       38
-==========================================  =========  ======  =========  =======  =======
-
+  standardisation (see :mod:`rail.deepz.sequences`);
+* ``aggregation="flatten"`` (paper: the last hidden states): the dense layer sees the last
+  LSTM layer's outputs at every band, not only the two end states;
+* ``lstm_units=[64, 32]`` (paper: 128, 64): for CPU inference speed;
 * ``lr_schedule="onecycle"``, ``lr=3e-3``, ``epochs=40`` (paper: Adam 1e-3, x0.1 every 50
-  epochs, early stopping with patience 20, which ran ~120 epochs): a warm-up to 3e-3 and
-  a cosine decay over 40 epochs reaches the same loss in a third of the time. The step
-  schedule cut short (x0.1 every 20 epochs) gave 0.0264, a plateau schedule 0.0231,
-  batches of 512 with lr 2e-3 0.0233 in 188 s (a CPU LSTM epoch does not get cheaper with
-  bigger batches).
-* ``dropout=0`` (paper: 0.3): with band dropout and the short schedule, dropout only blurs
-  the mixture (0.3: 0.0223, 0.1: 0.0203, 0: 0.0191-0.0195 over three seeds). Outlier rate (RAIL's definition) 0.094-0.096
-  vs 0.093 with dropout 0.3. On BOSS (same settings, ``benchmarks/accuracy.py``'s
-  harness): sigma_IQR 0.0182, outlier rate 0.060, PIT KS 0.016, inform 85 s (the 300-epoch
-  step schedule with dropout 0.3: 0.0189, 0.058, 0.025, 207 s).
-* Tried and not kept: the CRPS loss plus 0.1 x NLL (``loss="crps", aux_loss_weight=0.1``;
-  0.0212 with the paper's schedule in 198 s, 0.0202 vs 0.0203 with one-cycle and dropout
-  0.1), bf16 autocast in training (no faster on CPU), 32/16 units (0.0262), ``mean``
-  aggregation (0.0224).
-
-Bands removed at estimate time (set to 99; 6,000 random DC2 test objects, zmode
-sigma_NMAD / PIT KS / median zstd): the default model gives 0.020/0.030/0.059 with all
-bands, 0.031/0.042/0.108 without u and y, 0.032/0.014/0.107 without r (the previous
-default, 300-epoch step schedule with dropout 0.3: 0.022/0.025/0.049, 0.033/0.033/0.090,
-0.034/0.016/0.110). A network trained without band dropout (dropout 0.3, step schedule,
-before width calibration) gives 0.021/0.025/0.049, then 0.173/0.302/0.140 without u and
-y and 0.243/0.515/0.050 without r: confidently wrong PDFs. Band dropout is what makes
-missing bands degrade gracefully.
-
-* ``aggregation="flatten"`` (paper: the last hidden states): the dense layer sees the
-  last LSTM layer's outputs at every band, not only the two end states. Measured with the
-  paper's step schedule and dropout 0.3 (before the two changes above): DC2 sigma_IQR
-  0.0213 / 0.0214 (seeds 42 / 1) vs 0.0223 / 0.0222 with ``last``, RAIL outlier rate 0.093
-  vs 0.094, training 124-126 s vs 139-142 s (1 thread, two runs at a time); ``mean``
-  gave 0.0224. On BOSS: 0.0189 vs 0.0188, outlier rate 0.058 vs 0.057, PIT KS 0.025 vs
-  0.009 (both within 0.03). On zCOSMOS (12 bands, benchmarks/zcosmos_ablation.py, 40
-  epochs) the all-band sigma_NMAD (zmean) is 0.0165 vs 0.0233 with ``last``: the end states
-  of a 12-step sequence lose what the middle bands carry. It costs inference speed: 26k vs
-  29k objects/s at 1e7 rows (benchmarks/results/speed_memory.md).
-* ``lstm_units=[64, 32]``: the paper's 128/64 BiLSTM runs at ~9k objects/s (network only,
-  1 thread, 20k objects of 6 bands), below the 20k/s target; 64/32 runs at ~25k/s and
-  trains in about half the time, for +0.0014 in sigma_IQR on DC2.
-* ``flux_transform="asinh"``: on 3,000 DC2 objects (small net, 30 epochs) linear
-  standardisation gave sigma_NMAD 0.17 vs 0.10 with asinh.
-* ``band_dropout=0.1`` and ``width_calibration="pit_ks"``: see above; band dropout costs
-  ~0.001 in full-band sigma_IQR and buys graceful degradation with missing bands. The
-  64/32 network without band dropout matches the paper's 128/64 (0.0210 vs 0.0209).
+  epochs, early stopping with patience 20): the same loss in a third of the time;
+* ``dropout=0`` (paper: 0.3): with band dropout and the short schedule dropout only blurs
+  the mixture.
 
 Output: ``qp.mixmod`` (exact mixture) with ancil zmean (the paper's point estimate),
 zmode, zmedian, zstd, quantiles and ``p_outside``. **Mass below zmin (z < 0):** the mixture
@@ -101,8 +42,7 @@ means are unbounded, so a Gaussian near z = 0 puts some mass below 0. With ``mix
 mixture is emitted untruncated and that mass is reported in the ancil ``p_outside``; all
 point estimates and quantiles in the ancil are those of the PDF truncated to
 [zmin, zmax] and renormalised (never negative). ``qp_representation="interp"`` emits the
-truncated, renormalised PDF itself on ``nzbins`` points. On DC2 the mean mass outside
-[0, 3] is 0.0005 per object.
+truncated, renormalised PDF itself on ``nzbins`` points.
 """
 
 from __future__ import annotations
@@ -112,19 +52,25 @@ from typing import Mapping
 import numpy as np
 import torch
 from ceci.config import StageParameter as Param
-from scipy.special import ndtr
 from torch import nn
 
-from rail.deepz.calibration import ks_uniform
+from rail.deepz.calibration import fit_sigma_scale
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
-from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order
+from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order, make_band_dropout
 from rail.deepz.stages import (
     MIXTURE_OUTPUT_OPTIONS,
-    MIXTURE_REPRESENTATIONS,
+    NON_NEGATIVE,
+    POSITIVE,
     DeepzEstimator,
     DeepzInformer,
-    check_option_choice,
+    Option,
+    bound,
+    each,
+    in_range,
+    one_of,
+    positive_int_list,
+    positive_int_list_or_empty,
     with_defaults,
 )
 from rail.deepz.training import (
@@ -139,23 +85,6 @@ from rail.deepz.training import (
 AGGREGATIONS = ("last", "mean", "attention", "flatten")
 LOSSES = ("nll", "crps")
 WIDTH_CALIBRATIONS = ("pit_ks", "none")
-
-
-def mixture_pit(weights, means, sigmas, z) -> np.ndarray:
-    """PIT values (CDF at the true redshift) of Gaussian mixtures (N, K), vectorised."""
-    return (weights * ndtr((np.asarray(z)[:, None] - means) / sigmas)).sum(1)
-
-
-def fit_sigma_scale(weights, means, sigmas, z, bounds=(0.3, 3.0), n_grid: int = 81) -> float:
-    """Common factor on all component widths that makes validation PITs closest to uniform (KS).
-
-    A post-hoc width calibration (the mixture analogue of temperature scaling): the means
-    and weights, hence zmode and zmean, are unchanged.
-    """
-    w, mu, s = (np.asarray(a, dtype=np.float64) for a in (weights, means, sigmas))
-    grid = np.exp(np.linspace(np.log(bounds[0]), np.log(bounds[1]), n_grid))
-    ks = [ks_uniform(mixture_pit(w, mu, s * f, z)) for f in grid]  # loop over 81 factors, not objects
-    return float(grid[int(np.argmin(ks))])
 
 
 class LSTMMDN(nn.Module):
@@ -278,20 +207,6 @@ class LSTMMDN(nn.Module):
         return self
 
 
-def make_band_dropout(p: float):
-    """Training augmentation: mask each band of each object with probability ``p``."""
-
-    def augment(batch):
-        x = batch[0]
-        drop = torch.rand(x.shape[:2], device=x.device) < p
-        x = x.clone()
-        x[..., 2] = x[..., 2] * (~drop).to(x.dtype)
-        x[..., :2] = x[..., :2] * x[..., 2:3]
-        return [x, *batch[1:]]
-
-    return augment
-
-
 class _SequenceMixin:
     """Photometry -> sequences with the stage's/model's missing-band convention."""
 
@@ -316,78 +231,68 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         lr_factor=0.1, lr_step=50, weight_decay=0.0, missing_policy="mask",
     ))
     config_options.update(
-        wavelengths=Param(
-            list, [],
+        wavelengths=Option(
+            list, [], check=each(POSITIVE),
             msg="effective wavelength of each band in 'bands' (same order, any unit); the sequence "
             "runs in increasing wavelength. Empty: the order of 'bands' is the sequence order",
         ),
-        flux_transform=Param(
-            str, "asinh",
+        flux_transform=Option(
+            str, "asinh", check=one_of(*FLUX_TRANSFORMS),
             msg=f"flux scaling before per-band standardisation, one of {FLUX_TRANSFORMS}: 'linear' "
             "= the paper's standardised fluxes and errors; 'asinh' = asinh(flux/b), log(err/b) with b "
             "the band's median flux error",
         ),
-        lstm_units=Param(
-            list, [64, 32],
+        lstm_units=Option(
+            list, [64, 32], check=positive_int_list,
             msg="hidden units per direction of each stacked LSTM layer (paper: 128, 64; the default is "
             "halved for CPU inference speed, see the module docstring)",
         ),
         bidirectional=Param(bool, True, msg="bidirectional LSTM layers (paper: True)"),
-        dropout=Param(
-            float, 0.0,
+        dropout=Option(
+            float, 0.0, check=in_range(0, 1, "left"),
             msg="dropout after each LSTM layer and dense layer (paper: 0.3; 0 here, see the module docstring)",
         ),
         batch_norm=Param(bool, True, msg="batch norm after each LSTM layer (paper: True)"),
-        aggregation=Param(
-            str, "flatten",
+        aggregation=Option(
+            str, "flatten", check=one_of(*AGGREGATIONS),
             msg=f"how the last LSTM layer's outputs become one vector, one of {AGGREGATIONS} "
             "('last' = final hidden state per direction, the paper's; 'flatten' = all steps "
             "concatenated, the default: better on DC2, see the module docstring)",
         ),
-        dense_units=Param(list, [64], msg="widths of the ReLU dense layer(s) before the mixture head"),
-        n_components=Param(int, 15, msg="number of Gaussian components K (paper: 15)"),
-        min_sigma=Param(float, 1e-3, msg="floor on component widths (redshift units)"),
-        loss=Param(str, "nll", msg=f"training loss, one of {LOSSES} (paper: 'nll')"),
-        aux_loss_weight=Param(
-            float, 0.0,
+        dense_units=Option(list, [64], check=positive_int_list_or_empty, msg="widths of the ReLU dense layer(s) before the mixture head"),
+        n_components=Option(int, 15, check=bound(">=", 1), msg="number of Gaussian components K (paper: 15)"),
+        min_sigma=Option(float, 1e-3, check=POSITIVE, msg="floor on component widths (redshift units)"),
+        loss=Option(str, "nll", check=one_of(*LOSSES), msg=f"training loss, one of {LOSSES} (paper: 'nll')"),
+        aux_loss_weight=Option(
+            float, 0.0, check=NON_NEGATIVE,
             msg="weight of the other loss added to 'loss' (nll + w x crps, or crps + w x nll); 0 = 'loss' alone",
         ),
-        width_calibration=Param(
-            str, "pit_ks",
+        width_calibration=Option(
+            str, "pit_ks", check=one_of(*WIDTH_CALIBRATIONS),
             msg=f"post-hoc calibration of the component widths on the validation split, one of "
             f"{WIDTH_CALIBRATIONS}: 'pit_ks' = one factor on all sigmas minimising the KS distance of the "
             "validation PITs from uniform (means/weights unchanged); 'none' = the paper's raw MDN output",
         ),
-        band_dropout=Param(
-            float, 0.1,
+        band_dropout=Option(
+            float, 0.1, check=in_range(0, 1, "left"),
             msg="missing_policy='mask' only: probability of masking each band of each training object "
             "(teaches the network to handle bands missing at estimate time; 0 = off, as the paper)",
         ),
     )
 
+    def __init__(self, args, **kwargs):
+        super().__init__(args, **kwargs)
+        band_order(self.config.bands, self.config.wavelengths)  # one wavelength per band
+
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
         cfg = self.config
-        if cfg.aggregation not in AGGREGATIONS:
-            raise ValueError(f"Option 'aggregation'={cfg.aggregation!r} is not one of {AGGREGATIONS}")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"Option 'loss'={cfg.loss!r} is not one of {LOSSES}")
-        if cfg.n_components < 1:
-            raise ValueError(f"Option 'n_components' must be >= 1, got {cfg.n_components}")
-        if cfg.width_calibration not in WIDTH_CALIBRATIONS:
-            raise ValueError(
-                f"Option 'width_calibration'={cfg.width_calibration!r} is not one of {WIDTH_CALIBRATIONS}"
-            )
-        if cfg.aux_loss_weight < 0:
-            raise ValueError(f"Option 'aux_loss_weight' must be >= 0, got {cfg.aux_loss_weight}")
-        if not 0.0 <= cfg.band_dropout < 1.0:
-            raise ValueError(f"Option 'band_dropout' must be in [0, 1), got {cfg.band_dropout}")
         order = band_order(cfg.bands, cfg.wavelengths)
         phot = self._photometry(data)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
         policy = cfg.missing_policy
         fit_valid = phot.valid if policy == "mask" else np.ones_like(phot.valid)
         sequencer = BandSequencer(order, cfg.flux_transform)
-        sequencer.fit(_subset(phot, tr), fit_valid[tr])
+        sequencer.fit(phot.take(tr), fit_valid[tr])
         x = self._sequences(phot, sequencer, policy)
         arch = {
             "n_bands": len(cfg.bands),
@@ -430,29 +335,17 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         )
 
 
-def _subset(phot, idx):
-    from rail.deepz.photometry import Photometry
-
-    return Photometry(bands=phot.bands, mags=phot.mags[idx], errs=phot.errs[idx], valid=phot.valid[idx])
-
-
 class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     """Estimate redshift PDFs (Gaussian mixtures) with a trained LSTM-MDN model."""
 
     name = "DeepzLSTMEstimator"
     interactive_function = "deepz_lstm_estimator"
     method = "lstm"
-    # torch's CPU LSTM (oneDNN) allocates per-call buffers of ~8.5 and ~9.6 kB per object for the
-    # default 64/32 bidirectional network (strace: 35 and 39 MB at 4096 objects): above glibc's
-    # 32 MB mmap threshold, so every batch maps and page-faults fresh memory; 2048 keeps them on
-    # the heap (500k DC2 rows, 2 threads: 45-47k -> 56-58k objects/s, benchmarks/README.md)
+    # torch's CPU LSTM (oneDNN) allocates per-call buffers that at 4096 objects exceed glibc's
+    # 32 MB mmap threshold; 2048 keeps them on the heap (measured: benchmarks/README.md)
     auto_batch_cpu = 2048
     config_options = DeepzEstimator.config_options.copy()
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
-
-    def __init__(self, args, **kwargs):
-        super().__init__(args, **kwargs)
-        check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
 
     def _build_network(self, model):
         net = LSTMMDN(**model["arch"])

@@ -8,31 +8,28 @@ point estimate (eq. 3, the expectation) is the ancil ``zmean``.
 Paper defaults: hidden layers [512, 256, 128, 64] with batch norm, ReLU, dropout 0.1 and
 residual connections; AdamW lr 5e-4, weight decay 1e-5; lr x0.5 after 5 epochs on a
 validation plateau; gradient clipping 1.0; early stopping patience 20; batch 4096;
-300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our default keeps
-dz = 0.005 over [0, 3] (600 bins) to cover DC2. As in the paper, the softmax is
+300 epochs. The paper bins [0, 2] into 400 bins (dz = 0.005); our resolution is the
+same bin width, option ``dz`` = 0.005, whatever the range (600 bins on [0, 3], 800 on
+[0, 4]); ``nbins`` fixes the count instead. As in the paper, the softmax is
 calibrated after training by a temperature fitted on the validation split.
 
-Beyond the paper: the softmax output is smoothed by a fixed Gaussian of
-``smoothing_bins`` bins (default 2, i.e. 0.01 in z) before the loss and at output. The
-CRPS constrains only the CDF, and with 600 bins the raw output is a comb of single-bin
-spikes (median peak density 94 vs 11 for FlexZBoost on DC2, CDE loss +77) that spoils
-the density and the mode; ``smoothing_bins=0`` restores the paper's head.
+Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.md``
+(what was tried and not kept: ``CHANGELOG.md``):
 
-Two more departures, measured on DC2 (train on the 10,225-row file, test on the
-20,449-row file; sigma_IQR / RAIL outlier rate of zmode; FlexZBoost in the same harness:
-0.0196 / 0.104):
-
+* ``smoothing_bins=2``: the softmax output is smoothed by a fixed Gaussian of this many
+  bins (0.01 in z) before the loss and at output; the CRPS constrains only the CDF, and
+  with 600 bins the raw output is a comb of single-bin spikes. ``smoothing_bins=0``
+  restores the paper's head.
 * ``nll_weight=0.1``: the loss is CRPS + 0.1 x the histogram negative log-likelihood
-  (:func:`rail.deepz.mixtures.binned_nll`). The CRPS constrains the CDF only; it leaves the
-  density near the peak loose, so the most probable bin wanders (pure CRPS: zmode 0.0252,
-  zmean 0.0204). With the NLL term: 0.0211 (0.1), 0.0213 (0.3); PIT KS 0.018-0.030.
-* ``dropout=0.0`` (paper 0.1): with the NLL term, 0.0210 vs 0.0211 in zmode, zmedian
-  0.0191 vs 0.0192, and early stopping comes sooner (inform 40 s vs 63 s).
+  (:func:`rail.deepz.mixtures.binned_nll`), which pins the density near the peak (with the
+  CRPS alone the most probable bin wanders).
+* ``dropout=0.0`` (paper 0.1).
+* ``temperature_objective="pit_ks"`` (paper: the validation NLL; see
+  :mod:`rail.deepz.calibration`).
 * Estimator option ``mode_window=0.06``: zmode is the centre of the 0.06-wide window
   (13 bins) holding the most probability, not the single most probable bin, which is a
-  noisy statistic of a 600-bin histogram: zmode sigma_IQR 0.0210 -> 0.0192, outlier rate
-  0.098 (windows of 0.045-0.105 all give 0.0191-0.0195). The histogram itself is
-  unchanged; zmean, zmedian and the quantiles do not depend on it.
+  noisy statistic of a 600-bin histogram. The histogram itself is unchanged; zmean,
+  zmedian and the quantiles do not depend on it.
 """
 
 from __future__ import annotations
@@ -47,9 +44,18 @@ from torch import nn
 from rail.deepz.calibration import fit_temperature
 from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps, binned_nll
 from rail.deepz.pdf import binned_ensemble
-from rail.deepz.photometry import Photometry
-from rail.deepz.scaling import Standardizer
-from rail.deepz.stages import DeepzEstimator, DeepzInformer, with_defaults
+from rail.deepz.scaling import Standardizer, fit_standardizer
+from rail.deepz.stages import (
+    NON_NEGATIVE,
+    POSITIVE,
+    DeepzEstimator,
+    DeepzInformer,
+    Option,
+    in_range,
+    one_of,
+    positive_int_list,
+    with_defaults,
+)
 from rail.deepz.training import (
     concat_outputs,
     fuse_linear_batchnorm,
@@ -118,18 +124,36 @@ class NNCNetwork(nn.Module):
         return self.smoother(torch.softmax(logits / temperature, dim=-1))
 
 
+def _check_blocks(name, blocks):
+    if not blocks or any(b not in FEATURE_BLOCKS for b in blocks):
+        raise ValueError(f"Option {name!r}={list(blocks)} must be a non-empty subset of {FEATURE_BLOCKS}")
+
+
 def _feature_blocks(config_features, missing_policy: str) -> list[str]:
     blocks = list(config_features)
-    bad = [b for b in blocks if b not in FEATURE_BLOCKS]
-    if bad or not blocks:
-        raise ValueError(f"Option 'features'={blocks} must be a non-empty subset of {FEATURE_BLOCKS}")
     if missing_policy == "mask" and "valid" not in blocks:
         blocks.append("valid")
     return blocks
 
 
-def _features(phot: Photometry, blocks: list[str]) -> np.ndarray:
-    return phot.features(blocks)
+DEFAULT_DZ = 0.005
+
+
+def _zero_or_at_least_2(name, value):
+    if value != 0 and value < 2:
+        raise ValueError(f"Option {name!r} must be 0 (bins from 'dz') or >= 2, got {value}")
+
+
+def _n_bins(cfg) -> int:
+    """Bin count from ``nbins`` (if set) or the bin width ``dz``; both set is an error."""
+    if cfg.nbins and cfg.dz != DEFAULT_DZ:
+        raise ValueError(f"Options 'nbins' ({cfg.nbins}) and 'dz' ({cfg.dz}) both set the NNC's bins: give one")
+    if cfg.nbins:
+        return int(cfg.nbins)
+    n = int(round((cfg.zmax - cfg.zmin) / cfg.dz))
+    if n < 2:
+        raise ValueError(f"Option 'dz' ({cfg.dz}) gives {n} bin(s) on [{cfg.zmin}, {cfg.zmax}]: need >= 2")
+    return n
 
 
 class DeepzNNCInformer(DeepzInformer):
@@ -144,16 +168,19 @@ class DeepzNNCInformer(DeepzInformer):
         lr=5e-4, batch_size=4096, epochs=300, patience=20,
     ))
     config_options.update(
-        nbins=Param(int, 600, msg="number of evenly spaced redshift bins on [zmin, zmax]"),
-        hidden_layers=Param(list, [512, 256, 128, 64], msg="widths of the residual MLP's hidden layers"),
-        dropout=Param(float, 0.0, msg="dropout probability after each hidden layer (paper: 0.1)"),
-        smoothing_bins=Param(
-            float, 2.0,
+        dz=Option(float, DEFAULT_DZ, check=POSITIVE, msg="width of the redshift bins (the paper's 0.005); the "
+                  "bin count is round((zmax - zmin) / dz)"),
+        nbins=Option(int, 0, check=_zero_or_at_least_2, msg="number of evenly spaced redshift bins on [zmin, zmax] "
+                     "instead of 'dz' (0 = from dz; giving both is an error)"),
+        hidden_layers=Option(list, [512, 256, 128, 64], check=positive_int_list, msg="widths of the residual MLP's hidden layers"),
+        dropout=Option(float, 0.0, check=in_range(0, 1, "left"), msg="dropout probability after each hidden layer (paper: 0.1)"),
+        smoothing_bins=Option(
+            float, 2.0, check=NON_NEGATIVE,
             msg="width (in bins) of the fixed Gaussian smoothing of the softmax output; "
             "without it CRPS training leaves comb-like PDFs over fine bins (0 = off, as the paper)",
         ),
-        nll_weight=Param(
-            float, 0.1,
+        nll_weight=Option(
+            float, 0.1, check=NON_NEGATIVE,
             msg="weight of the histogram negative log-likelihood added to the CRPS loss "
             "(0 = the paper's pure CRPS)",
         ),
@@ -162,14 +189,14 @@ class DeepzNNCInformer(DeepzInformer):
             msg="fit a softmax temperature on the validation split (paper Sec. 4.4); "
             "False keeps T = 1",
         ),
-        temperature_objective=Param(
-            str, "pit_ks",
+        temperature_objective=Option(
+            str, "pit_ks", check=one_of("pit_ks", "nll"),
             msg="what the temperature minimises on the validation split: 'pit_ks' (KS distance "
             "of the PITs from uniform) or 'nll' (the paper's choice; outlier-dominated with "
             "fine bins, see rail.deepz.calibration)",
         ),
-        features=Param(
-            list, ["mags", "colors", "errors", "color_errors"],
+        features=Option(
+            list, ["mags", "colors", "errors", "color_errors"], check=_check_blocks,
             msg=f"input feature blocks, a subset of {FEATURE_BLOCKS}; 'valid' (detection "
             "indicators) is added automatically with missing_policy='mask'",
         ),
@@ -178,22 +205,16 @@ class DeepzNNCInformer(DeepzInformer):
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
         cfg = self.config
         blocks = _feature_blocks(cfg.features, cfg.missing_policy)
-        if cfg.nbins < 2:
-            raise ValueError(f"Option 'nbins' must be >= 2, got {cfg.nbins}")
-        if cfg.nll_weight < 0:
-            raise ValueError(f"Option 'nll_weight' must be >= 0, got {cfg.nll_weight}")
-        if cfg.temperature_objective not in ("pit_ks", "nll"):
-            raise ValueError(
-                f"Option 'temperature_objective'={cfg.temperature_objective!r} is not 'pit_ks' or 'nll'"
-            )
-        x = _features(self._photometry(data), blocks)
+        mask = cfg.missing_policy == "mask"
+        x, fvalid = self._photometry(data).masked_features(blocks, mask)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
-        scaler = Standardizer().fit(x[tr])
-        xs = scaler.transform(x)
-        edges = np.linspace(cfg.zmin, cfg.zmax, cfg.nbins + 1)
+        scaler = fit_standardizer(x, fvalid, tr)
+        xs = scaler.transform(x, fvalid)
+        nbins = _n_bins(cfg)
+        edges = np.linspace(cfg.zmin, cfg.zmax, nbins + 1)
         centers = torch.as_tensor(0.5 * (edges[1:] + edges[:-1]), dtype=torch.float32)
         torch.manual_seed(cfg.seed)
-        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), cfg.nbins, cfg.dropout, cfg.smoothing_bins)
+        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), nbins, cfg.dropout, cfg.smoothing_bins)
         edges_t = torch.as_tensor(edges, dtype=torch.float32)
         on_device = {}
         nll_weight = float(cfg.nll_weight)
@@ -221,10 +242,12 @@ class DeepzNNCInformer(DeepzInformer):
             arch={
                 "in_features": int(xs.shape[1]),
                 "hidden": [int(h) for h in cfg.hidden_layers],
-                "n_bins": int(cfg.nbins),
+                "n_bins": int(nbins),
                 "dropout": float(cfg.dropout),
                 "smoothing_bins": float(cfg.smoothing_bins),
                 "features": blocks,
+                # masked features zeroed after standardisation (absent in older models: not zeroed)
+                "mask_features": mask,
             },
             edges=edges,
             temperature=temperature,
@@ -242,20 +265,18 @@ class DeepzNNCEstimator(DeepzEstimator):
     method = "nnc"
     config_options = DeepzEstimator.config_options.copy()
     config_options.update(
-        qp_representation=Param(
-            str, "hist",
+        qp_representation=Option(
+            str, "hist", check=one_of("hist", "interp"),
             msg="'hist' (exact histogram) or 'interp' (density at bin centres)",
         ),
-        mode_window=Param(
-            float, 0.06,
+        mode_window=Option(
+            float, 0.06, check=NON_NEGATIVE,
             msg="width (redshift units) of the window whose centre is zmode: the window of this "
             "width holding the most probability per bin; 0 = centre of the most probable bin",
         ),
     )
 
     def _build_network(self, model):
-        if self.config.mode_window < 0:
-            raise ValueError(f"Option 'mode_window' must be >= 0, got {self.config.mode_window}")
         arch = model["arch"]
         net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"],
                          arch.get("smoothing_bins", 0.0))
@@ -272,7 +293,9 @@ class DeepzNNCEstimator(DeepzEstimator):
         return net
 
     def _estimate_chunk(self, data: Mapping):
-        x = self.scaler.transform(_features(self._photometry(data), self.model["arch"]["features"]))
+        arch = self.model["arch"]
+        x = self.scaler.transform(*self._photometry(data).masked_features(
+            arch["features"], arch.get("mask_features", False)))
         logits = concat_outputs(
             predict_batched(self.net, [x], self.torch_device, self.inference_batch_size,
                             self.config.mixed_precision)

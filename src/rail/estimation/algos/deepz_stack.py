@@ -56,10 +56,12 @@ import qp
 import torch
 from ceci.config import StageParameter as Param
 from rail.core.common_params import SharedParams
+from rail.core.data import TableHandle
 from rail.estimation.estimator import CatEstimator
 from rail.estimation.informer import CatInformer
 
 from rail.deepz._version import __version__
+from rail.deepz.modelfile import DeepzModelHandle
 from rail.deepz.pdf import _mixture_at, binned_ensemble
 from rail.deepz.stages import (
     FORMAT,
@@ -521,6 +523,7 @@ class DeepzStackInformer(CatInformer):
     name = "DeepzStackInformer"
     entrypoint_function = "inform"
     interactive_function = "deepz_stack_informer"
+    outputs = [("model", DeepzModelHandle)]  # written and read without pickle (rail.deepz.modelfile)
     config_options = CatInformer.config_options.copy()
     config_options.update(STACK_GRID_OPTIONS)
     config_options.update(
@@ -630,6 +633,7 @@ class DeepzStackEstimator(CatEstimator):
     name = "DeepzStackEstimator"
     entrypoint_function = "estimate"
     interactive_function = "deepz_stack_estimator"
+    inputs = [("model", DeepzModelHandle), ("input", TableHandle)]
     config_options = CatEstimator.config_options.copy()
     config_options.update(
         inputs=Param(dict, {}, msg="{estimator name: qp file} of PDFs row-aligned with the input table; "

@@ -1,0 +1,318 @@
+"""The metrics' direct paths (qp.hist, qp.interp, qp.mixmod read and evaluated from their
+stored parameters) against qp's general path, and the harness's handling of rows that
+cannot be scored (non-finite PDFs and truths), of ids, and of small or degenerate bins.
+
+Tolerances, and why:
+
+* densities on the metric grids, CDE and Brier terms: rtol 1e-10 -- the same formulas as
+  qp (its bin lookup, linear interpolation, the mixture sum), after the same normalisation;
+  only the order of float64 operations differs (~1e-16 relative per value). Mixtures are
+  evaluated in float32 by default (``MetricConfig.mixture_float32``): rtol 1e-5, from
+  float32 rounding of (z - mu) / sigma (~1e-7 relative, times |t| <~ 10 in the exponent).
+* PIT: atol 1e-12 -- qp's CDF of a hist/interp is linear between the nodes, as ours. For
+  ``interp`` this holds when the PDF vanishes at the first node: qp's CDF starts at
+  0.5 y_0 (x_1 - x_0), ours at 0 (checked separately, to the exact amount).
+* CRPS: atol 1e-10 against qp's CDF tabulated on a grid that holds every node (where the
+  linear-CDF integral is exact); against qp's general path (a 1e-3 grid that need not hold
+  uneven bin edges) atol 1e-5: linear interpolation of a piecewise-linear CDF on a grid of
+  step h errs by < h x (largest density) only in the cells holding a node, so by
+  O(h^2 x density x nodes) ~ 1e-6 in the integral here. Mixtures: closed form against
+  qp's gridded CDF, atol 1e-5 (grid step 1e-3, trapezoid error).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import qp
+
+from rail.deepz import pointmetrics as pm
+from rail.evaluation import deepz_metrics as dm
+
+N = 300
+
+
+def _hist(rng, n=N):
+    # uneven bins reaching outside the metric grid [0, 3]
+    bins = np.sort(np.concatenate([[-0.3, 3.6], rng.uniform(-0.3, 3.6, 60)]))
+    return qp.Ensemble(qp.hist, data=dict(bins=bins, pdfs=rng.gamma(0.5, 1.0, (n, bins.size - 1))))
+
+
+def _interp(rng, n=N, y0=0.0):
+    x = np.linspace(-0.2, 3.4, 181)
+    y = rng.gamma(0.5, 1.0, (n, x.size))
+    y[:, 0] = y0
+    return qp.Ensemble(qp.interp, data=dict(xvals=x, yvals=y))
+
+
+def _mixmod(rng, n=N):
+    w = rng.dirichlet(np.ones(4), n)
+    return qp.Ensemble(qp.mixmod, data=dict(weights=w, means=rng.uniform(-0.2, 3.3, (n, 4)),
+                                            stds=rng.uniform(0.02, 0.4, (n, 4))))
+
+
+MAKERS = {"hist": _hist, "interp": _interp, "mixmod": _mixmod}
+
+
+def _truth(rng, n=N):
+    return rng.uniform(-0.5, 4.0, n)  # some outside the grids and the PDFs' support
+
+
+def _qp_block(ens):
+    """The same PDFs forced through qp's general path (the reference)."""
+    return dm.PDFBlock("qp", ens.npdf, ens=ens, bad=np.zeros(ens.npdf, dtype=bool))
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_direct_path_equals_qp(kind):
+    rng = np.random.default_rng(7)
+    ens = MAKERS[kind](rng)
+    z = _truth(rng)
+    cfg = dm.MetricConfig.for_range(0.0, 3.0)
+    direct, ref = dm.MetricAccumulator(cfg), dm.MetricAccumulator(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct.add(ens, z)
+        ref.add(_qp_block(ens), z)
+    a, b = direct.per_object(), ref.per_object()
+    assert dm.PDFBlock.from_ensemble(ens).kind == kind
+    # mixtures on the grids in float32 (MetricConfig.mixture_float32): ~1e-6 of the largest density
+    rtol = 1e-5 if kind == "mixmod" else 1e-10
+    for key in ("cde1", "cde2", "brier"):
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-12, err_msg=key)
+    if kind == "mixmod":  # and exactly qp's values in float64
+        exact = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False))
+        exact.add(ens, z)
+        for key in ("cde1", "cde2", "brier"):
+            np.testing.assert_allclose(exact.per_object()[key], b[key], rtol=1e-10, atol=1e-12, err_msg=key)
+    else:
+        np.testing.assert_array_equal(a["zphot"], b["zphot"])  # mode on zgrid: same argmax
+    np.testing.assert_allclose(a["pit"], b["pit"], rtol=0, atol=1e-12)
+    # PITs of exactly 0 and 1 as qp's (its PIT statistics drop them), so its statistics agree
+    for edge in (0.0, 1.0):
+        assert (a["pit"] == edge).sum() == (b["pit"] == edge).sum()
+        assert kind == "mixmod" or (a["pit"] == edge).sum() > 0  # ztrue outside the tabulated support
+    for key, val in dm.pit_metrics(b["pit"]).items():
+        assert dm.pit_metrics(a["pit"])[key] == pytest.approx(val, rel=1e-6, abs=1e-12), key
+    if kind == "mixmod":  # qp's path integrates over the metric grid only: widen it to the mixtures' support
+        b["crps"] = dm.crps_qp(ens, z, limits=(-2.5, 5.5), npts=8001)
+    np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-5)
+    assert not a["bad_pdf"].any() and not a["bad_truth"].any()
+    if kind != "mixmod":  # exact reference: qp's CDF on a grid holding every node
+        block = dm.PDFBlock.from_ensemble(ens)
+        g = np.union1d(np.linspace(block.x[0], block.x[-1], 2001), block.x)
+        exact = dm.crps_grid(np.asarray(ens.cdf(g)), g, z)
+        np.testing.assert_allclose(a["crps"], exact, rtol=0, atol=1e-10)
+
+
+def test_interp_cdf_differs_from_qp_only_by_its_first_node_offset():
+    rng = np.random.default_rng(3)
+    ens = _interp(rng, 50, y0=2.0)
+    x = ens.metadata["xvals"].ravel()
+    y0 = ens.objdata["yvals"][:, 0]  # normalised by qp
+    z = np.concatenate([rng.uniform(x[0], x[1], 25), rng.uniform(x[1], x[-1], 25)])
+    ours = dm.PDFBlock.from_ensemble(ens).cdf_at(z)
+    theirs = dm.pit_values(ens, z)
+    t = np.clip((z - x[0]) / (x[1] - x[0]), 0, 1)
+    offset = np.where(z < x[1], (1 - t) * 0.5 * y0 * (x[1] - x[0]), 0.0)
+    np.testing.assert_allclose(theirs - ours, offset, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_file_read_with_h5py_equals_ensemble(kind, tmp_path):
+    rng = np.random.default_rng(11)
+    ens = MAKERS[kind](rng, 500)
+    ens.set_ancil({"zmode": rng.uniform(0, 3, 500)})
+    path = tmp_path / f"{kind}.hdf5"
+    ens.write_to(str(path))
+    z = _truth(rng, 500)
+    cfg = dm.MetricConfig.for_range(0.0, 3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = dm.accumulate_estimate(str(path), z, config=cfg, chunk_size=123).per_object()
+        b = dm.accumulate_estimate(ens, z, config=cfg, chunk_size=10_000).per_object()
+    for key in dm.PER_OBJECT_KEYS:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_other_representations_use_qp(tmp_path):
+    rng = np.random.default_rng(2)
+    quants = np.linspace(0.01, 0.99, 15)
+    locs = np.sort(rng.uniform(0.2, 2.5, (40, 15)), axis=1)
+    ens = qp.Ensemble(qp.quant, data=dict(quants=quants, locs=locs))
+    path = tmp_path / "quant.hdf5"
+    ens.write_to(str(path))
+    z = rng.uniform(0.2, 2.5, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        po = dm.accumulate_estimate(str(path), z, config=dm.MetricConfig.for_range(0.0, 3.0)).per_object()
+        ref = dm.pit_values(ens, z)
+    np.testing.assert_allclose(po["pit"], ref, atol=1e-12)
+    assert np.isfinite(po["crps"]).all()
+
+
+# ----------------------------------------------------------------- rows that cannot be scored
+
+
+def _nan_case(tmp_path, n=400, n_bad=10):
+    """400 mixtures whose zmode is a good estimate; 10 of them NaN PDFs with a finite zmode."""
+    rng = np.random.default_rng(5)
+    z = rng.uniform(0.1, 2.5, n)
+    w = np.ones((n, 1))
+    mu = (z + rng.normal(0, 0.02, n))[:, None]
+    s = np.full((n, 1), 0.05)
+    bad = rng.choice(n, n_bad, replace=False)
+    mu[bad] = np.nan  # as a NaN network output gives
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    zmode = mu[:, 0].copy()
+    zmode[bad] = 0.015  # the finite zmode NNC gave a NaN PDF
+    ens.set_ancil({"zmode": zmode})
+    path = tmp_path / "nan.hdf5"
+    ens.write_to(str(path))
+    return path, z, np.sort(bad)
+
+
+def test_nan_pdfs_raise_by_default_and_are_counted_when_excluded(tmp_path):
+    from rail.evaluation.deepz_compare import compare
+
+    path, z, bad = _nan_case(tmp_path)
+    with pytest.raises(ValueError, match=r"10 PDFs or point estimates are not finite \(rows " + str(bad[0])):
+        dm.accumulate_estimate(str(path), z)
+    with pytest.raises(ValueError, match="exclude"):
+        compare({"nnc": path}, {"redshift": z}, outdir=tmp_path / "o1", plots=False, progress=False,
+                print_table=False)
+    res = compare({"nnc": path}, {"redshift": z}, outdir=tmp_path / "o2", plots=False, progress=False,
+                  print_table=False, exclude_bad=True)
+    t = res.table[res.table.bin_type == "all"].set_index("metric")
+    assert t.loc["n_bad_pdf", "value"] == 10 and t.loc["n_bad_truth", "value"] == 0
+    assert t.loc["eta", "n"] == 390  # the metrics are of the 390 good rows, and say so
+    good = np.setdiff1d(np.arange(400), bad)
+    po = dm.accumulate_estimate(str(path), z, exclude_bad=True).per_object()
+    assert np.isnan(po["pit"][bad]).all() and np.isnan(po["zphot"][bad]).all()
+    assert t.loc["rail_outlier_rate", "value"] == pytest.approx(
+        dm.rail_point_metrics(po["zphot"][good], z[good])["rail_outlier_rate"])
+    assert (tmp_path / "o2" / "metrics.csv").is_file()
+
+
+def test_cli_exclude_bad(tmp_path, capsys):
+    import h5py
+    import pandas as pd
+
+    from rail.evaluation import deepz_cli
+
+    path, z, bad = _nan_case(tmp_path)
+    truth = tmp_path / "truth.hdf5"
+    with h5py.File(truth, "w") as f:
+        f["redshift"] = z
+    args = ["--truth", str(truth), "--estimate", f"nnc={path}", "--no-plots", "--quiet"]
+    assert deepz_cli.main(args + ["--out", str(tmp_path / "a")]) == 1
+    assert "10 PDFs or point estimates are not finite" in capsys.readouterr().err
+    assert deepz_cli.main(args + ["--out", str(tmp_path / "b"), "--exclude-bad"]) == 0
+    t = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert t[(t.metric == "n_bad_pdf") & (t.bin_type == "all")].value.item() == 10
+
+
+def test_nan_truths_raise_by_default_and_are_counted_when_excluded(tmp_path):
+    rng = np.random.default_rng(1)
+    ens = _mixmod(rng, 200)
+    z = rng.uniform(0.1, 2.5, 200)
+    z[[3, 50, 199]] = np.nan
+    with pytest.raises(ValueError, match=r"3 true redshifts are not finite \(rows 3, 50, 199\)"):
+        dm.accumulate_estimate(ens, z)
+    po = dm.accumulate_estimate(ens, z, exclude_bad=True).per_object()
+    rows = {r["metric"]: r for r in dm.tidy_metrics(po, "x", np.linspace(0, 3, 4)) if r["bin_type"] == "all"}
+    assert rows["n_bad_truth"]["value"] == 3 and rows["crps"]["n"] == 197
+    assert np.isfinite(rows["crps"]["value"])
+
+
+# ----------------------------------------------------------------- ids
+
+
+def test_truth_in_another_row_order_is_matched_by_id(tmp_path):
+    from rail.evaluation.deepz_compare import compare
+
+    rng = np.random.default_rng(9)
+    n = 300
+    ens = _mixmod(rng, n)
+    ids = rng.permutation(10 * n)[:n] + 1000
+    ens.set_ancil({"zmode": ens.objdata["means"][:, 0], "id": ids})  # where RAIL's estimators put id_col
+    path = tmp_path / "est.hdf5"
+    ens.write_to(str(path))
+    z = rng.uniform(0.0, 3.0, n)
+    mag = rng.uniform(18, 25, n)
+    kw = dict(outdir=tmp_path / "o", plots=False, progress=False, print_table=False, mag_col="mag")
+    aligned = compare({"a": path}, {"redshift": z, "mag": mag, "object_id": ids}, **kw).table
+    perm = rng.permutation(n)
+    shuffled = compare({"a": path}, {"redshift": z[perm], "mag": mag[perm], "object_id": ids[perm]}, **kw).table
+    np.testing.assert_allclose(shuffled.value.to_numpy(), aligned.value.to_numpy(), rtol=1e-12, equal_nan=True)
+    # without ids the shuffled truth gives other numbers: the matching did something
+    plain = compare({"a": path}, {"redshift": z[perm], "mag": mag[perm]}, **kw).table
+    assert not np.allclose(plain.value.to_numpy(), aligned.value.to_numpy(), equal_nan=True)
+    # id sets that disagree: an error naming how many
+    other = ids.copy()
+    other[:2] = [-1, -2]
+    with pytest.raises(ValueError, match="2 of its 300 ids are not in the truth table.*2 of the 300 truth ids"):
+        compare({"a": path}, {"redshift": z, "mag": mag, "object_id": other}, id_col="object_id", **kw)
+
+
+def test_align_to_truth():
+    assert dm.align_to_truth([1, 2, 3], [1, 2, 3]) is None
+    np.testing.assert_array_equal(dm.align_to_truth([3, 1, 2], [1, 2, 3]), [2, 0, 1])
+    np.testing.assert_array_equal(dm.align_to_truth([b"b", b"a"], np.array(["a", "b"])), [1, 0])
+    with pytest.raises(ValueError, match="repeat"):
+        dm.align_to_truth([1, 1, 2], [1, 2, 3])
+
+
+# ----------------------------------------------------------------- small and degenerate bins
+
+
+def test_degenerate_and_small_bins_are_nan_not_a_crash():
+    rng = np.random.default_rng(0)
+    n = 200
+    z = np.concatenate([rng.uniform(0.0, 1.0, n), rng.uniform(1.0, 2.0, 15), rng.uniform(2.0, 3.0, 3)])
+    m = z.size
+    po = {"ztrue": z, "zphot": z + rng.normal(0, 0.02, m), "pit": rng.uniform(0, 1, m),
+          "crps": rng.uniform(0, 0.1, m), "cde1": np.ones(m), "cde2": np.ones(m), "brier": np.ones(m),
+          "mag": np.full(m, np.nan), "bad_pdf": np.zeros(m, bool), "bad_truth": np.zeros(m, bool)}
+    po["pit"][n:n + 15] = 1.0  # every PIT of this bin at 1: qp's PIT statistics cannot be computed
+    with pytest.warns(dm.MetricWarning) as rec:
+        rows = dm.tidy_metrics(po, "x", np.array([0.0, 1.0, 2.0, 3.0]))
+    msgs = " ".join(str(r.message) for r in rec)
+    assert "PIT statistics" in msgs and "3 objects, fewer than 10" in msgs
+    by = {(r["bin_lo"], r["metric"]): r for r in rows if r["bin_type"] == "redshift"}
+    assert np.isnan(by[(1.0, "pit_ks")]["value"]) and by[(1.0, "pit_ks")]["n"] == 15
+    assert np.isfinite(by[(1.0, "sigma_nmad")]["value"]) and by[(1.0, "pco")]["value"] == 1.0
+    assert all(np.isnan(by[(2.0, k)]["value"]) and by[(2.0, k)]["n"] == 3 for k in dm.METRIC_INFO)
+    assert all(np.isfinite(by[(0.0, k)]["value"]) for k in dm.METRIC_INFO)
+
+
+def test_som_uses_the_one_home_of_the_point_metrics():
+    from rail.deepz import som
+
+    rng = np.random.default_rng(3)
+    zt = rng.uniform(0, 3, 500)
+    zp = zt + rng.normal(0.01, 0.05, 500) * (1 + zt)
+    pit = rng.uniform(0, 1, 500)
+    dz, outl, pco_i = som.residual_terms(zp, zt, pit)
+    g = som.global_metrics(dz, outl, pco_i)
+    assert g["sigma_nmad"] == pm.sigma_nmad_nomedian(zp, zt)  # the SOM paper's definition
+    assert g["eta"] == pm.eta(zp, zt) and g["pco"] == pm.pco(pit) and g["bias"] == pm.bias_median(zp, zt)
+
+
+def test_row_cumsum_is_numpys():
+    m = np.random.default_rng(0).random((37, 211))
+    np.testing.assert_array_equal(dm._cumsum_rows(m), np.cumsum(m, axis=1))
+
+
+def test_point_estimates_computed_when_not_in_the_ancil():
+    rng = np.random.default_rng(4)
+    ens = _hist(rng, 40)
+    z = rng.uniform(0.0, 3.0, 40)
+    for key, ref in (("zmode", lambda: ens.mode(grid=np.linspace(0.0, 3.0, 301))), ("zmedian", ens.median)):
+        acc = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, point_estimate=key))
+        acc.add(ens, z)
+        np.testing.assert_allclose(acc.per_object()["zphot"], np.asarray(ref()).ravel(), rtol=1e-12)
+    with pytest.raises(KeyError, match="zfoo"):
+        dm.MetricAccumulator(dm.MetricConfig(point_estimate="zfoo")).add(ens, z)
