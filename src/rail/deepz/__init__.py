@@ -19,3 +19,4 @@ import rail.estimation.algos.deepz_somflag  # noqa: E402,F401
 import rail.estimation.algos.deepz_lstm  # noqa: E402,F401
 import rail.estimation.algos.deepz_cnn  # noqa: E402,F401
 import rail.estimation.algos.deepz_scene  # noqa: E402,F401
+import rail.estimation.algos.deepz_stack  # noqa: E402,F401

@@ -1,0 +1,192 @@
+"""Stacking benchmark (issue 18): the stack beside each single estimator on DC2.
+
+DC2 (pz-rail-base files): the 10,225-row training file is split at random (seed 0) into
+80% on which NNC, LSTM, embedding MDN and FlexZBoost are trained through the registry
+(:func:`rail.evaluation.deepz_compare.run_estimator`, registry default settings), and a 20%
+*stack validation* split. Each estimator estimates the stack-validation rows and the
+20,449-row test file in one call (the two tables concatenated); the qp files are then cut
+into the two row ranges. On the stack-validation split the stack is informed
+(:class:`~rail.estimation.algos.deepz_stack.DeepzStackInformer`), then applied to the test
+files. Rows of the report, all scored on the test file by
+:func:`rail.evaluation.deepz_compare.compare` (point estimate zmode):
+
+* each single estimator;
+* ``equal_average``: the equal-weight linear pool on the stack's grid (no fit);
+* ``linear_pool``: fitted weights, no recalibration (``recalibrate=False``);
+* ``stack_crps``: weights + beta transform, CRPS, global;
+* ``stack_crps_magbin``: the same per quartile of mag_i_lsst;
+* ``stack_logscore``: weights + beta transform, log score, global.
+
+The single estimators are trained on 80% of the training file, so they are slightly
+worse than in ``accuracy_dc2``; every row here sees the same training data.
+
+    python benchmarks/stack.py            # writes benchmarks/results/stack_dc2.{json,md}
+    python benchmarks/stack.py --quick    # smoke run (quick configs, small subsets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from accuracy import git_commit, machine_info  # noqa: E402
+
+ESTIMATORS = ("nnc", "lstm", "embed", "flexzboost")
+REPORT = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "eta", "crps", "pit_ks", "cde_loss", "pco"]
+
+
+def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
+    import qp
+
+    n = qp.data_length(str(path))
+    qp.read(str(path), read_slice=slice(0, n_first)).write_to(str(out_a))
+    qp.read(str(path), read_slice=slice(n_first, n)).write_to(str(out_b))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse the single estimators' qp files (and times) of "
+                   "an earlier run in --out / --results instead of retraining them")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS))
+    p.add_argument("--out", default=str(HERE / "out" / "stack_dc2"))
+    p.add_argument("--results", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+
+    from rail.core.data import TableHandle
+
+    from rail.deepz import datasets
+    from rail.estimation.algos import deepz_stack as dst
+    from rail.evaluation import deepz_registry as reg
+    from rail.evaluation.deepz_compare import compare, format_table, overall_table, run_estimator
+
+    out = Path(a.out + ("_quick" if a.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    ds = datasets.load_dc2(n_train=2000 if a.quick else None, n_test=2000 if a.quick else None)
+    n_tr = len(ds.train[ds.redshift_col])
+    perm = np.random.default_rng(0).permutation(n_tr)
+    n_val = int(round(0.2 * n_tr))
+    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    full_train, test = ds.train, ds.test
+    val = {k: np.asarray(v)[val_idx] for k, v in full_train.items()}
+    ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
+    ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
+    n_test = len(test[ds.redshift_col])
+    print(f"[stack] DC2: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
+
+    keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
+    val_files, test_files, timings = {}, {}, {}
+    previous = Path(a.results) / ("stack_dc2" + ("_quick" if a.quick else "") + ".json")
+    for key in keys:
+        val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
+        if a.reuse and val_files[key].exists() and test_files[key].exists():  # same split, same seed
+            timings[key] = json.loads(previous.read_text())["timings_s_under_load"][key]
+            print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]}", flush=True)
+            continue
+        path, t = run_estimator(reg.get(key), ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
+        split_file(path, n_val, val_files[key], test_files[key])
+        timings[key] = t
+    vtab = {"redshift": val[ds.redshift_col], ds.ref_band: val[ds.ref_band]}
+    ttab = {"redshift": np.asarray(test[ds.redshift_col]), ds.ref_band: np.asarray(test[ds.ref_band]),
+            "id": np.arange(n_test)}
+    import h5py
+
+    ttab_path = out / "test_table.hdf5"  # on disk, so that the stack estimator streams it in chunks
+    with h5py.File(ttab_path, "w") as f:
+        for k, v in ttab.items():
+            f.create_dataset(k, data=v)
+    vin = {k: str(v) for k, v in val_files.items()}
+    tin = {k: str(v) for k, v in test_files.items()}
+
+    # the held-out check (a second fit) only for the main variant
+    variants = {
+        "linear_pool": dict(recalibrate=False, holdout_fraction=0.0),
+        "stack_crps": dict(holdout_fraction=0.25),
+        "stack_crps_magbin": dict(bin_col=ds.ref_band, n_bins=4, min_bin_objects=300, holdout_fraction=0.0),
+        "stack_logscore": dict(score="logscore", holdout_fraction=0.0),
+    }
+    models, stack_files = {}, {}
+    for label, kw in variants.items():
+        inf = dst.DeepzStackInformer.make_stage(name=f"stack_inf_{label}", model=str(out / f"{label}.pkl"),
+                                                inputs=vin, hdf5_groupname="", **kw)
+        t0 = time.perf_counter()
+        inf.inform(TableHandle("input", data=vtab))
+        t_inf = time.perf_counter() - t0
+        est = dst.DeepzStackEstimator.make_stage(name=f"stack_est_{label}", model=inf.get_handle("model"),
+                                                 inputs=tin, hdf5_groupname="", output=str(out / f"{label}.hdf5"))
+        t0 = time.perf_counter()
+        est.estimate(TableHandle("input", path=str(ttab_path)))
+        t_est = time.perf_counter() - t0
+        models[label], stack_files[label] = inf.model, out / f"{label}.hdf5"
+        timings[label] = {"inform_time_s": t_inf, "estimate_time_s": t_est, "n_train": n_val, "n_test": n_test}
+        print(f"[stack] {label}: weights {np.round(inf.model['weights'], 3).tolist()}, "
+              f"a {np.round(inf.model['a'], 3).tolist()}, b {np.round(inf.model['b'], 3).tolist()}; "
+              f"inform {t_inf:.1f} s, estimate {t_est:.1f} s (under load)", flush=True)
+
+    # equal-weight average on the same grid: a model with equal weights and no transform
+    eq = dict(models["linear_pool"])
+    eq["weights"] = np.full_like(eq["weights"], 1.0 / len(keys))
+    est = dst.DeepzStackEstimator.make_stage(name="stack_est_equal", model=eq, inputs=tin, hdf5_groupname="",
+                                             output=str(out / "equal_average.hdf5"))
+    est.estimate(TableHandle("input", path=str(ttab_path)))
+    stack_files["equal_average"] = out / "equal_average.hdf5"
+
+    estimates = {**{k: str(v) for k, v in test_files.items()},
+                 **{k: str(stack_files[k]) for k in ("equal_average", "linear_pool", "stack_crps",
+                                                     "stack_crps_magbin", "stack_logscore")}}
+    res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, zmin=ds.zmin,
+                  zmax=ds.zmax, outdir=out / "compare", plots=False, print_table=False, progress=False)
+    wide = overall_table(res.table, REPORT)
+    metrics = {e: {k: (None if v != v else float(v)) for k, v in row.items()} for e, row in wide.iterrows()}
+
+    def plain(model):
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in model.items()}
+
+    report = {
+        "benchmark": "stack", "date": when, "git_commit": git_commit(), "machine": machine_info(),
+        "load_note": "machine shared by several engineers (2 cores, heavily loaded): times are under load",
+        "data": "dc2", "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
+        "n_test": n_test, "estimators": keys, "point_estimate": "zmode", "metrics": metrics,
+        "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
+    }
+    res_dir = Path(a.results)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stem = "stack_dc2" + ("_quick" if a.quick else "")
+    (res_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    lines = [
+        "# Stacking benchmark: DC2", "",
+        f"{when}, commit {report['git_commit']}; {report['machine']['platform']}, "
+        f"{report['machine']['cpu_count']} CPUs, heavily loaded shared machine (times under load).",
+        f"Estimators trained on {len(fit_idx)} rows of the DC2 training file; stack fitted on the other "
+        f"{n_val}; all rows scored on the {n_test}-row test file; point estimate zmode"
+        f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
+        format_table(res.table, "markdown", REPORT), "",
+        "Fitted stacks (weights in the order " + ", ".join(keys) + "; last row = global):", "",
+    ]
+    for label, m in models.items():
+        d = m.get("diagnostics", {})
+        lines.append(f"* {label}: weights {np.round(m['weights'], 3).tolist()}, a {np.round(m['a'], 3).tolist()}, "
+                     f"b {np.round(m['b'], 3).tolist()}; inform {timings[label]['inform_time_s']:.0f} s, estimate "
+                     f"{timings[label]['estimate_time_s']:.0f} s (under load)")
+        if "stack" in d:
+            lines.append(f"  held-out check on {d['holdout']['n_holdout']} validation rows (fit on "
+                         f"{d['holdout']['n_fit']}): CRPS stack {d['stack']['crps']:.4f} vs equal "
+                         f"{d['equal_weights']['crps']:.4f}; PIT KS stack {d['stack']['pit_ks']:.3f} vs equal "
+                         f"{d['equal_weights']['pit_ks']:.3f}")
+    (res_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(format_table(res.table, "text", REPORT))
+    print(f"[stack] wrote {res_dir / (stem + '.json')} and .md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
