@@ -305,8 +305,8 @@ class MetricConfig:
         other than hist, interp and mixmod).
     brier_limits, brier_dx : qp's Brier grid.
     mixture_float32 : evaluate Gaussian mixtures on the CDE and Brier grids in float32
-        (2.8x faster; CDE and Brier terms within ~1e-5 relative of float64, see
-        ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
+        (faster: benchmarks/results/speed_metrics.md; CDE and Brier terms within ~1e-5 relative
+        of float64, see ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
     """
 
     point_estimate: str = "zmode"
