@@ -246,6 +246,8 @@ def test_bad_inputs_raise(tmp_path):
         inform({"redshift": z}, paths, score="brier")
     with pytest.raises(ValueError, match="Unknown config"):
         inform({"redshift": z}, paths, scroe="crps")
+    with pytest.raises((TypeError, ValueError), match="recalibrate"):  # typed options: "no" is not a bool
+        inform({"redshift": z}, paths, recalibrate="no")
     # a NaN PDF: the error names the input and the row
     y = ens["b"].objdata["yvals"].copy()
     y[42, 10] = np.nan

@@ -66,10 +66,12 @@ from rail.deepz.pdf import _mixture_at, binned_ensemble
 from rail.deepz.stages import (
     FORMAT,
     FORMAT_VERSION,
+    CheckedOptions,
     ModelFormatError,
     check_option_choice,
     table_to_numpy_dict,
     validate_config_keys,
+    validate_options,
 )
 
 METHOD = "stack"
@@ -513,7 +515,7 @@ STACK_GRID_OPTIONS = dict(
 )
 
 
-class DeepzStackInformer(CatInformer):
+class DeepzStackInformer(CheckedOptions, CatInformer):
     """Fit the stack's weights and beta recalibration on a validation table with true redshifts.
 
     ``input`` is the validation table (``redshift_col``, and ``bin_col`` when binned); option
@@ -552,6 +554,7 @@ class DeepzStackInformer(CatInformer):
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
         validate_config_keys(self)
+        validate_options(self)
         check_option_choice(self.config, "score", SCORES)
         check_option_choice(self.config, "z_out_of_range", ("raise", "drop"))
         if self.config.zmax <= self.config.zmin:
@@ -622,7 +625,7 @@ class DeepzStackInformer(CatInformer):
         self.add_data("model", self.model)
 
 
-class DeepzStackEstimator(CatEstimator):
+class DeepzStackEstimator(CheckedOptions, CatEstimator):
     """Stacked PDFs for a table, from the same estimators' qp files for its rows.
 
     ``input`` is the table whose rows the qp files of option ``inputs`` describe (it provides
@@ -647,6 +650,7 @@ class DeepzStackEstimator(CatEstimator):
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
         validate_config_keys(self)
+        validate_options(self)
         check_option_choice(self.config, "qp_representation", REPRESENTATIONS)
         self._checked = False
 
