@@ -256,6 +256,9 @@ def check_training_stage(stage) -> TrainConfig:
     validate_config_keys(stage)
     validate_options(stage)
     train_config = TrainConfig.from_config(stage.config)
+    automatic = getattr(stage, "automatic_training", None)
+    if automatic is not None:  # options left at 0 = automatic, resolved from the data in _fit
+        train_config = automatic(train_config, None)
     train_config.validate()
     if stage.config.zmax <= stage.config.zmin:
         raise ValueError(f"Option 'zmax' ({stage.config.zmax}) must exceed 'zmin' ({stage.config.zmin})")
