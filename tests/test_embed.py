@@ -425,6 +425,12 @@ def test_som_side_automatic(dc2):
     assert finf.model["som"]["som"]["shape"] == [7, 7]  # 1,000 validation objects
     with pytest.raises(ValueError, match="'som_shape'.*automatic"):
         DeepzSOMFlagInformer.make_stage(name=_name("finf"), som_shape=[5])
+    # the embedding MDN sizes it from its own validation split: 500 of 1,000 rows -> 5x5
+    cfg = {k: v for k, v in QUICK.items() if k != "som_shape"}
+    inf = DeepzEmbedInformer.make_stage(name=_name("inf"), **dict(cfg, epochs=2, ae_epochs=2, som_iterations=300,
+                                                                  som_n_boot=5, val_fraction=0.5))
+    inf.inform(_rows(dc2.train, 0, 1000))
+    assert inf.model["som"]["som"]["shape"] == [5, 5]
 
 
 def test_flagger_on_any_ensemble(dc2, tmp_path):
