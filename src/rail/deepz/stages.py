@@ -250,7 +250,9 @@ def validate_options(stage) -> None:
 def check_training_stage(stage) -> TrainConfig:
     """Validate an informer's options (keys, types, ranges, training settings, z range) before any data is read.
 
-    Returns the :class:`TrainConfig` of the stage. Shared by :class:`DeepzInformer` and informers that do not
+    Returns the :class:`TrainConfig` of the stage; a stage with a method ``automatic_training(train_config,
+    n_train)`` (NNC: ``batch_size`` / ``lr`` 0 = automatic) has it applied with ``n_train=None`` first, so the
+    values checked are ones the stage can train with (``_fit`` resolves them from the data). Shared by :class:`DeepzInformer` and informers that do not
     read photometry (the scene informer).
     """
     validate_config_keys(stage)
