@@ -249,7 +249,8 @@ def run(data, quick, out_root, results):
         "n_train_fit": int((~calib_mask).sum()),
         "n_calibration": int(calib_mask.sum()),
         "n_test": int(ztrue.size),
-        "settings": {"quick": quick, "point_estimate": "zmode", "som": som_cfg,
+        "settings": {"quick": quick, "point_estimate": "zmode",
+                     "som": dict(som_cfg, som_shape=list(shape)),  # the grid used (automatic unless set)
                      "embed_inform": {k: v for k, v in inform_cfg.items() if not isinstance(v, dict)},
                      "embed_best_epoch": train_info["best_epoch"], "embed_epochs_run": len(train_info["history"])},
         "overall": overall,

@@ -149,10 +149,11 @@ def test_registry_passes_shared_options_only_where_declared(files):
     assert s.estimator.endswith(":KNearNeighEstimator") and s.key == "knearneigh"
     with pytest.raises(ImportError, match="no class"):
         reg.resolve("rail.estimation.algos.k_nearneigh:NopeInformer")
-    # registry rules are data: NNC's small-training-set rule is listed and applied
-    assert any("n_train < 100000" in r["when"] for r in reg.get("nnc").rules)
+    # NNC's batch / lr and the embedding MDN's SOM side are stage defaults now, not registry settings
+    assert not reg.get("nnc").rules
     nnc_inform = reg.get("nnc").make_configs(ds)[0]
-    assert nnc_inform["batch_size"] == 1024
+    assert "batch_size" not in nnc_inform and "lr" not in nnc_inform
+    assert "som_shape" not in reg.get("embed").make_configs(ds)[0]
     assert nnc_inform["nondetect_val"] == [99.0, -99.0]  # our stages take every marker
     assert "peers" in reg.GROUPS and set(reg.GROUPS["peers"]()) >= {"knn"}
 

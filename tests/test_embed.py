@@ -413,6 +413,26 @@ def _other_estimator(table, seed):
     return ens
 
 
+def test_som_side_automatic(dc2):
+    """som_shape [] (default): a square grid of ~20 validation objects per cell, side 4..20."""
+    from rail.deepz.som_options import auto_som_side
+
+    assert [auto_som_side(n) for n in (0, 320, 1022, 2500, 8000, 10**6)] == [4, 4, 7, 11, 20, 20]
+    calib = _rows(dc2.train, 2000, 3000)
+    finf = DeepzSOMFlagInformer.make_stage(name=_name("finf"), hdf5_groupname="", som_iterations=300, som_n_boot=5)
+    assert finf.config.som_shape == []
+    finf.inform(_rows(dc2.train, 0, 2000), calib, _other_estimator(calib, 1))
+    assert finf.model["som"]["som"]["shape"] == [7, 7]  # 1,000 validation objects
+    with pytest.raises(ValueError, match="'som_shape'.*automatic"):
+        DeepzSOMFlagInformer.make_stage(name=_name("finf"), som_shape=[5])
+    # the embedding MDN sizes it from its own validation split: 500 of 1,000 rows -> 5x5
+    cfg = {k: v for k, v in QUICK.items() if k != "som_shape"}
+    inf = DeepzEmbedInformer.make_stage(name=_name("inf"), **dict(cfg, epochs=2, ae_epochs=2, som_iterations=300,
+                                                                  som_n_boot=5, val_fraction=0.5))
+    inf.inform(_rows(dc2.train, 0, 1000))
+    assert inf.model["som"]["som"]["shape"] == [5, 5]
+
+
 def test_flagger_on_any_ensemble(dc2, tmp_path):
     train = _rows(dc2.train, 0, 2000)
     calib = _rows(dc2.train, 2000, 3000)

@@ -273,3 +273,49 @@ def test_rail_interactive_discovers_and_runs_nnc(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
+
+
+def test_automatic_batch_and_lr(dc2, monkeypatch):
+    """batch_size / lr left at 0: 1024 / 1e-3 below 100,000 training objects, the paper's 4096 / 5e-4 from
+    there; resolved from the table in _fit, recorded in the model; explicit values are kept."""
+    from rail.estimation.algos import deepz_nnc
+
+    small = {k: np.asarray(v)[:600] for k, v in dc2.train.items()}
+    fast = dict(hidden_layers=[16], nbins=60, epochs=2, patience=2, progress=False, hdf5_groupname="", seed=3,
+                temperature_scaling=False)
+    inf = DeepzNNCInformer.make_stage(name=_name("auto"), **fast)
+    assert (inf.config.batch_size, inf.config.lr) == (0, 0.0)
+    inf.inform(small)
+    rec = inf.model["train"]
+    assert (rec["batch_size"], rec["lr"], rec["automatic"]) == (1024, 1e-3, ["batch_size", "lr"])
+    # explicit values are kept (only the one left at 0 is automatic)
+    inf = DeepzNNCInformer.make_stage(name=_name("explicit"), batch_size=128, **fast)
+    inf.inform(small)
+    rec = inf.model["train"]
+    assert (rec["batch_size"], rec["lr"], rec["automatic"]) == (128, 1e-3, ["lr"])
+    # a large table (the count, not 100k rows): the threshold is read when _fit resolves
+    assert deepz_nnc.automatic_batch_lr(99_999) == (1024, 1e-3)
+    assert deepz_nnc.automatic_batch_lr(100_000) == (4096, 5e-4)
+    tc = inf.automatic_training(inf.train_config, 2_000_000)
+    assert (tc.batch_size, tc.lr) == (128, 5e-4)
+    monkeypatch.setattr(deepz_nnc, "AUTO_N_TRAIN", 500)  # 600 rows now count as a large table
+    inf = DeepzNNCInformer.make_stage(name=_name("large"), **fast)
+    inf.inform(small)
+    assert (inf.model["train"]["batch_size"], inf.model["train"]["lr"]) == (4096, 5e-4)
+    # 0 = automatic; other values out of range are refused naming the option
+    for bad in (dict(batch_size=1), dict(lr=-1e-3)):
+        with pytest.raises(ValueError, match=f"'{next(iter(bad))}'.*0 = automatic"):
+            DeepzNNCInformer.make_stage(name=_name("bad"), **bad)
+
+
+def test_automatic_settings_match_the_dc2_harness():
+    """For DC2's 10,225 training rows the stage resolves what the registry set before these became stage
+    defaults: batch 1024, lr 1e-3, a 7x7 SOM (formula then: int(sqrt(0.1 * n_train / 20)) in 4..20)."""
+    from rail.deepz.som_options import auto_som_side
+    from rail.deepz.training import split_indices
+    from rail.estimation.algos.deepz_nnc import automatic_batch_lr
+
+    n_train = 10_225
+    assert automatic_batch_lr(n_train) == (1024, 1e-3)
+    _, va = split_indices(n_train, 0.1, 42)
+    assert auto_som_side(len(va)) == int(min(20, max(4, (0.1 * n_train / 20.0) ** 0.5))) == 7

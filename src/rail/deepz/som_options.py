@@ -23,7 +23,11 @@ SOM_OPTIONS = dict(
         list, ["colors"],
         msg="catalog features of the SOM: photometric blocks ('colors', 'mags', ...) and/or column names",
     ),
-    som_shape=Param(list, [15, 15], msg="SOM grid (rows, columns)"),
+    som_shape=Param(
+        list, [],
+        msg="SOM grid (rows, columns); [] (default) = automatic: a square grid whose cells hold ~20 "
+        "validation objects on average, side sqrt(n_val / 20) clipped to 4..20 (see auto_som_side)",
+    ),
     som_iterations=Param(int, 20000, msg="SOM online training updates"),
     som_sigma=Param(float, 0.0, msg="initial SOM neighbourhood radius in cells (0: a quarter of the larger side)"),
     som_learning_rate=Param(float, 0.5, msg="initial SOM learning rate"),
@@ -57,12 +61,26 @@ SOM_OPTIONS = dict(
 )
 
 
-def som_settings(cfg) -> dict:
+#: automatic SOM side: cells hold ~AUTO_SOM_PER_CELL validation objects on average (the per-cell
+#: metrics need a few), side clipped to [AUTO_SOM_MIN_SIDE, AUTO_SOM_MAX_SIDE]
+AUTO_SOM_PER_CELL, AUTO_SOM_MIN_SIDE, AUTO_SOM_MAX_SIDE = 20.0, 4, 20
+
+
+def auto_som_side(n_val: int) -> int:
+    """Side of the automatic square SOM for ``n_val`` validation objects: int(sqrt(n_val / 20)) in 4..20
+    (7 for DC2's 1,022 validation objects, 11 for 2,500, 20 from 8,000)."""
+    return int(min(AUTO_SOM_MAX_SIDE, max(AUTO_SOM_MIN_SIDE, (n_val / AUTO_SOM_PER_CELL) ** 0.5)))
+
+
+def som_settings(cfg, n_val: int = 0) -> dict:
     """Keyword arguments of :meth:`rail.deepz.som.SOMFlagModel.build` from a stage config (checks
-    ``som_shape`` and ``som_flag_metrics``)."""
+    ``som_shape`` and ``som_flag_metrics``); an empty ``som_shape`` becomes the automatic
+    :func:`auto_som_side` square for ``n_val`` validation objects."""
     shape = list(cfg.som_shape)
-    if len(shape) != 2:
-        raise ValueError(f"Option 'som_shape'={shape} must be two integers")
+    if len(shape) not in (0, 2):
+        raise ValueError(f"Option 'som_shape'={shape} must be two integers, or [] (automatic)")
+    if not shape:
+        shape = [auto_som_side(n_val)] * 2
     bad = [m for m in cfg.som_flag_metrics if m not in METRICS]
     if bad:
         raise ValueError(f"Option 'som_flag_metrics' has unknown metric(s) {bad}; choose from {METRICS}")

@@ -250,12 +250,17 @@ def validate_options(stage) -> None:
 def check_training_stage(stage) -> TrainConfig:
     """Validate an informer's options (keys, types, ranges, training settings, z range) before any data is read.
 
-    Returns the :class:`TrainConfig` of the stage. Shared by :class:`DeepzInformer` and informers that do not
+    Returns the :class:`TrainConfig` of the stage; a stage with a method ``automatic_training(train_config,
+    n_train)`` (NNC: ``batch_size`` / ``lr`` 0 = automatic) has it applied with ``n_train=None`` first, so the
+    values checked are ones the stage can train with (``_fit`` resolves them from the data). Shared by :class:`DeepzInformer` and informers that do not
     read photometry (the scene informer).
     """
     validate_config_keys(stage)
     validate_options(stage)
     train_config = TrainConfig.from_config(stage.config)
+    automatic = getattr(stage, "automatic_training", None)
+    if automatic is not None:  # options left at 0 = automatic, resolved from the data in _fit
+        train_config = automatic(train_config, None)
     train_config.validate()
     if stage.config.zmax <= stage.config.zmin:
         raise ValueError(f"Option 'zmax' ({stage.config.zmax}) must exceed 'zmin' ({stage.config.zmin})")

@@ -281,11 +281,7 @@ register(EstimatorSpec(
     estimator="rail.estimation.algos.deepz_nnc:DeepzNNCEstimator",
     shared_inform=_DEEP_INFORM,
     shared_estimate=_DEEP_ESTIMATE,
-    rules=[{
-        "when": "n_train < 100000", "set": {"batch_size": 1024, "lr": 1e-3},
-        "why": "the paper's batch 4096 / lr 5e-4 assume millions of objects: on DC2's 10k that is 3 optimiser "
-               "steps per epoch (measured: benchmarks/results/ablations_nnc.md)",
-    }],
+    # batch_size / lr: the stage's automatic defaults (1024 / 1e-3 under 100k objects)
     quick_inform=dict(epochs=5, hidden_layers=[64, 32], nbins=100, batch_size=512),
 ))
 
@@ -333,16 +329,12 @@ register(EstimatorSpec(
 
 
 def _embed_derive(ds, quick=False):
-    """SOM side from the validation split (~20 objects per cell, 4..20), output grid spacing sigma/2."""
-    # SOM cells hold ~20 validation objects on average (per-cell metrics need a few):
-    # 7x7 on DC2's 10k, 12x12 on BOSS's 25k, at most 20x20.
-    n_train = len(ds.train[ds.redshift_col])
-    side = int(min(20, max(4, (0.1 * n_train / 20.0) ** 0.5)))
+    """Output PDFs sampled on a grid of spacing sigma/2 (qp.interp; the SOM side is the stage's automatic default)."""
     # qp.mixmod with 200 components cannot be evaluated on a metric grid (qp allocates
     # N x 200 x grid floats: 1,000 objects x 3,001 points was killed for memory), so the
     # harness gets the PDFs sampled on a grid with spacing sigma / 2 (qp.interp).
     nz = int(2 * (ds.zmax - ds.zmin) / 0.0037) + 1
-    return {"som_shape": [side, side]}, {"qp_representation": "interp", "nzbins": nz}
+    return {}, {"qp_representation": "interp", "nzbins": nz}
 
 
 register(EstimatorSpec(

@@ -17,7 +17,8 @@ The same flags for any other estimator's PDFs: :mod:`rail.estimation.algos.deepz
 
 Paper settings: 200 Gaussians, sigma 0.0037, CRPS loss, 4 dense layers (here three
 hidden layers of 256 + the 200-wide output layer), 10% validation hold-out. The SOM grid
-size and the flag thresholds are not given in the paper; ours are options.
+size and the flag thresholds are not given in the paper; ours are options, the grid by default
+sized from the validation split (``som_shape=[]``, :func:`rail.deepz.som_options.auto_som_side`).
 
 Departure: ``nll_weight=0.1``, the loss is the CRPS plus 0.1 x the mixture negative
 log-likelihood (as for NNC): the CRPS constrains the CDF only and leaves the density near
@@ -234,7 +235,7 @@ class DeepzEmbedInformer(DeepzInformer):
             x_ref = x_som[tr]
         flags = SOMFlagModel.build(list(cfg.som_features), x_ref, x_som[tr], x_som[va],
                                    anc[cfg.som_point_estimate], z[va], pit, ref_is_train=ref is None,
-                                   **som_settings(cfg))
+                                   **som_settings(cfg, len(va)))
         self.log.info(f"SOM: {flags.summary()}")
         return self._model_dict(
             arch={

@@ -23,6 +23,8 @@ Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.m
 * ``nll_weight=0.1``: the loss is CRPS + 0.1 x the histogram negative log-likelihood
   (:func:`rail.deepz.mixtures.binned_nll`), which pins the density near the peak (with the
   CRPS alone the most probable bin wanders).
+* ``batch_size=0`` / ``lr=0`` (automatic): batch 1024 and lr 1e-3 below 100,000 training
+  objects, the paper's 4096 / 5e-4 from there (:func:`automatic_batch_lr`).
 * ``dropout=0.0`` (paper 0.1).
 * ``temperature_objective="pit_ks"`` (paper: the validation NLL; see
   :mod:`rail.deepz.calibration`).
@@ -34,6 +36,7 @@ Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.m
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -53,10 +56,12 @@ from rail.deepz.stages import (
     Option,
     in_range,
     one_of,
+    bound,
     positive_int_list,
     with_defaults,
 )
 from rail.deepz.training import (
+    TrainConfig,
     concat_outputs,
     fuse_linear_batchnorm,
     predict_batched,
@@ -144,6 +149,30 @@ def _zero_or_at_least_2(name, value):
         raise ValueError(f"Option {name!r} must be 0 (bins from 'dz') or >= 2, got {value}")
 
 
+#: below this many training objects (the table given to inform, validation rows included)
+#: the automatic batch size / learning rate are AUTO_SMALL, from there the paper's AUTO_PAPER
+AUTO_N_TRAIN = 100_000
+AUTO_SMALL = (1024, 1e-3)
+AUTO_PAPER = (4096, 5e-4)
+
+
+def automatic_batch_lr(n_train: int) -> tuple[int, float]:
+    """``(batch_size, lr)`` of the options left at 0 for ``n_train`` training objects: the paper's
+    4096 / 5e-4 assume millions of objects and leave a few optimiser steps per epoch on 10^4."""
+    return AUTO_SMALL if n_train < AUTO_N_TRAIN else AUTO_PAPER
+
+
+def _zero_or(check):
+    """``check`` for any value but 0 (= automatic)."""
+    def check_auto(name, value):
+        if value != 0:
+            try:
+                check(name, value)
+            except ValueError as err:
+                raise ValueError(f"{err} (or 0 = automatic)") from None
+    return check_auto
+
+
 def _n_bins(cfg) -> int:
     """Bin count from ``nbins`` (if set) or the bin width ``dz``; both set is an error."""
     if cfg.nbins and cfg.dz != DEFAULT_DZ:
@@ -164,10 +193,15 @@ class DeepzNNCInformer(DeepzInformer):
     method = "nnc"
     config_options = DeepzInformer.config_options.copy()
     config_options.update(with_defaults(
-        {k: DeepzInformer.config_options[k] for k in ("lr", "batch_size", "epochs", "patience")},
-        lr=5e-4, batch_size=4096, epochs=300, patience=20,
+        {k: DeepzInformer.config_options[k] for k in ("epochs", "patience")}, epochs=300, patience=20,
     ))
     config_options.update(
+        batch_size=Option(int, 0, check=_zero_or(bound(">=", 2)),
+                          msg="objects per optimisation step; 0 (default) = automatic: 1024 below 100,000 "
+                          "training objects, else the paper's 4096"),
+        lr=Option(float, 0.0, check=_zero_or(bound(">", 0)),
+                  msg="initial learning rate; 0 (default) = automatic: 1e-3 below 100,000 training "
+                  "objects, else the paper's 5e-4"),
         dz=Option(float, DEFAULT_DZ, check=POSITIVE, msg="width of the redshift bins (the paper's 0.005); the "
                   "bin count is round((zmax - zmin) / dz)"),
         nbins=Option(int, 0, check=_zero_or_at_least_2, msg="number of evenly spaced redshift bins on [zmin, zmax] "
@@ -202,8 +236,20 @@ class DeepzNNCInformer(DeepzInformer):
         ),
     )
 
+    def automatic_training(self, train_config: TrainConfig, n_train: int | None) -> TrainConfig:
+        """``train_config`` with ``batch_size`` / ``lr`` left at 0 set by :func:`automatic_batch_lr`
+        for ``n_train`` objects (None before the data is read: the values checked at construction)."""
+        batch, lr = automatic_batch_lr(n_train or 0)
+        return replace(train_config, batch_size=int(self.config.batch_size) or batch,
+                       lr=float(self.config.lr) or lr)
+
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
         cfg = self.config
+        train_config = self.automatic_training(self.train_config, len(z))
+        auto = [k for k in ("batch_size", "lr") if not getattr(cfg, k)]
+        if auto:
+            self.log.info(f"automatic for {len(z)} training objects: batch_size={train_config.batch_size}, "
+                          f"lr={train_config.lr:g}")
         blocks = _feature_blocks(cfg.features, cfg.missing_policy)
         mask = cfg.missing_policy == "mask"
         x, fvalid = self._photometry(data).masked_features(blocks, mask)
@@ -230,7 +276,7 @@ class DeepzNNCInformer(DeepzInformer):
                 loss = loss + nll_weight * binned_nll(probs, zb, e_dev)
             return loss
 
-        result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], self.train_config)
+        result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], train_config)
         temperature = 1.0
         if cfg.temperature_scaling:
             net.to("cpu")
@@ -253,7 +299,8 @@ class DeepzNNCInformer(DeepzInformer):
             temperature=temperature,
             state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
             scalers={"x": scaler.to_dict()},
-            train=result.to_dict(),
+            train=dict(result.to_dict(), batch_size=int(train_config.batch_size), lr=float(train_config.lr),
+                       automatic=auto),
         )
 
 

@@ -117,7 +117,7 @@ class DeepzSOMFlagInformer(DeepzInformer):
         x_ref = x_train if ref is None else som_feature_matrix(
             ref, self._photometry(ref) if needs else None, cfg.som_features)
         flags = SOMFlagModel.build(list(cfg.som_features), x_ref, x_train, x_val, zphot, z, pit,
-                                   ref_is_train=ref is None, **som_settings(cfg))
+                                   ref_is_train=ref is None, **som_settings(cfg, len(z)))
         self.log.info(f"SOM: {flags.summary()}")
         self.model = self._model_dict(som=flags.to_dict(), point_estimate=cfg.point_estimate)
         self.add_data("model", self.model)
