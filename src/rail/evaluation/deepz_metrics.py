@@ -368,8 +368,8 @@ class MetricAccumulator:
         """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
         redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks of
         ``_BLOCK``, on ``workers`` Python threads (NumPy and torch release the GIL; torch's
-        own intra-op threads are set to 1 meanwhile, so that the two do not multiply: an
-        OpenMP team per worker on a busy 2-core machine was 5x slower)."""
+        own intra-op threads are set to 1 meanwhile, so that the two do not multiply; CHANGELOG
+        has the measurement)."""
         block = PDFBlock.from_ensemble(ens, prepare=False) if isinstance(ens, qp.Ensemble) else ens
         block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
