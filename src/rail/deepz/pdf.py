@@ -451,6 +451,11 @@ def fixed_grid_ensemble(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
 # ---------------------------------------------------------------- any qp ensemble
 
 
+def representation(ens: qp.Ensemble) -> str:
+    """The qp parameterisation of ``ens`` (``"hist"``, ``"interp"``, ``"mixmod"``, ...; ``""`` if unnamed)."""
+    return str(getattr(ens.gen_class, "name", ""))
+
+
 def ensemble_point_estimate(ens: qp.Ensemble, key: str, zgrid) -> np.ndarray:
     """Point estimate ``key`` of every PDF of any qp ensemble -> (N,) float64.
 
@@ -652,7 +657,7 @@ def pdf_mass(ens: qp.Ensemble, zrange: tuple | None = None, block_rows: int = 40
       (these store the PDF on the grid, renormalised there; ``p_outside`` is then informative).
     Rows are taken ``block_rows`` at a time (bounded temporaries); other qp types: all 1.
     """
-    name = ens.gen_class.name
+    name = representation(ens)
     n = ens.npdf
     mass = np.ones(n, dtype=np.float64)
     obj = ens.objdata

@@ -32,6 +32,7 @@ from scipy.special import ndtr
 
 from rail.deepz.mixtures import gmm_crps_numpy
 from rail.deepz.pdf import ensemble_pit, mixture_pdf_on_grid
+from rail.deepz.pdf import representation as _kind
 
 _BLOCK = 2048  # rows per block of grid evaluations (memory: a few x _BLOCK x grid floats)
 DIRECT_KINDS = ("hist", "interp", "mixmod")
@@ -95,10 +96,6 @@ def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue, clip: bool = True) -> np
 def _is_mixmod(ens: qp.Ensemble) -> bool:
     """Whether ``ens`` holds Gaussian mixtures (``qp.mixmod``)."""
     return _kind(ens) == "mixmod"
-
-
-def _kind(ens: qp.Ensemble) -> str:
-    return str(getattr(ens.gen_class, "name", ""))
 
 
 def crps(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.ndarray:

@@ -54,6 +54,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import qp
 import torch
+from scipy import stats
 from ceci.config import StageParameter as Param
 from rail.core.common_params import SharedParams
 from rail.core.data import TableHandle
@@ -63,6 +64,7 @@ from rail.estimation.informer import CatInformer
 from rail.deepz._version import __version__
 from rail.deepz.modelfile import DeepzModelHandle
 from rail.deepz.pdf import _mixture_at, binned_ensemble
+from rail.deepz.pdf import representation as _kind
 from rail.deepz.stages import (
     FORMAT,
     FORMAT_VERSION,
@@ -88,10 +90,6 @@ LOGSCORE_FLOOR = 1e-9
 def grid_edges(zmin: float, zmax: float, nzbins: int) -> np.ndarray:
     """The ``nzbins + 1`` nodes of the common grid (also the output histogram's bin edges)."""
     return np.linspace(float(zmin), float(zmax), int(nzbins) + 1)
-
-
-def _kind(ens: qp.Ensemble) -> str:
-    return str(getattr(ens.gen_class, "name", type(ens.gen_class).__name__))
 
 
 def _lerp_shared(cum: np.ndarray, x: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -270,12 +268,10 @@ def scores(g: torch.Tensor, edges: torch.Tensor, z: torch.Tensor) -> dict:
 
 def pit_ks(pit) -> float:
     """Kolmogorov-Smirnov distance of PIT values from U(0, 1)."""
-    p = np.sort(np.asarray(pit, dtype=np.float64))
-    n = p.size
-    if n == 0:
+    p = np.asarray(pit, dtype=np.float64).reshape(-1)
+    if p.size == 0:
         return float("nan")
-    k = np.arange(1, n + 1)
-    return float(max(np.max(k / n - p), np.max(p - (k - 1) / n)))
+    return float(stats.kstest(p, "uniform").statistic)
 
 
 # ---------------------------------------------------------------- fitting
