@@ -511,6 +511,7 @@ def test_dr10_malformed_files_are_refused(dr10, tmp_path):
         read_piczl_inputs(d)
 
 
+@pytest.mark.filterwarnings("ignore::rail.deepz.photometry.BadBandWarning")  # W3/W4: mostly below 5 sigma
 def test_dr10_inform_estimate_end_to_end(dr10):
     """The format path, not accuracy: 50 objects train and test the same network."""
     table, info = dr10

@@ -304,6 +304,11 @@ def check_members(model: Mapping, who: str) -> None:
         raise ModelFormatError(f"{who}: model entry 'member_n_components' = {list(ks)} must be positive integers")
 
 
+def _loss_list(name: str, value) -> None:
+    for i, v in enumerate(value):
+        one_of(*LOSSES)(f"{name}[{i}]", v)
+
+
 class _ImageMixin:
     """Shared image handling of the informer and the estimator."""
 
@@ -347,8 +352,7 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
                         msg="'seeds': n_members members differing by seed; 'pool': PICZL's recipe, a pool "
                         "varied by loss, components, lr and batch size, n_select chosen by validation "
                         "outlier rate and weighted (pool_* options; n_members unused)"),
-        pool_losses=Option(list, ["crps", "nll"], check=lambda n, v: [one_of("crps", "nll")(f"{n}[{i}]", x)
-                                                                      for i, x in enumerate(v)],
+        pool_losses=Option(list, ["crps", "nll"], check=_loss_list,
                            msg="pool mode: losses of the pool ('crps', 'nll'); empty = option 'loss'"),
         pool_n_components=Option(list, [5, 10], check=positive_int_list_or_empty,
                                  msg="pool mode: Gaussians K of the pool's members; empty = option 'n_components'"),
