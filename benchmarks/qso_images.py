@@ -145,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--pool-lrs", type=float, nargs="+", default=[1e-3, 3e-4])
     ap.add_argument("--pool-size", type=int, default=0, help="0 = one member per combination (2 losses x ...)")
     ap.add_argument("--select", type=int, default=3, help="members kept from the pool")
+    ap.add_argument("--pool-weighting", default="val_crps", help="'val_crps' or 'equal' (option pool_weighting)")
+    ap.add_argument("--no-seed-row", action="store_true", help="with --pool: skip the seed-ensemble row")
     ap.add_argument("--out", default=str(HERE / "results" / "qso_images"))
     args = ap.parse_args(argv)
 
@@ -172,14 +174,24 @@ def main(argv=None):
 
     tmp = tempfile.TemporaryDirectory()  # the informer writes its model file there, not in the cwd
     pool_settings = dict(ensemble="pool", pool_losses=["crps", "nll"], pool_n_components=args.pool_components,
-                         pool_lrs=args.pool_lrs, pool_size=args.pool_size, n_select=args.select)
+                         pool_lrs=args.pool_lrs, pool_size=args.pool_size, n_select=args.select,
+                         pool_weighting=args.pool_weighting)
     if args.pool:
         settings["pool"] = pool_settings
-    runs = [("images + catalog" + (f", seed ensemble ({args.members})" if args.pool else ""), True, {})]
+    runs = [] if (args.pool and args.no_seed_row) else [
+        ("images + catalog" + (f", seed ensemble ({args.members})" if args.pool else ""), True, {})]
     if args.pool:
-        runs.append((f"images + catalog, PICZL pool (select {args.select})", True, pool_settings))
+        runs.append((f"images + catalog, PICZL pool (select {args.select}, {args.pool_weighting} weights)", True,
+                     pool_settings))
     if not args.no_catalog:
         runs.append(("catalog only", False, {}))
+    import subprocess
+
+    try:  # the commit the run starts from
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip()
+    except OSError:  # pragma: no cover
+        commit = "?"
     rows = {}
     load_before = os.getloadavg()
     for i, (label, use_images, extra) in enumerate(runs):
@@ -222,13 +234,6 @@ def main(argv=None):
         rows["FlexZBoost (catalog)"] = flexzboost_row(train, test, common)
         print("FlexZBoost", rows["FlexZBoost (catalog)"], file=sys.stderr, flush=True)
 
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-    except OSError:  # pragma: no cover
-        commit = "?"
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
                    torch_threads=torch.get_num_threads(), device=device, device_name=device_name,
                    torch=torch.__version__, commit=commit,
