@@ -369,7 +369,9 @@ def test_mixture_closed_form_sums_equal_the_grid_sums():
 
 
 @pytest.mark.parametrize("case", ["smooth", "zeros_ones_ties", "tiny"])
-def test_pit_statistics_equal_qps(case):
+@pytest.mark.parametrize("chunk", [37, 1 << 18])
+def test_pit_statistics_equal_qps(case, chunk, monkeypatch):
+    monkeypatch.setattr(dm, "_STAT_CHUNK", chunk)  # 37: many slices, ties across slice ends
     rng = np.random.default_rng(8)
     pit = rng.beta(0.7, 1.3, 5000)
     if case == "zeros_ones_ties":

@@ -109,6 +109,7 @@ MIN_OBJECTS = 10  # fewer objects in a group (overall or bin) -> its metrics are
 ID_COLUMNS = ("id", "object_id", "objectId", "galaxy_id")  # looked for when no id column is named
 
 PER_OBJECT_KEYS = ("ztrue", "zphot", "pit", "crps", "cde1", "cde2", "brier", "mag", "bad_pdf", "bad_truth")
+_STAT_CHUNK = 1 << 18  # values per slice of the PIT statistics (bounded temporaries)
 #: PIT values outside these limits are PIT outliers (qp's ``evaluate_PIT_outlier_rate`` defaults)
 PIT_OUTLIER_LIMITS = (1e-4, 0.9999)
 PIT_KEYS = ("pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate")
@@ -235,36 +236,45 @@ def pit_statistics(pit) -> dict:
     """``pit_ks``, ``pit_cvm``, ``pit_ad`` of PIT values (n >= 2) against U(0, 1), as scipy's
     ``kstest``, ``cramervonmises`` and ``anderson_ksamp`` (midrank variant, Scholz & Stephens
     1987 eq. 7, normalised as scipy does) compute them on the arrays qp gives them, from one
-    sort. Raises ``ValueError`` as scipy does when the AD sample is degenerate."""
+    sort, in slices of ``_STAT_CHUNK`` values (memory: the sorted PITs, the uniform sample and
+    their merge, 32 bytes per PIT). Raises ``ValueError`` as scipy does when the AD sample is degenerate."""
     x = np.sort(np.asarray(pit, dtype=np.float64))
     n = x.size
-    u = np.clip(x, 0.0, 1.0)  # scipy.stats.uniform.cdf
-    i = np.arange(1.0, n + 1.0)
-    ks = max(float(np.max(i / n - u)), float(np.max(u - (i - 1.0) / n)))
-    cvm = 1.0 / (12 * n) + float(np.sum(((2.0 * i - 1.0) / (2.0 * n) - u) ** 2))
+    ks, cvm = 0.0, 1.0 / (12 * n)
+    for s in range(0, n, _STAT_CHUNK):  # in slices: temporaries of a slice, not of n values
+        u = np.clip(x[s:s + _STAT_CHUNK], 0.0, 1.0)  # scipy.stats.uniform.cdf
+        i = np.arange(s + 1.0, s + u.size + 1.0)
+        ks = max(ks, float(np.max(i / n - u)), float(np.max(u - (i - 1.0) / n)))
+        cvm += float(np.sum(((2.0 * i - 1.0) / (2.0 * n) - u) ** 2))
     # AD: qp keeps the PITs in [0, 1] (a contiguous run of the sorted values) and compares them
     # with np.linspace(0, 1, m) by scipy's k-sample test
-    a, b = np.searchsorted(x, 0.0, side="left"), np.searchsorted(x, 1.0, side="right")
-    trimmed = x[a:b]
-    m = trimmed.size
+    lo, hi = np.searchsorted(x, 0.0, side="left"), np.searchsorted(x, 1.0, side="right")
+    m = int(hi - lo)
     if m == 0:
         raise ValueError("anderson_ksamp encountered sample without observations (no PIT in [0, 1])")
-    samples = (trimmed, np.linspace(0.0, 1.0, m))
+    samples = (x[lo:hi], np.linspace(0.0, 1.0, m))
     z = np.sort(np.concatenate(samples), kind="stable")  # two sorted runs: a merge
     big_n = z.size
-    zstar = z[np.concatenate(([True], z[1:] != z[:-1]))]
-    if zstar.size < 2:
+    sums, n_unique, a = [0.0, 0.0], 0, 0
+    while a < big_n:  # the distinct values in slices of z that end where a run of ties ends
+        b = min(a + _STAT_CHUNK, big_n)
+        if b < big_n:
+            b = int(z.searchsorted(z[b - 1], "right"))
+        zc = z[a:b]
+        zstar = zc[np.concatenate(([True], zc[1:] != zc[:-1]))]
+        n_unique += zstar.size
+        left = a + zc.searchsorted(zstar, "left")
+        lj = a + zc.searchsorted(zstar, "right") - left
+        bj = left + lj / 2.0
+        for q, smp in enumerate(samples):  # sorted already (scipy sorts each sample again)
+            right = smp.searchsorted(zstar, side="right")
+            mij = right.astype(float) - (right - smp.searchsorted(zstar, "left")) / 2.0
+            sums[q] += float((lj / float(big_n) * (big_n * mij - bj * m) ** 2
+                              / (bj * (big_n - bj) - big_n * lj / 4.0)).sum())
+        a = b
+    if n_unique < 2:
         raise ValueError("anderson_ksamp needs more than one distinct observation")
-    left = z.searchsorted(zstar, "left")
-    lj = 1.0 if big_n == zstar.size else z.searchsorted(zstar, "right") - left
-    bj = left + lj / 2.0
-    a2 = 0.0
-    for smp in samples:  # sorted already (scipy sorts each sample again)
-        right = smp.searchsorted(zstar, side="right")
-        mij = right.astype(float) - (right - smp.searchsorted(zstar, "left")) / 2.0
-        inner = lj / float(big_n) * (big_n * mij - bj * m) ** 2 / (bj * (big_n - bj) - big_n * lj / 4.0)
-        a2 += inner.sum() / m
-    a2 *= (big_n - 1.0) / big_n
+    a2 = (sums[0] / m + sums[1] / m) * (big_n - 1.0) / big_n
     k = 2
     h_inv = 1.0 / m + 1.0 / m
     hs_cs = (1.0 / np.arange(big_n - 1, 1, -1)).cumsum()
@@ -418,10 +428,15 @@ class MetricAccumulator:
     """
 
     def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = (),
-                 workers: int | None = None):
+                 workers: int | None = None, n_total: int | None = None):
         self.config = config or MetricConfig()
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self._parts: dict[str, list] = {k: [] for k in PER_OBJECT_KEYS}
+        # n_total known (accumulate_estimate): the per-object arrays are allocated once and
+        # filled in place (no list of block arrays between the blocks' temporaries, no join)
+        self._full = None if n_total is None else {
+            k: np.empty(int(n_total), dtype=bool if k in ("bad_pdf", "bad_truth") else np.float64)
+            for k in PER_OBJECT_KEYS}
         self.keep = np.sort(np.asarray(list(keep_pdfs), dtype=np.int64))
         self.kept_pdfs: dict[int, np.ndarray] = {}
         self.n = 0
@@ -471,9 +486,12 @@ class MetricAccumulator:
                 results = [one(span) for span in spans]
         else:
             results = [one(span) for span in spans]
-        for parts, kept in results:
+        for (s, e), (parts, kept) in zip(spans, results):
             for k, v in parts.items():
-                self._parts[k].append(v)
+                if self._full is not None and start + e <= self._full[k].size:
+                    self._full[k][start + s:start + e] = v
+                else:
+                    self._parts[k].append(v)
             self.kept_pdfs.update(kept)
         self.n += block.n
 
@@ -570,6 +588,12 @@ class MetricAccumulator:
         """The per-object arrays (``PER_OBJECT_KEYS``), all chunks so far. The chunks are joined
         one key at a time and kept joined, so that memory holds each value once (no second
         copy of the whole set; later calls return the same arrays)."""
+        if self._full is not None and not any(self._parts.values()):
+            return {k: v[: self.n] for k, v in self._full.items()}
+        if self._full is not None:  # (rows beyond n_total were added: join everything)
+            for k, v in self._parts.items():
+                v.insert(0, self._full[k][: self._full[k].size])
+            self._full = None
         out = {}
         for k, v in self._parts.items():
             if len(v) != 1:
@@ -590,7 +614,7 @@ def _keep_freed_memory() -> None:
     glibc's defaults return such memory to the system after each free (thread arenas trim
     their top, and blocks above the adaptive mmap threshold are unmapped), so every block
     page-faults its arrays afresh: on 600-bin histograms the faults cost as much CPU as the
-    metrics (CHANGELOG). Here blocks below 32 MB come from the heap and up to 128 MB of free
+    metrics (CHANGELOG). Here blocks below 32 MB come from the heap and up to 64 MB of free
     top is kept per arena (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); the peak RSS is
     that of the arrays alive at once either way."""
     global _MALLOC_TUNED
@@ -602,7 +626,7 @@ def _keep_freed_memory() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -895,10 +919,10 @@ def accumulate_estimate(
         raise ValueError(
             f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
         )
-    acc = MetricAccumulator(config, keep_pdfs)
+    acc = MetricAccumulator(config, keep_pdfs, n_total=n)
     _keep_freed_memory()
     t0 = time.perf_counter()
-    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size, buffers=3)):
+    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size, buffers=2)):
         acc.add(block, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)

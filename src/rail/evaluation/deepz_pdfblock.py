@@ -275,6 +275,41 @@ class PDFBlock:
                 return out
         return np.asarray(self.ens.pdf(grid), dtype=np.float64).reshape(self.n, -1)
 
+    def cdf(self, grid) -> np.ndarray:
+        """CDFs on one ``grid`` (G,) -> (n, G) float64, ``_BLOCK`` rows at a time: hist/interp
+        linear between the nodes of the CDF built by cumulative sums (0 below the first node,
+        1 from the last: :meth:`cdf_at`'s rule), Gaussian mixtures in closed form
+        (``rail.deepz.pdf._mixture_at``, float64), qp's ``cdf`` otherwise. Rows that cannot be
+        normalised (``bad``) are NaN."""
+        grid = np.asarray(grid, dtype=np.float64).reshape(-1)
+        out = np.empty((self.n, grid.size))
+        if self.kind in ("hist", "interp"):
+            j, t, _ = _interp_weights(self.x, grid)
+            below, above = grid < self.x[0], grid >= self.x[-1]
+        for s in range(0, self.n, _BLOCK):
+            e = min(s + _BLOCK, self.n)
+            b = self.rows(s, e).prepared()
+            if self.kind in ("hist", "interp"):
+                c = b._cdf[:, j] * (1.0 - t) + b._cdf[:, j + 1] * t
+                c[:, below] = 0.0
+                c[:, above] = 1.0
+                c[b.bad] = np.nan
+                out[s:e] = c
+            elif self.kind == "mixmod":
+                import torch
+
+                from rail.deepz.pdf import _mixture_at
+
+                w, mu, sd = (torch.as_tensor(a, dtype=torch.float64) for a in b.mix)
+                with torch.no_grad(), np.errstate(invalid="ignore"):
+                    x = torch.as_tensor(grid).expand(e - s, -1)
+                    out[s:e] = _mixture_at(w, mu, torch.where(torch.as_tensor(b.bad)[:, None], 1.0, sd), x,
+                                           pdf=False)[1].numpy()
+                out[s:e][b.bad] = np.nan
+            else:
+                out[s:e] = np.asarray(b.ens.cdf(grid), dtype=np.float64).reshape(e - s, -1)
+        return out
+
     def cdf_at(self, z) -> np.ndarray:
         """CDF_i(z_i) (PIT when z = ztrue): linear between the nodes of a tabulated PDF
         (0 below the first, 1 from the last), closed form for mixtures, qp otherwise."""
@@ -369,8 +404,8 @@ def iterate_blocks(estimate, chunk_size: int, buffers: int = 0):
     read into that many preallocated arrays in turn (no fresh memory per chunk: a chunk of
     600-bin histograms is 48 MB per 10,000 rows, whose page faults cost more than reading it),
     so a block's ``y``/``mix`` arrays are overwritten ``buffers`` chunks later: only for a
-    consumer that is done with a chunk by then (:func:`accumulate_estimate` with
-    :func:`_prefetched` holds two at a time and uses three).
+    consumer that is done with a chunk by then: :func:`_prefetched` reads chunk k + 2 when its
+    consumer asks for chunk k + 1, so two buffers suffice there (:func:`accumulate_estimate`).
     """
     if isinstance(estimate, qp.Ensemble):
         if _kind(estimate) in DIRECT_KINDS:
