@@ -7,7 +7,9 @@ that CDF interpolated linearly at ztrue (qp's CDF is linear between the nodes to
 its exact integral (:func:`crps_grid` on the nodes), and densities on the metric grids are
 qp's rules (hist: qp's own bin lookup; interp: linear, 0 outside the nodes). Values are
 normalised as qp normalises them on reading. Gaussian mixtures use the closed-form CRPS
-and CDF. Any other representation goes through qp's general machinery (the reference in
+and CDF (and, in the metric pass, closed forms of the CDE/Brier grid sums:
+:mod:`rail.evaluation.deepz_mixsums`). :meth:`PDFBlock.cdf` tabulates the CDFs on any grid
+(the stack's inputs). Any other representation goes through qp's general machinery (the reference in
 ``tests/test_metrics_fast.py``). One departure from qp, kept on purpose: qp's
 ``interp`` CDF starts at ``0.5 y_0 (x_1 - x_0)`` at the first node (an offset in
 ``interp_gen._compute_ycumul``), ours at 0, the CDF of the linearly interpolated PDF; the
