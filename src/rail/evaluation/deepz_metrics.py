@@ -50,7 +50,8 @@ crps                 mean over objects of int (F(z) - 1[z >= ztrue])^2 dz
 pco                  fraction whose ztrue is outside the central 99% interval: PIT < 0.005
                      or > 0.995 (SOM paper)
 pit_ks/cvm/ad        KS, Cramer-von Mises, Anderson-Darling statistics of the PIT values
-                     against U(0, 1), computed by :class:`qp.metrics.pit.PIT`
+                     against U(0, 1), as :class:`qp.metrics.pit.PIT` defines them (scipy's
+                     kstest, cramervonmises, anderson_ksamp), computed by :func:`pit_statistics`
 pit_outlier_rate     fraction of PIT values below 1e-4 or above 0.9999, counted on the PIT values
                      (qp's ``evaluate_PIT_outlier_rate`` reads it off a quantile fit of the PITs,
                      which is not a fraction when many PITs sit at exactly 0 or 1: kNN on VVDS-deep
