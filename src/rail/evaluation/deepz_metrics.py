@@ -263,6 +263,31 @@ def cde_terms(pdf_on_grid: np.ndarray, grid: np.ndarray, ztrue) -> tuple[np.ndar
     return t1, t2
 
 
+def local_maxima_count(pdf_on_grid: np.ndarray, rel_height: float = 0.01) -> np.ndarray:
+    """Number of local maxima of each PDF (N, G) on its grid, a measure of comb-shaped PDFs.
+
+    A local maximum is where the density, having last changed upwards, goes down: a point or a
+    flat top (one maximum however many grid points it spans; a histogram's rising staircase has
+    none), not at an end of the grid, with a density of at least ``rel_height`` x the PDF's own
+    maximum (ripples in the far tails do not count). A smooth
+    unimodal PDF gives 1. Meaningful on a grid finer than the PDF's own structure (e.g. a
+    spacing below half the narrowest component); a grid coarser than a comb's teeth aliases it.
+    Rows with a non-finite or all-zero PDF give 0.
+    """
+    p = np.asarray(pdf_on_grid, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 3:
+        raise ValueError(f"local_maxima_count needs PDFs on a grid of >= 3 points, shape (N, G); got {p.shape}")
+    ok = np.isfinite(p).all(axis=1)
+    p = np.where(ok[:, None], p, 0.0)
+    top = p.max(axis=1, keepdims=True)
+    slope = np.sign(np.diff(p, axis=1))  # (N, G-1)
+    # the last non-zero slope at or before each interval (flat runs take the slope before them)
+    last = np.maximum.accumulate(np.where(slope != 0, np.arange(slope.shape[1]), 0), axis=1)
+    before = np.take_along_axis(slope, last, axis=1)
+    peak = (before[:, :-1] > 0) & (slope[:, 1:] < 0) & (p[:, 1:-1] >= rel_height * top) & (top > 0)
+    return peak.sum(axis=1)
+
+
 def brier_from_pdf(p: np.ndarray, ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
     """Per-object Brier sums from densities ``p`` on qp's Brier grid (see :func:`brier_terms`)."""
     g = _calculate_grid_parameters(limits, dx)

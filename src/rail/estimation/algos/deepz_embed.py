@@ -3,7 +3,7 @@
 :class:`DeepzEmbedInformer` / :class:`DeepzEmbedEstimator` (method ``"embed"``): a
 pluggable encoder (:mod:`rail.deepz.encoders`: precomputed embedding columns, a small
 autoencoder trained at inform time, or a local foundation model) gives an embedding; a
-4-layer dense network maps the standardised embedding to the weights of 200 evenly spaced
+4-layer dense network maps the standardised embedding to the weights of evenly spaced
 Gaussians of fixed width (paper: sigma = 0.0037) over [zmin, zmax], trained on the exact
 mixture CRPS. The PDF is the mixture (``qp.mixmod``, exact;
 :func:`rail.deepz.pdf.fixed_grid_ensemble`) with ancil zmode/zmean/zmedian/zstd/quantiles/
@@ -16,7 +16,7 @@ statistics are measured on the validation split. The estimator adds the ancil
 The same flags for any other estimator's PDFs: :mod:`rail.estimation.algos.deepz_somflag`.
 
 Paper settings: 200 Gaussians, sigma 0.0037, CRPS loss, 4 dense layers (here three
-hidden layers of 256 + the 200-wide output layer), 10% validation hold-out. The SOM grid
+hidden layers of 256 + the output layer), 10% validation hold-out. The SOM grid
 size and the flag thresholds are not given in the paper; ours are options, the grid by default
 sized from the validation split (``som_shape=[]``, :func:`rail.deepz.som_options.auto_som_side`).
 
@@ -24,6 +24,14 @@ Departure: ``nll_weight=0.1``, the loss is the CRPS plus 0.1 x the mixture negat
 log-likelihood (as for NNC): the CRPS constrains the CDF only and leaves the density near
 the peak loose (measured in ``benchmarks/results/ablations_embed.md``). ``nll_weight=0``
 restores the paper's loss.
+
+Departure: the number of Gaussians follows the range. The paper's 200 Gaussians of sigma
+0.0037 on z < 1.6 are ~2.2 sigma apart; 200 on [0, 3] would be 4.1 sigma apart and the PDFs
+combs (one peak per Gaussian). By default (``n_components=0``) the count is the fewest whose
+spacing is at most ``basis_spacing`` (2) x ``component_sigma``
+(:func:`rail.deepz.mixtures.fixed_grid_size`: 406 on [0, 3], 163 on [0, 1.2]); an explicit
+``n_components`` spaced wider than that is refused. Models trained before keep their own
+count and width (stored in the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from rail.deepz.mixtures import (
     fixed_grid_centers,
     fixed_grid_crps,
     fixed_grid_pair_matrix,
+    fixed_grid_size,
+    fixed_grid_spacing,
     gmm_nll,
 )
 from rail.deepz.pdf import RepeatedRows, fixed_grid_ensemble, fixed_grid_pit, fixed_grid_summaries
@@ -146,8 +156,19 @@ class DeepzEmbedInformer(DeepzInformer):
             msg="hidden widths of the dense network (the paper's 4 dense layers = 3 hidden + output)",
         ),
         dropout=Param(float, 0.0, msg="dropout after each hidden layer"),
-        n_components=Param(int, 200, msg="number of fixed Gaussians, evenly spaced over [zmin, zmax]"),
-        component_sigma=Param(float, 0.0037, msg="fixed width of every Gaussian (redshift units)"),
+        n_components=Param(
+            int, 0,
+            msg="number of fixed Gaussians, evenly spaced over [zmin, zmax] (both ends included); 0 = the "
+            "fewest spaced at most basis_spacing x component_sigma (406 on [0, 3] with the defaults; the "
+            "paper: 200 on z < 1.6)",
+        ),
+        component_sigma=Param(float, 0.0037, msg="fixed width of every Gaussian (redshift units; paper 0.0037)"),
+        basis_spacing=Param(
+            float, 2.0,
+            msg="largest distance between neighbouring Gaussian means, in units of component_sigma: sets the "
+            "count when n_components=0; an explicit n_components spaced wider is refused (wider spacings "
+            "make comb-shaped PDFs; raise this to allow one on purpose)",
+        ),
         nll_weight=Param(
             float, 0.1,
             msg="weight of the mixture negative log-likelihood added to the CRPS loss (0 = CRPS only, the "
@@ -161,13 +182,34 @@ class DeepzEmbedInformer(DeepzInformer):
         super().__init__(args, **kwargs)
         if self.config.encoder not in ENCODER_KINDS:
             raise ValueError(f"Option 'encoder'={self.config.encoder!r} is not one of {ENCODER_KINDS}")
-        if self.config.n_components < 2 or self.config.component_sigma <= 0:
-            raise ValueError("Options 'n_components' must be >= 2 and 'component_sigma' > 0")
+        self.n_basis()  # the basis options, checked before any data
         if self.config.som_point_estimate not in ("zmode", "zmean", "zmedian"):
             raise ValueError(f"Option 'som_point_estimate'={self.config.som_point_estimate!r} is not zmode/zmean/zmedian")
         som_settings(self.config)
         self._reference = None
         make_encoder(self.config.encoder, self.config)  # the encoder's options, checked before any data
+
+    def n_basis(self) -> int:
+        """Number of Gaussians of the model: ``n_components``, or derived from the range when 0."""
+        cfg = self.config
+        if not cfg.component_sigma > 0 or not np.isfinite(cfg.component_sigma):
+            raise ValueError(f"Option 'component_sigma' must be > 0, got {cfg.component_sigma}")
+        if not cfg.basis_spacing > 0 or not np.isfinite(cfg.basis_spacing):
+            raise ValueError(f"Option 'basis_spacing' must be > 0, got {cfg.basis_spacing}")
+        if cfg.n_components == 0:
+            return fixed_grid_size(cfg.zmin, cfg.zmax, cfg.component_sigma, cfg.basis_spacing)
+        if cfg.n_components < 2:
+            raise ValueError(f"Option 'n_components' must be 0 (derived) or >= 2, got {cfg.n_components}")
+        ratio = fixed_grid_spacing(cfg.zmin, cfg.zmax, cfg.n_components) / cfg.component_sigma
+        if ratio > cfg.basis_spacing * (1 + 1e-9):
+            need = fixed_grid_size(cfg.zmin, cfg.zmax, cfg.component_sigma, cfg.basis_spacing)
+            raise ValueError(
+                f"Option 'n_components'={cfg.n_components} on [{cfg.zmin:g}, {cfg.zmax:g}] spaces the Gaussians "
+                f"{ratio:.2f} x component_sigma={cfg.component_sigma:g} apart, more than basis_spacing="
+                f"{cfg.basis_spacing:g} (comb-shaped PDFs): use n_components=0 (derived, {need} here), "
+                f"n_components >= {need}, a wider component_sigma, or a larger basis_spacing"
+            )
+        return int(cfg.n_components)
 
     def inform(self, training_data, reference=None, **kwargs):
         """Train the model.
@@ -200,10 +242,11 @@ class DeepzEmbedInformer(DeepzInformer):
         emb = encoder.encode(data, phot, device=cfg.device)
         scaler = Standardizer().fit(emb[tr])
         xs = scaler.transform(emb)
+        n_basis = self.n_basis()
         torch.manual_seed(cfg.seed)
-        net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, cfg.n_components,
+        net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, n_basis,
                        cfg.component_sigma, cfg.dropout)
-        centers = torch.as_tensor(fixed_grid_centers(cfg.zmin, cfg.zmax, cfg.n_components))
+        centers = torch.as_tensor(fixed_grid_centers(cfg.zmin, cfg.zmax, n_basis))
         pair = fixed_grid_pair_matrix(centers, cfg.component_sigma)
         cache = {}
         nll_weight = float(cfg.nll_weight)
@@ -241,7 +284,7 @@ class DeepzEmbedInformer(DeepzInformer):
             arch={
                 "in_features": int(xs.shape[1]),
                 "hidden": [int(h) for h in cfg.hidden_layers],
-                "n_components": int(cfg.n_components),
+                "n_components": n_basis,
                 "sigma": float(cfg.component_sigma),
                 "dropout": float(cfg.dropout),
             },

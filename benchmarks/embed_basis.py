@@ -1,0 +1,161 @@
+"""Embedding MDN basis benchmark (issue 18): comb-shaped PDFs before / after tying the basis to the range.
+
+The embedding MDN's PDF is a mixture of fixed Gaussians evenly spaced over [zmin, zmax]. The
+old default, 200 Gaussians of sigma 0.0037, puts them 4.1 sigma apart on [0, 3] (the paper:
+~2.2 sigma on z < 1.6). Variants (all else the registry's default settings, one seed):
+
+* ``embed_200``: the old basis, ``n_components=200``, sigma 0.0037 (``basis_spacing=5`` allows it);
+* ``embed``: the new default, ``n_components=0``: the count derived so that the spacing is at
+  most 2 sigma (406 Gaussians of sigma 0.0037 on [0, 3], 163 on [0, 1.2]);
+* ``embed_wide``: the count kept at 200 and the width tied to it instead (sigma = spacing / 1.98).
+
+Beside them the baselines (default: FlexZBoost), all through
+:func:`rail.evaluation.deepz_compare` (same data, metrics and grids as ``accuracy.py``:
+DC2 = the pz-rail-base training / validation files; boss = ``../shared/data/sdss_boss_dr10``).
+Added here: the comb measure, the mean number of local maxima per PDF
+(:func:`rail.evaluation.deepz_metrics.local_maxima_count`, maxima above 1% of the PDF's peak) on a
+grid of spacing 0.001 (below half of sigma), and the fraction of PDFs with more than 3 of them.
+
+    python benchmarks/embed_basis.py --data dc2           # -> results/embed_basis_dc2.{json,md}
+    python benchmarks/embed_basis.py --data boss --variants embed_200,embed
+    python benchmarks/embed_basis.py --quick              # smoke run (quick configs, 2k/2k objects)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from accuracy import REPORT_METRICS, git_commit, machine_info  # noqa: E402
+
+SIGMA = 0.0037
+#: variant -> (inform options over the registry's, what it is)
+VARIANTS = {
+    "embed_200": (dict(n_components=200, component_sigma=SIGMA, basis_spacing=5.0),
+                  "old default: 200 Gaussians, sigma 0.0037"),
+    "embed": ({}, "new default: count derived, spacing <= 2 sigma, sigma 0.0037"),
+    "embed_wide": (None, "200 Gaussians, sigma tied to the spacing (spacing = 1.98 sigma)"),
+}
+PEAK_GRID_DZ = 0.001
+
+
+def variant_options(name: str, zmin: float, zmax: float) -> dict:
+    opts, _ = VARIANTS[name]
+    if opts is None:  # embed_wide: width from the range
+        from rail.deepz.mixtures import fixed_grid_spacing
+
+        opts = dict(n_components=200, component_sigma=round(fixed_grid_spacing(zmin, zmax, 200) / 1.98, 6))
+    return opts
+
+
+def peak_stats(path, zmin: float, zmax: float, chunk: int = 2000, rel_height: float = 0.01,
+               rows=()) -> dict:
+    """Comb measure of a qp file: mean / median local maxima per PDF, fraction with > 3, and the
+    counts of the given rows."""
+    from rail.evaluation.deepz_metrics import iterate_blocks, local_maxima_count
+
+    grid = np.linspace(zmin, zmax, int(round((zmax - zmin) / PEAK_GRID_DZ)) + 1)
+    counts = np.concatenate([local_maxima_count(block.prepared().pdf(grid), rel_height)
+                             for _, _, block in iterate_blocks(path, chunk)])
+    return {"mean_local_maxima": float(counts.mean()), "median_local_maxima": float(np.median(counts)),
+            "frac_over_3_maxima": float((counts > 3).mean()),
+            "rows": {str(r): int(counts[r]) for r in rows if r < counts.size}}
+
+
+def run(data: str, variants: list, baselines: str, quick: bool, out_root: Path, results: Path) -> dict:
+    from rail.evaluation import deepz_registry as reg
+    from rail.evaluation.deepz_compare import compare, format_table, load_dataset, overall_table, run_estimator
+
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    mach = machine_info()
+    outdir = out_root / f"embed_basis_{data}{'_quick' if quick else ''}"
+    outdir.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(data, 2000 if quick else None, 2000 if quick else None)
+    print(f"[embed_basis] {data}: {len(ds.test[ds.redshift_col])} test objects, z in [{ds.zmin}, {ds.zmax}]; "
+          f"{mach['platform']}, torch threads {mach['torch_threads']}, {when}", flush=True)
+    base = reg.get("embed")
+    estimates, timings, settings = {}, {}, {}
+    for name in variants:
+        opts = variant_options(name, ds.zmin, ds.zmax)
+        spec = dataclasses.replace(base, key=name, inform_options=dict(base.inform_options, **opts))
+        settings[name] = {"inform_options": opts, "what": VARIANTS[name][1]}
+        path, t = run_estimator(spec, ds, outdir, quick=quick, log=print)
+        estimates[name], timings[name] = path, t
+    res = compare(estimates=dict(estimates), data=ds, estimators=baselines or [], outdir=outdir, quick=quick,
+                  print_table=False)
+    timings.update(res.timings)
+    wide = overall_table(res.table, REPORT_METRICS)
+    metrics = {est: {k: (None if v != v else float(v)) for k, v in row.items()} for est, row in wide.iterrows()}
+    for name, t in timings.items():
+        if name in metrics:
+            metrics[name].update(inform_time_s=t["inform_time_s"], estimate_time_s=t["estimate_time_s"])
+    rows = (4009,) if data == "dc2" else ()
+    for name, path in res.estimates.items():
+        print(f"[embed_basis] local maxima of {name} ...", flush=True)
+        metrics.setdefault(name, {}).update(peak_stats(path, ds.zmin, ds.zmax, rows=rows))
+    report = {
+        "benchmark": "embed_basis", "date": when, "git_commit": git_commit(), "machine": mach,
+        "load": "shared 2-core machine, other helpers' jobs running (under load): times are indicative",
+        "data": data, "n_train": len(ds.train[ds.redshift_col]), "n_test": len(ds.test[ds.redshift_col]),
+        "quick": quick, "variants": settings, "peak_grid_dz": PEAK_GRID_DZ, "metrics": metrics,
+    }
+    stem = f"embed_basis_{data}{'_quick' if quick else ''}"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    cols = ["rail_sigma_iqr", "rail_outlier_rate", "eta", "crps", "pit_ks", "cde_loss", "mean_local_maxima",
+            "frac_over_3_maxima", "inform_time_s", "estimate_time_s"]
+    md = [f"# Embedding MDN basis: {data}", "",
+          f"{when}, commit {report['git_commit']}; {mach['platform']}, {mach['cpu_count']} CPUs, torch "
+          f"{mach['torch']} ({mach['torch_threads']} thread), {report['load']}.",
+          f"Train {report['n_train']} / test {report['n_test']}; point estimate zmode; "
+          f"{'QUICK settings (not representative)' if quick else 'registry default settings otherwise'}.",
+          "", "| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for est, m in metrics.items():
+        md.append(f"| {est} | " + " | ".join("" if m.get(c) is None else f"{m[c]:.4g}" for c in cols) + " |")
+    md += ["", "Variants: " + "; ".join(f"`{k}` = {v['what']} {v['inform_options']}" for k, v in settings.items()),
+           f"Local maxima on a grid of spacing {PEAK_GRID_DZ}, above 1% of each PDF's peak."]
+    if rows:
+        md.append("Local maxima of test row " + ", ".join(
+            f"{r}: " + ", ".join(f"{e} {m['rows'].get(str(r))}" for e, m in metrics.items()) for r in rows))
+    md += ["", format_table(res.table, "markdown", REPORT_METRICS), ""]
+    (results / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md), flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="dc2", help="comma list: dc2, boss (boss skipped when absent)")
+    p.add_argument("--variants", default="embed_200,embed,embed_wide", help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--baselines", default="flexzboost", help="registry keys run beside them ('' = none)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(HERE / "out"))
+    p.add_argument("--results", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
+    for data in [d.strip() for d in a.data.split(",") if d.strip()]:
+        if data == "boss":
+            from rail.deepz.datasets import require_shared
+
+            try:
+                require_shared("sdss_boss_dr10")
+            except FileNotFoundError as err:
+                print(f"[embed_basis] skipping boss: {err}")
+                continue
+        run(data, variants, a.baselines, a.quick, Path(a.out), Path(a.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
