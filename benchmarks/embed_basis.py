@@ -6,7 +6,7 @@ old default, 200 Gaussians of sigma 0.0037, puts them 4.1 sigma apart on [0, 3] 
 
 * ``embed_200``: the old basis, ``n_components=200``, sigma 0.0037 (``basis_spacing=5`` allows it);
 * ``embed``: the new default, ``n_components=0``: the count derived so that the spacing is at
-  most 2 sigma (406 Gaussians of sigma 0.0037 on [0, 3], 163 on [0, 1.2]);
+  most 2 sigma (407 Gaussians of sigma 0.0037 on [0, 3], 164 on [0, 1.2]);
 * ``embed_wide``: the count kept at 200 and the width tied to it instead (sigma = spacing / 1.98).
 
 Beside them the baselines (default: FlexZBoost), all through
@@ -97,38 +97,71 @@ def run(data: str, variants: list, baselines: str, quick: bool, out_root: Path, 
     for name, t in timings.items():
         if name in metrics:
             metrics[name].update(inform_time_s=t["inform_time_s"], estimate_time_s=t["estimate_time_s"])
-    rows = (4009,) if data == "dc2" else ()
-    for name, path in res.estimates.items():
-        print(f"[embed_basis] local maxima of {name} ...", flush=True)
-        metrics.setdefault(name, {}).update(peak_stats(path, ds.zmin, ds.zmax, rows=rows))
     report = {
         "benchmark": "embed_basis", "date": when, "git_commit": git_commit(), "machine": mach,
         "load": "shared 2-core machine, other helpers' jobs running (under load): times are indicative",
         "data": data, "n_train": len(ds.train[ds.redshift_col]), "n_test": len(ds.test[ds.redshift_col]),
-        "quick": quick, "variants": settings, "peak_grid_dz": PEAK_GRID_DZ, "metrics": metrics,
+        "zrange": [float(ds.zmin), float(ds.zmax)], "quick": quick, "variants": settings, "metrics": metrics,
+        "estimates": {k: str(v) for k, v in res.estimates.items()}, "metrics_csv": str(res.files.get("metrics_csv")),
     }
-    stem = f"embed_basis_{data}{'_quick' if quick else ''}"
+    return add_peaks_and_write(report, res.table, results)
+
+
+def add_peaks_and_write(report: dict, table, results: Path) -> dict:
+    """Add the comb measure of every estimate file to ``report`` and write the JSON and markdown."""
+    from rail.evaluation.deepz_compare import format_table
+
+    data, metrics = report["data"], report["metrics"]
+    zmin, zmax = report["zrange"]
+    rows = (4009,) if data == "dc2" else ()
+    for name, path in report["estimates"].items():
+        print(f"[embed_basis] local maxima of {name} ...", flush=True)
+        metrics.setdefault(name, {}).update(peak_stats(path, zmin, zmax, rows=rows))
+    report["peak_grid_dz"] = PEAK_GRID_DZ
+    report["peak_rule"] = "rail.evaluation.deepz_metrics.local_maxima_count(rel_height=0.01, min_dip=0.1)"
+    stem = f"embed_basis_{data}{'_quick' if report['quick'] else ''}"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    mach = report["machine"]
     cols = ["rail_sigma_iqr", "rail_outlier_rate", "eta", "crps", "pit_ks", "cde_loss", "mean_local_maxima",
             "frac_over_3_maxima", "inform_time_s", "estimate_time_s"]
     md = [f"# Embedding MDN basis: {data}", "",
-          f"{when}, commit {report['git_commit']}; {mach['platform']}, {mach['cpu_count']} CPUs, torch "
+          f"{report['date']}, commit {report['git_commit']}; {mach['platform']}, {mach['cpu_count']} CPUs, torch "
           f"{mach['torch']} ({mach['torch_threads']} thread), {report['load']}.",
           f"Train {report['n_train']} / test {report['n_test']}; point estimate zmode; "
-          f"{'QUICK settings (not representative)' if quick else 'registry default settings otherwise'}.",
+          f"{'QUICK settings (not representative)' if report['quick'] else 'registry default settings otherwise'}.",
           "", "| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for est, m in metrics.items():
         md.append(f"| {est} | " + " | ".join("" if m.get(c) is None else f"{m[c]:.4g}" for c in cols) + " |")
-    md += ["", "Variants: " + "; ".join(f"`{k}` = {v['what']} {v['inform_options']}" for k, v in settings.items()),
-           f"Local maxima on a grid of spacing {PEAK_GRID_DZ}, above 1% of each PDF's peak."]
+    md += ["", "Variants: " + "; ".join(f"`{k}` = {v['what']} {v['inform_options']}"
+                                         for k, v in report["variants"].items()),
+           f"Local maxima on a grid of spacing {PEAK_GRID_DZ}: maxima above 1% of the PDF's peak whose density "
+           "falls by >= 10% on both sides before rising again, the highest point counted once in any case "
+           "(`local_maxima_count`)."]
     if rows:
         md.append("Local maxima of test row " + ", ".join(
             f"{r}: " + ", ".join(f"{e} {m['rows'].get(str(r))}" for e, m in metrics.items()) for r in rows))
-    md += ["", format_table(res.table, "markdown", REPORT_METRICS), ""]
+    md += ["", format_table(table, "markdown", REPORT_METRICS), ""]
     (results / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
     return report
+
+
+def rescore(data: str, quick: bool, out_root: Path, results: Path) -> dict:
+    """Recompute the comb measure of an earlier run (its JSON and qp files) and rewrite its report."""
+    import pandas as pd
+
+    from rail.evaluation.deepz_compare import load_dataset
+
+    stem = f"embed_basis_{data}{'_quick' if quick else ''}"
+    report = json.loads((results / f"{stem}.json").read_text())
+    outdir = out_root / stem
+    report.setdefault("estimates", {k: str(outdir / f"{k}.hdf5") for k in report["metrics"]})
+    report.setdefault("metrics_csv", str(outdir / "metrics.csv"))
+    if "zrange" not in report:
+        ds = load_dataset(data)
+        report["zrange"] = [float(ds.zmin), float(ds.zmax)]
+    return add_peaks_and_write(report, pd.read_csv(report["metrics_csv"]), results)
 
 
 def main(argv=None) -> int:
@@ -137,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="embed_200,embed,embed_wide", help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--baselines", default="flexzboost", help="registry keys run beside them ('' = none)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rescore", action="store_true", help="only recompute the comb measure of an earlier run "
+                   "(its JSON in --results and qp files) and rewrite the report")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--results", default=str(HERE / "results"))
     a = p.parse_args(argv)
@@ -153,7 +188,10 @@ def main(argv=None) -> int:
             except FileNotFoundError as err:
                 print(f"[embed_basis] skipping boss: {err}")
                 continue
-        run(data, variants, a.baselines, a.quick, Path(a.out), Path(a.results))
+        if a.rescore:
+            rescore(data, a.quick, Path(a.out), Path(a.results))
+        else:
+            run(data, variants, a.baselines, a.quick, Path(a.out), Path(a.results))
     return 0
 
 

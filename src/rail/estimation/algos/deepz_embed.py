@@ -29,7 +29,7 @@ Departure: the number of Gaussians follows the range. The paper's 200 Gaussians 
 0.0037 on z < 1.6 are ~2.2 sigma apart; 200 on [0, 3] would be 4.1 sigma apart and the PDFs
 combs (one peak per Gaussian). By default (``n_components=0``) the count is the fewest whose
 spacing is at most ``basis_spacing`` (2) x ``component_sigma``
-(:func:`rail.deepz.mixtures.fixed_grid_size`: 406 on [0, 3], 163 on [0, 1.2]); an explicit
+(:func:`rail.deepz.mixtures.fixed_grid_size`: 407 on [0, 3], 164 on [0, 1.2]); an explicit
 ``n_components`` spaced wider than that is refused. Models trained before keep their own
 count and width (stored in the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 """
@@ -159,7 +159,7 @@ class DeepzEmbedInformer(DeepzInformer):
         n_components=Param(
             int, 0,
             msg="number of fixed Gaussians, evenly spaced over [zmin, zmax] (both ends included); 0 = the "
-            "fewest spaced at most basis_spacing x component_sigma (406 on [0, 3] with the defaults; the "
+            "fewest spaced at most basis_spacing x component_sigma (407 on [0, 3] with the defaults; the "
             "paper: 200 on z < 1.6)",
         ),
         component_sigma=Param(float, 0.0037, msg="fixed width of every Gaussian (redshift units; paper 0.0037)"),
