@@ -5,19 +5,22 @@ old default, 200 Gaussians of sigma 0.0037, puts them 4.1 sigma apart on [0, 3] 
 ~2.2 sigma on z < 1.6). Variants (all else the registry's default settings, one seed):
 
 * ``embed_200``: the old basis, ``n_components=200``, sigma 0.0037 (``basis_spacing=5`` allows it);
-* ``embed``: the new default, ``n_components=0``: the count derived so that the spacing is at
-  most 2 sigma (407 Gaussians of sigma 0.0037 on [0, 3], 164 on [0, 1.2]);
-* ``embed_wide``: the count kept at 200 and the width tied to it instead (sigma = spacing / 1.98).
+* ``embed_count``: the width kept at 0.0037 and the count derived so that the spacing is at most
+  2 sigma (``n_components=0``: 407 Gaussians on [0, 3], 164 on [0, 1.2]);
+* ``embed``: the new default, 200 Gaussians and the width derived, sigma = spacing / 2
+  (``component_sigma=0``: 0.0075 on [0, 3], 0.0030 on [0, 1.2]);
+* ``embed_wide``: as ``embed`` with sigma = spacing / 1.98 (run before the default was chosen).
 
 Beside them the baselines (default: FlexZBoost), all through
 :func:`rail.evaluation.deepz_compare` (same data, metrics and grids as ``accuracy.py``:
 DC2 = the pz-rail-base training / validation files; boss = ``../shared/data/sdss_boss_dr10``).
 Added here: the comb measure, the mean number of local maxima per PDF
-(:func:`rail.evaluation.deepz_metrics.local_maxima_count`, maxima above 1% of the PDF's peak) on a
-grid of spacing 0.001 (below half of sigma), and the fraction of PDFs with more than 3 of them.
+(:func:`rail.evaluation.deepz_metrics.local_maxima_count`: maxima above 1% of the PDF's peak that
+dip by >= 10% on both sides) on a grid of spacing 0.001, and the fraction of PDFs with more than 3.
 
     python benchmarks/embed_basis.py --data dc2           # -> results/embed_basis_dc2.{json,md}
     python benchmarks/embed_basis.py --data boss --variants embed_200,embed
+    python benchmarks/embed_basis.py --reuse              # reuse the qp files and times of an earlier run
     python benchmarks/embed_basis.py --quick              # smoke run (quick configs, 2k/2k objects)
 """
 
@@ -41,9 +44,11 @@ SIGMA = 0.0037
 VARIANTS = {
     "embed_200": (dict(n_components=200, component_sigma=SIGMA, basis_spacing=5.0),
                   "old default: 200 Gaussians, sigma 0.0037"),
-    "embed": ({}, "new default: count derived, spacing <= 2 sigma, sigma 0.0037"),
-    "embed_wide": (None, "200 Gaussians, sigma tied to the spacing (spacing = 1.98 sigma)"),
+    "embed_count": (dict(n_components=0, component_sigma=SIGMA), "count derived, spacing <= 2 sigma, sigma 0.0037"),
+    "embed": ({}, "new default: 200 Gaussians, sigma = spacing / 2"),
+    "embed_wide": (None, "200 Gaussians, sigma = spacing / 1.98"),
 }
+DEFAULT_VARIANTS = "embed_200,embed_count,embed"
 PEAK_GRID_DZ = 0.001
 
 
@@ -70,7 +75,24 @@ def peak_stats(path, zmin: float, zmax: float, chunk: int = 2000, rel_height: fl
             "rows": {str(r): int(counts[r]) for r in rows if r < counts.size}}
 
 
-def run(data: str, variants: list, baselines: str, quick: bool, out_root: Path, results: Path) -> dict:
+def _earlier(results: Path, stem: str, outdir: Path, reuse: bool) -> dict:
+    """name -> (qp file, timings) of an earlier run's estimates that can be reused."""
+    path = results / f"{stem}.json"
+    if not reuse or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    out = {}
+    for name, m in old["metrics"].items():
+        qp_file = outdir / f"{name}.hdf5"
+        if qp_file.exists() and m.get("inform_time_s") is not None:
+            out[name] = (qp_file, {"inform_time_s": m["inform_time_s"], "estimate_time_s": m["estimate_time_s"],
+                                   "reused_from": old.get("date")},
+                         old.get("variants", {}).get(name))
+    return out
+
+
+def run(data: str, variants: list, baselines: str, quick: bool, out_root: Path, results: Path,
+        reuse: bool = False) -> dict:
     from rail.evaluation import deepz_registry as reg
     from rail.evaluation.deepz_compare import compare, format_table, load_dataset, overall_table, run_estimator
 
@@ -82,15 +104,25 @@ def run(data: str, variants: list, baselines: str, quick: bool, out_root: Path, 
     print(f"[embed_basis] {data}: {len(ds.test[ds.redshift_col])} test objects, z in [{ds.zmin}, {ds.zmax}]; "
           f"{mach['platform']}, torch threads {mach['torch_threads']}, {when}", flush=True)
     base = reg.get("embed")
+    earlier = _earlier(results, f"embed_basis_{data}{'_quick' if quick else ''}", outdir, reuse)
     estimates, timings, settings = {}, {}, {}
     for name in variants:
         opts = variant_options(name, ds.zmin, ds.zmax)
-        spec = dataclasses.replace(base, key=name, inform_options=dict(base.inform_options, **opts))
         settings[name] = {"inform_options": opts, "what": VARIANTS[name][1]}
+        if name in earlier:
+            print(f"[embed_basis] {name}: reusing {earlier[name][0]} (--reuse)", flush=True)
+            estimates[name], timings[name] = earlier[name][0], earlier[name][1]
+            settings[name] = earlier[name][2] or settings[name]
+            continue
+        spec = dataclasses.replace(base, key=name, inform_options=dict(base.inform_options, **opts))
         path, t = run_estimator(spec, ds, outdir, quick=quick, log=print)
         estimates[name], timings[name] = path, t
-    res = compare(estimates=dict(estimates), data=ds, estimators=baselines or [], outdir=outdir, quick=quick,
-                  print_table=False)
+    keys = [k.strip() for k in (baselines or "").split(",") if k.strip()]
+    for key in [k for k in keys if k in earlier]:
+        print(f"[embed_basis] {key}: reusing {earlier[key][0]} (--reuse)", flush=True)
+        estimates[key], timings[key] = earlier[key][0], earlier[key][1]
+    res = compare(estimates=dict(estimates), data=ds, estimators=[k for k in keys if k not in earlier],
+                  outdir=outdir, quick=quick, print_table=False)
     timings.update(res.timings)
     wide = overall_table(res.table, REPORT_METRICS)
     metrics = {est: {k: (None if v != v else float(v)) for k, v in row.items()} for est, row in wide.iterrows()}
@@ -167,9 +199,11 @@ def rescore(data: str, quick: bool, out_root: Path, results: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="dc2", help="comma list: dc2, boss (boss skipped when absent)")
-    p.add_argument("--variants", default="embed_200,embed,embed_wide", help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--baselines", default="flexzboost", help="registry keys run beside them ('' = none)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse the qp files and times of an earlier run (its JSON "
+                   "in --results) for the variants and baselines it has")
     p.add_argument("--rescore", action="store_true", help="only recompute the comb measure of an earlier run "
                    "(its JSON in --results and qp files) and rewrite the report")
     p.add_argument("--out", default=str(HERE / "out"))
@@ -191,7 +225,7 @@ def main(argv=None) -> int:
         if a.rescore:
             rescore(data, a.quick, Path(a.out), Path(a.results))
         else:
-            run(data, variants, a.baselines, a.quick, Path(a.out), Path(a.results))
+            run(data, variants, a.baselines, a.quick, Path(a.out), Path(a.results), a.reuse)
     return 0
 
 
