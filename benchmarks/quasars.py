@@ -108,24 +108,32 @@ def main(argv=None) -> int:
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     mach = machine_info()
     runs = [run_seed(s, a.estimators, a.quick, Path(a.out)) for s in seeds]
-    ests = list(runs[0]["harness_zmode"])
     report = {
         "benchmark": "quasars", "date": when, "git_commit": git_commit(), "machine": mach,
         "load": "shared 2-core machine, other helpers' jobs running (under load): times are indicative",
         "data": "qso preset: sdss_qso_stamps/TrainingDatasets.csv, one row per objID, 70/30 random split",
-        "quick": a.quick, "estimators": a.estimators, "seeds": seeds, "runs": runs,
+        "quick": a.quick, "estimators": a.estimators, "seeds": seeds,
+        "command": "python benchmarks/quasars.py" + (f" --seeds {a.seeds}" if a.seeds != "0" else "")
+        + (f" --estimators {a.estimators}" if a.estimators != ESTIMATORS else ""), "runs": runs, "notes": [],
     }
-    stem = f"quasars_lstm{'_quick' if a.quick else ''}"
-    results = Path(a.results)
+    write_report(report, Path(a.results))
+    return 0
+
+
+def write_report(report: dict, results: Path) -> None:
+    """``quasars_lstm[_quick].{json,md}`` from a report (also to re-render a merged one)."""
+    runs, seeds, mach = report["runs"], report["seeds"], report["machine"]
+    ests = list(runs[0]["harness_zmode"])
+    stem = f"quasars_lstm{'_quick' if report['quick'] else ''}"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
     spread = " (mean ± sd over split seeds)" if len(seeds) > 1 else ""
     md = ["# Quasars (SDSS ugriz, z 2.75-7.0): LSTM-MDN beside FlexZBoost, NNC, embedding MDN", "",
-          f"{when}, commit {report['git_commit']}; {mach['platform']}, {mach['cpu_count']} CPUs, torch {mach['torch']} "
-          f"({mach['torch_threads']} thread), {report['load']}.",
+          f"{report['date']}, commit {report['git_commit']}; {mach['platform']}, {mach['cpu_count']} CPUs, torch "
+          f"{mach['torch']} ({mach['torch_threads']} thread), {report['load']}.",
           f"Data: {report['data']}; train {runs[0]['n_train']} / test {runs[0]['n_test']} objects; split seeds {seeds}; "
-          f"{'QUICK settings (not representative)' if a.quick else 'registry default settings'}. "
-          "Produced by `python benchmarks/quasars.py" + (f" --seeds {a.seeds}" if a.seeds != "0" else "") + "`.",
+          f"{'QUICK settings (not representative)' if report['quick'] else 'registry default settings'}. "
+          f"Produced by `{report['command']}`.", *[f"Note: {n}" for n in report.get("notes", [])],
           "", f"## Harness metrics, point estimate zmode{spread}", "",
           "| estimator | " + " | ".join(HARNESS) + " |", "|---" * (len(HARNESS) + 1) + "|"]
     for est in ests:
@@ -141,7 +149,6 @@ def main(argv=None) -> int:
            "or bands (here 5 SDSS bands, z >= 2.75).", ""]
     (results / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -315,7 +315,9 @@ def test_learns_and_outputs_mixmod_with_flags(trained, dc2):
     ens = _estimate(inf.get_handle("model"), dc2.test)
     z = dc2.test["redshift"]
     assert ens.gen_class.name == "mixmod" and ens.npdf == len(z)
-    assert ens.objdata["weights"].shape[1] == 407  # derived: spacing <= 2 sigma on [0, 3]
+    assert ens.objdata["weights"].shape[1] == 200
+    # the width follows the spacing: Gaussians 2 sigma apart on [0, 3]
+    np.testing.assert_allclose(np.diff(ens.objdata["means"][0]) / ens.objdata["stds"][0, 0], 2.0, rtol=1e-4)  # float32
     baseline = _nmad(np.full_like(z, np.median(dc2.train["redshift"])), z)
     assert _nmad(ens.ancil["zmode"], z) < 0.5 * baseline
     for key in ("zmode", "zmean", "zmedian", "som_cell", "som_train_count", "flag_ood", "flag_underperforming"):
@@ -362,16 +364,23 @@ def test_basis_spacing_follows_the_range():
     assert fixed_grid_size(0.0, 1.6, 0.0037, 2.2) == 198  # the paper: 200 Gaussians, ~2.2 sigma apart
     assert fixed_grid_size(0.0, 3.0, 0.0075, 2.0) == 201  # an exact ratio does not round up
     for zmin, zmax in [(0.0, 3.0), (0.0, 1.2), (2.5, 7.5)]:
-        inf = DeepzEmbedInformer.make_stage(name=_name("inf"), zmin=zmin, zmax=zmax)
-        n = inf.n_basis()
-        assert fixed_grid_spacing(zmin, zmax, n) / inf.config.component_sigma <= 2.0
-    with pytest.raises(ValueError, match=r"n_components'=200.*4\.0[0-9] x component_sigma.*basis_spacing"):
-        DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200)
-    # a wider spacing on purpose, or a width tied to the count, is accepted
-    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, basis_spacing=5.0).n_basis() == 200
-    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0076).n_basis() == 200
-    for bad in (dict(n_components=1), dict(basis_spacing=0.0), dict(component_sigma=0.0)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+        n, sigma = DeepzEmbedInformer.make_stage(name=_name("inf"), zmin=zmin, zmax=zmax).basis()  # defaults
+        assert n == 200 and fixed_grid_spacing(zmin, zmax, n) / sigma == pytest.approx(2.0)
+        n, sigma = DeepzEmbedInformer.make_stage(name=_name("inf"), zmin=zmin, zmax=zmax, n_components=0,
+                                                 component_sigma=0.0037).basis()
+        assert sigma == 0.0037 and fixed_grid_spacing(zmin, zmax, n) / sigma <= 2.0
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=0, component_sigma=0.0037).basis()[0] == 407
+    with pytest.raises(ValueError, match=r"n_components'=200.*4\.0[0-9] x component_sigma=0.0037.*basis_spacing"):
+        DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0037)
+    # a wider spacing on purpose (the old default), or a pair within the ratio, is accepted
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0037,
+                                         basis_spacing=5.0).basis() == (200, 0.0037)
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0076).basis() == (
+        200, 0.0076)
+    for bad, match in ((dict(n_components=1), "n_components"), (dict(basis_spacing=0.0), "basis_spacing"),
+                       (dict(component_sigma=-0.01), "component_sigma"),
+                       (dict(n_components=0, component_sigma=0.0), "both be 0")):
+        with pytest.raises(ValueError, match=match):
             DeepzEmbedInformer.make_stage(name=_name("inf"), **bad)
 
 
