@@ -383,3 +383,33 @@ def test_pit_statistics_equal_qps(case, chunk, monkeypatch):
     ours, ref = dm.pit_metrics(pit), dm.pit_metrics_qp(pit)
     for key in dm.PIT_KEYS:
         assert ours[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+
+
+def test_local_maxima_count_hand_cases():
+    """Comb measure: a point or flat-top maximum counts once if it dips >= 10% on both sides; the top always counts."""
+    cases = [
+        ([0, 1, 0, 1, 0], 2),  # two separate peaks
+        ([1, 2, 2, 3, 1], 1),  # a flat step on the way up is not a peak
+        ([0, 0, 1, 1, 0], 1),  # a flat top is one peak
+        ([0, 1, 0.95, 1, 0], 1),  # a 5% dip does not split a peak
+        ([0, 1, 0.5, 0.6, 0.1], 2),  # a 17% dip does
+        ([3, 2, 1, 0, 0], 1),  # a mode at the end of the grid
+        ([0, 1, 0, 0.005, 0], 1),  # a bump below 1% of the peak does not count
+        ([0, 0, 0, 0, 0], 0),
+        ([np.nan, 1, 0, 1, 0], 0),
+    ]
+    got = [int(dm.local_maxima_count(np.array([row], dtype=float))[0]) for row, _ in cases]
+    assert got == [n for _, n in cases]
+    # rows are independent: the same answers in one call
+    np.testing.assert_array_equal(dm.local_maxima_count(np.array([r for r, _ in cases], dtype=float)), got)
+    with pytest.raises(ValueError, match="grid of >= 3 points"):
+        dm.local_maxima_count(np.ones((2, 2)))
+
+
+def test_local_maxima_count_smooth_and_comb():
+    z = np.linspace(0.0, 3.0, 3001)
+    smooth = np.exp(-0.5 * ((z - 1.0) / 0.05) ** 2) + 0.5 * np.exp(-0.5 * ((z - 2.0) / 0.1) ** 2)
+    comb = smooth * (1.0 + 0.9 * np.cos(2 * np.pi * z / 0.015))  # teeth 0.015 apart
+    n_smooth, n_comb = dm.local_maxima_count(np.stack([smooth, comb]))
+    assert n_smooth == 2
+    assert n_comb > 40

@@ -8,7 +8,8 @@ are named presets of that same mechanism (:data:`PRESETS`, :func:`load`):
 
 * ``dc2`` -- the cosmoDC2 test files shipped inside pz-rail-base (default data);
 * ``boss`` -- SDSS BOSS DR10 galaxies from ``../shared/data/sdss_boss_dr10``;
-* ``zcosmos`` -- zCOSMOS-bright with COSMOS photometry from ``../shared/data/zcosmos_vvds``.
+* ``zcosmos`` -- zCOSMOS-bright with COSMOS photometry from ``../shared/data/zcosmos_vvds``;
+* ``qso`` -- SDSS spectroscopic quasars (z 2.75-7.0, ugriz) from ``../shared/data/sdss_qso_stamps``.
 
 Rules shared by every data set (presets included):
 
@@ -614,7 +615,43 @@ def load_zcosmos(test_fraction: float = 0.3, seed: int = 0, n_max: int | None = 
                       prepare=_zcosmos_prepare(secure_only))
 
 
-#: Named presets: each builds its Dataset with :func:`from_files` and a fixed column spec.
+#: SDSS quasar catalogue (``../shared/data/sdss_qso_stamps/TrainingDatasets.csv``): ugriz magnitudes and errors
+QSO_BANDS = [f"{b}mag" for b in SDSS_BANDS]
+QSO_ERR_BANDS = [f"e_{b}mag" for b in SDSS_BANDS]
+
+
+def _qso_prepare(table: dict) -> dict:
+    """One row per photometric object (SDSS ``objID``; the first of its spectra), redshift ``Z``.
+
+    227 objects appear on 2-3 rows each (492 rows: one per spectrum, identical photometry,
+    redshifts differing by a median 0.003 and up to 2.3); a random split would otherwise put the
+    same photometry in the training and the test table.
+    """
+    obj = np.asarray(table["objID"])
+    _, first = np.unique(obj, return_index=True)
+    keep = np.sort(first)
+    out = {c: np.asarray(table[c])[keep] for c in (*QSO_BANDS, *QSO_ERR_BANDS)}
+    out["Z"] = np.asarray(table["Z"], dtype=np.float64)[keep]  # ('z' is a magnitude-like column, not the redshift)
+    out["objID"] = obj[keep]
+    out["object_id"] = np.arange(keep.size)
+    return out
+
+
+def load_qso(test_fraction: float = 0.3, seed: int = 0, n_max: int | None = None) -> Dataset:
+    """SDSS spectroscopic quasars, z 2.75-7.04 (``../shared/data/sdss_qso_stamps``, the IQVIT
+    catalogue of PVQNet's high-z quasar search): SDSS ugriz magnitudes (``umag``..``zmag``) and errors,
+    spectroscopic redshift ``Z``; 4,644 rows, 4,379 photometric objects (one row each,
+    :func:`_qso_prepare`), random train/test split (seeded). Grid [2.5, 7.5] (the sample is selected
+    at z >= 2.75). Magnitude limits: the 99.5th percentile of each band. The catalogue's other 307
+    quasars (``OutlierTestI.csv``) have no photometry and are not used.
+    """
+    path = require_shared("sdss_qso_stamps") / "TrainingDatasets.csv"
+    spec = ColumnSpec(bands=list(QSO_BANDS), err_bands=list(QSO_ERR_BANDS), redshift_col="Z",
+                      id_col="object_id", ref_band="imag", zmin=2.5, zmax=7.5, wavelengths=list(SDSS_WAVELENGTHS))
+    return from_files(path, None, spec, name="qso", test_fraction=test_fraction, seed=seed, n_max=n_max,
+                      prepare=_qso_prepare)
+
+
 # ------------------------------------------------- PICZL's Legacy Survey DR10 input format
 
 #: Legacy Survey DR10 bands of PICZL's catalogue: DECam/90Prime/Mosaic griz + WISE W1-W4
@@ -729,12 +766,13 @@ def load_legacy_dr10(planes=("observed",)) -> tuple[dict, dict]:
     return read_piczl_inputs(require_shared("legacy_dr10_demo"), planes)
 
 
-PRESETS = {"dc2": load_dc2, "boss": load_boss, "zcosmos": load_zcosmos}
+#: Named presets: each builds its Dataset with :func:`from_files` and a fixed column spec.
+PRESETS = {"dc2": load_dc2, "boss": load_boss, "zcosmos": load_zcosmos, "qso": load_qso}
 LOADERS = PRESETS  # former name
 
 
 def load(name: str, **kwargs) -> Dataset:
-    """A preset by name (``dc2``, ``boss``, ``zcosmos``)."""
+    """A preset by name (``dc2``, ``boss``, ``zcosmos``, ``qso``)."""
     if name not in PRESETS:
         raise KeyError(f"Unknown data set {name!r}; known presets: {sorted(PRESETS)} "
                        "(for your own catalogue use --train/--test with a column spec)")

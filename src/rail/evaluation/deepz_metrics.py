@@ -341,6 +341,51 @@ def cde_terms(pdf_on_grid: np.ndarray, grid: np.ndarray, ztrue) -> tuple[np.ndar
     return t1, t2
 
 
+def local_maxima_count(pdf_on_grid: np.ndarray, rel_height: float = 0.01, min_dip: float = 0.1) -> np.ndarray:
+    """Number of local maxima of each PDF (N, G) on its grid, a measure of comb-shaped PDFs.
+
+    A local maximum is where the density, having last changed upwards, goes down: a point or a
+    flat top (one maximum however many grid points it spans; a histogram's rising staircase has
+    none), not at an end of the grid. It counts when its density is at least ``rel_height`` x the
+    PDF's own maximum (the far tails do not count) and the density falls by at least ``min_dip``
+    x its value on both sides before rising again (the nearest local minimum or the grid's end on
+    each side): a sum of equal Gaussians 2 sigma apart ripples by ~3% peak to trough and does not
+    count; the teeth of one 4 sigma apart dip by most of their height and do. The highest point
+    counts once in any case (so a smooth unimodal PDF gives 1, a mode at the grid's end included). Meaningful on a grid finer than the PDF's own structure (e.g. a spacing below
+    half the narrowest component); a grid coarser than a comb's teeth aliases it. Rows with a
+    non-finite or all-zero PDF give 0.
+    """
+    p = np.asarray(pdf_on_grid, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 3:
+        raise ValueError(f"local_maxima_count needs PDFs on a grid of >= 3 points, shape (N, G); got {p.shape}")
+    ok = np.isfinite(p).all(axis=1)
+    p = np.where(ok[:, None], p, 0.0)
+    n, g = p.shape
+    top = p.max(axis=1, keepdims=True)
+    slope = np.sign(np.diff(p, axis=1))  # (N, G-1): interval j is between points j and j+1
+    idx = np.arange(g - 1)
+    # the last non-zero slope at or before each interval (flat runs take the slope before them)
+    before = np.take_along_axis(slope, np.maximum.accumulate(np.where(slope != 0, idx, 0), axis=1), axis=1)
+    # the first non-zero slope at or after each interval
+    nxt = np.minimum.accumulate(np.where(slope != 0, idx, g - 2)[:, ::-1], axis=1)[:, ::-1]
+    after = np.take_along_axis(slope, nxt, axis=1)
+    inner = np.zeros((n, g), dtype=bool)  # point i (1..G-2) between intervals i-1 and i
+    inner[:, 1:-1] = True
+    pad_b = np.concatenate([np.zeros((n, 1)), before], axis=1)  # slope arriving at point i
+    pad_a = np.concatenate([after, np.zeros((n, 1))], axis=1)  # slope leaving point i
+    is_max = inner & (pad_b > 0) & (np.concatenate([slope, np.zeros((n, 1))], axis=1) < 0)
+    is_min = (pad_b < 0) & (pad_a > 0) | ~inner  # valleys, and both ends of the grid
+    # value of the nearest minimum at or left / right of each point
+    left = np.take_along_axis(p, np.maximum.accumulate(np.where(is_min, np.arange(g), 0), axis=1), axis=1)
+    right_idx = np.minimum.accumulate(np.where(is_min, np.arange(g), g - 1)[:, ::-1], axis=1)[:, ::-1]
+    right = np.take_along_axis(p, right_idx, axis=1)
+    deep = np.maximum(left, right) <= (1.0 - min_dip) * p
+    peak = is_max & deep & (p >= rel_height * top) & (top > 0)
+    # the highest point always counts once (a mode at an end of the grid, or the top of ripples)
+    top_counted = (peak & (p >= top)).any(axis=1)
+    return peak.sum(axis=1) + ((top[:, 0] > 0) & ~top_counted)
+
+
 def brier_cell(ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """Index of qp's Brier grid cell holding each ztrue (clipped) and whether it is inside the grid
     (the cells are ``np.histogram``'s bins over qp's ``hist_bin_edges``, the last one closed)."""
