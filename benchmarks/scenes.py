@@ -275,9 +275,26 @@ def main(argv=None) -> int:
     p.add_argument("--control", action="store_true", help="also run the shuffled (size-free) size law")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--laws", default="", help="comma list of size laws to run (default: magnitude, plus "
+                   "shuffled with --control); one law per process lets two processes share a busy machine")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only combine the runs of these result files (same configuration) into --out")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scenes"))
     a = p.parse_args(argv)
     cfg = CONFIGS[a.config]
+    out = Path(a.out)
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        if any(q["config"] != parts[0]["config"] for q in parts):
+            raise SystemExit("--merge: the result files have different configurations")
+        result = dict(parts[0], runs=[r for q in parts for r in q["runs"]],
+                      commit=", ".join(sorted({q["commit"] for q in parts})),
+                      date=" / ".join(q["date"] for q in parts),
+                      load_start=[q["load_start"] for q in parts], load_end=[q["load_end"] for q in parts])
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+        write_markdown(result, out.with_suffix(".md"))
+        return 0
+    laws = [x for x in a.laws.split(",") if x] or ["magnitude"] + (["shuffled"] if a.control else [])
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -293,10 +310,9 @@ def main(argv=None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="deepz_scenes_") as tmp:
-        for law in ["magnitude"] + (["shuffled"] if a.control else []):
+        for law in laws:
             result["runs"].append(run_one(cfg, law, a.seed, a.device, log, Path(tmp)))
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     write_markdown(result, out.with_suffix(".md"))
