@@ -181,3 +181,24 @@ def test_ceci_runs_scene_pipeline(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out")) if (tmp_path / "logs").exists() else ""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + logs[-3000:]
     assert (out / "metrics_scene.hdf5").is_file() and (out / "pz_scene.hdf5").is_file()
+
+
+def test_scene_notebook_executes_quick(tmp_path, monkeypatch):
+    """examples/scene_dc2.ipynb in its smoke mode (a few tiny scenes, one epoch)."""
+    pytest.importorskip("galsim", reason="the 'scenes' extra is not installed")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    import os
+
+    monkeypatch.setenv("DEEPZ_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("DEEPZ_NOTEBOOK_OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(REPO / "examples" / "scene_dc2.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "completeness" in text and "detections" in text
+    assert (tmp_path / "scene_quick" / "metrics_scene.hdf5").is_file()
