@@ -91,13 +91,13 @@ def _run_catalog_estimators(keys, ds, outdir: Path, log) -> tuple[dict, dict]:
     return ens, secs
 
 
-def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path) -> dict:
+def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path, scene_options=None) -> dict:
     from rail.deepz.datasets import load_dc2
     from rail.deepz.scenes import SceneConfig, SepConfig, forced_photometry, sep_mag_limits, sep_photometry, simulate_scenes
     from rail.estimation.algos.deepz_scene import DeepzSceneEstimator, DeepzSceneInformer
     from rail.evaluation.deepz_scene_metrics import detection_metrics, per_object_quantities, photoz_by_blending
 
-    res: dict = {"size_law": size_law, "timings_s": {}}
+    res: dict = {"size_law": size_law, "scene_options": dict(scene_options or {}), "timings_s": {}}
     t = time.perf_counter()
     dc2 = load_dc2()
     sc_cfg = SceneConfig(size=cfg["size"], n_objects=tuple(cfg["n_objects"]), n_background=tuple(cfg["n_background"]),
@@ -142,7 +142,8 @@ def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path
     t = time.perf_counter()
     inf = DeepzSceneInformer.make_stage(name=f"scene_inf_{size_law}", epochs=cfg["epochs"], width=cfg["width"],
                                         hidden=cfg["hidden"], batch_size=cfg["batch_size"], device=device,
-                                        seed=seed, progress=True, num_threads=cfg.get("num_threads", 0))
+                                        seed=seed, progress=True, num_threads=cfg.get("num_threads", 0),
+                                        **(scene_options or {}))
     model = inf.inform(tr_sc, tr_truth)
     res["timings_s"]["scene_inform"] = time.perf_counter() - t
     res["scene_training"] = {k: v for k, v in model().get("train", {}).items() if k != "history"}
@@ -203,12 +204,18 @@ def _fmt(m: dict) -> str:
     return f"{m['value']:.4f} [{m['lo']:.4f}, {m['hi']:.4f}]"
 
 
+def _label(run: dict) -> str:
+    """Size law, plus the scene-informer options of a variant run."""
+    opts = run.get("scene_options") or {}
+    return run["size_law"] + "".join(f" {k}={v}" for k, v in opts.items())
+
+
 def _summary(runs: list) -> list:
     """Main run and size-control run side by side: detection, and sigma_IQR / eta / PIT KS per blending class."""
     if not runs:
         return []
-    laws = [r["size_law"] for r in runs]
-    lines = ["## Summary: " + " beside ".join(f"size law `{law}`" for law in laws), "",
+    laws = [_label(r) for r in runs]
+    lines = ["## Summary: " + " beside ".join(f"`{law}`" for law in laws), "",
              "Detection completeness of gold objects (isolated / blended >= 0.2) and purity:", "",
              "| path | " + " | ".join(f"{law}: isolated | {law}: blended | {law}: purity" for law in laws) + " |",
              "|---|" + "---|---|---|" * len(laws)]
@@ -244,7 +251,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"- device: {result['device']}; {result['gpu_note']}", f"- configuration: `{json.dumps(result['config'])}`", ""]
     lines += _summary(result["runs"])
     for run in result["runs"]:
-        lines += [f"## size law `{run['size_law']}`", "", f"truth: {json.dumps(run['truth'])}", "",
+        lines += [f"## size law `{run['size_law']}`" + (f", scene options {run['scene_options']}"
+                                                          if run.get("scene_options") else ""), "", f"truth: {json.dumps(run['truth'])}", "",
                   "### Detection (gold objects; purity over all detections)", "",
                   "| path | purity | completeness | isolated | mild | blended (>=0.2) | n detections |",
                   "|---|---|---|---|---|---|---|"]
@@ -277,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--laws", default="", help="comma list of size laws to run (default: magnitude, plus "
                    "shuffled with --control); one law per process lets two processes share a busy machine")
+    p.add_argument("--aperture-radius", type=float, default=0.0,
+                   help="DeepzSceneInformer option aperture_radius (pixels; 0 = off): aperture colours into the z head")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only combine the runs of these result files (same configuration) into --out")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scenes"))
@@ -311,7 +321,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="deepz_scenes_") as tmp:
         for law in laws:
-            result["runs"].append(run_one(cfg, law, a.seed, a.device, log, Path(tmp)))
+            opts = {"aperture_radius": a.aperture_radius} if a.aperture_radius > 0 else {}
+            result["runs"].append(run_one(cfg, law, a.seed, a.device, log, Path(tmp), opts))
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))

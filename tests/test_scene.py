@@ -351,3 +351,27 @@ def test_estimator_reads_a_scene_file_chunk_by_chunk(tiny, model, tmp_path):
     est.open_model(**est.config)
     sizes = [len(chunk["images"]) for _, _, chunk in est._scene_chunks()]
     assert sizes == [5, 5, 5, 1]
+
+
+def test_aperture_features_of_the_redshift_head(tiny):
+    """aperture_radius > 0: aperture S/N and colours join the z head's features; 0 keeps the old network."""
+    import torch
+
+    from rail.estimation.algos.deepz_scene import SceneNet
+
+    net = SceneNet(3, width=8, hidden=8, aperture_radius=2.0)
+    img = torch.asinh(torch.ones(1, 3, 12, 12) * torch.tensor([1.0, 2.0, 4.0])[None, :, None, None])
+    ap = net.aperture_features(img)
+    npix = 13.0  # pixels within 2 of the centre
+    inner = ap[0, :, 6, 6]
+    np.testing.assert_allclose(inner[:3].numpy(), np.arcsinh(np.array([1.0, 2.0, 4.0]) * np.sqrt(npix)), rtol=1e-5)
+    np.testing.assert_allclose(inner[3:].numpy(), inner[:2].numpy() - inner[1:3].numpy(), rtol=1e-6)
+    assert "disk" not in net.state_dict()  # rebuilt from the architecture, not stored
+    scenes, truth = tiny
+    m = DeepzSceneInformer.make_stage(name=_name("inf"), aperture_radius=3.0, **dict(NET, epochs=1)).inform(scenes, truth)
+    assert m()["arch"]["aperture_radius"] == 3.0
+    pos = {k: truth[k] for k in ("scene_id", "x", "y")}
+    ens = DeepzSceneEstimator.make_stage(name=_name("est"), model=m, mode="positions").estimate(scenes, positions=pos)()
+    assert ens.npdf == len(truth["x"]) and np.all(np.isfinite(ens.objdata["means"]))
+    with pytest.raises(ValueError, match="aperture_radius"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), aperture_radius=-1.0)
