@@ -91,11 +91,13 @@ def _run_catalog_estimators(keys, ds, outdir: Path, log) -> tuple[dict, dict]:
     return ens, secs
 
 
-def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path, scene_options=None) -> dict:
+def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path, scene_options=None,
+            scene_only: bool = False) -> dict:
+    """One size law: simulate, both paths, metrics. ``scene_only``: sep detections but no catalog estimators
+    and no two-stage path (a network variant, compared with the catalog numbers of the main run)."""
     from rail.deepz.datasets import load_dc2
     from rail.deepz.scenes import SceneConfig, SepConfig, forced_photometry, sep_mag_limits, sep_photometry, simulate_scenes
     from rail.estimation.algos.deepz_scene import DeepzSceneEstimator, DeepzSceneInformer
-    from rail.evaluation.deepz_scene_metrics import detection_metrics, per_object_quantities, photoz_by_blending
 
     res: dict = {"size_law": size_law, "scene_options": dict(scene_options or {}), "timings_s": {}}
     t = time.perf_counter()
@@ -134,7 +136,8 @@ def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path
                               limits)
     res["catalog_path"] = {"n_train": int(len(sep_ds.train["id"])), "n_test": int(len(sep_ds.test["id"])),
                            "estimators": list(cfg["catalog_estimators"])}
-    cat_ens, cat_secs = _run_catalog_estimators(cfg["catalog_estimators"], sep_ds, workdir / f"sep_{size_law}", log)
+    cat_ens, cat_secs = _run_catalog_estimators([] if scene_only else cfg["catalog_estimators"], sep_ds,
+                                                workdir / f"sep_{size_law}", log)
     for k, v in cat_secs.items():
         res["timings_s"][f"{k}_on_sep"] = v
 
@@ -159,6 +162,8 @@ def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path
     # --- two-stage scene path: the network's detections, forced aperture photometry of the pixels at
     # those positions, FlexZBoost on it (trained on the network's matched detections of the training scenes)
     t = time.perf_counter()
+    if scene_only:
+        return _finish(res, cfg, seed, te_truth, te_cat, net_ens, pos_ens, None, cat_ens, log)
     est_tr = DeepzSceneEstimator.make_stage(name=f"scene_est_tr_{size_law}", model=model, device=device, chunk_size=64)
     net_tr = est_tr.estimate(tr_sc, truth=tr_truth)()
     net_tr_d2t = np.asarray(net_tr.ancil["truth_index"], dtype=np.int64)
@@ -172,7 +177,14 @@ def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path
     forced_ds = _catalog_dataset(dc2, f"forced_{size_law}", train_table(f_tr, net_tr_d2t), test_table(f_te), limits)
     forced_ens, _ = _run_catalog_estimators(["flexzboost"], forced_ds, workdir / f"forced_{size_law}", log)
     res["timings_s"]["two_stage_forced_flexzboost"] = time.perf_counter() - t
+    return _finish(res, cfg, seed, te_truth, te_cat, net_ens, pos_ens, forced_ens["flexzboost"], cat_ens, log)
 
+
+def _finish(res, cfg, seed, te_truth, te_cat, net_ens, pos_ens, forced_ens, cat_ens, log) -> dict:
+    """Detection and photo-z metrics of one run (added to ``res``)."""
+    from rail.evaluation.deepz_scene_metrics import detection_metrics, per_object_quantities, photoz_by_blending
+
+    size_law = res["size_law"]
     # --- detection
     net_d2t = np.asarray(net_ens.ancil["truth_index"], dtype=np.int64)
     sep_d2t = np.asarray(te_cat["truth_index"], dtype=np.int64)
@@ -190,9 +202,11 @@ def run_one(cfg: dict, size_law: str, seed: int, device: str, log, workdir: Path
     out = {}
     runs = [("scene_net_detect", net_ens, net_of[both]),
             ("scene_net_at_sep_positions", pos_ens, sep_of[both]),
-            ("two_stage_net_forced_flexzboost", forced_ens["flexzboost"], net_of[both])]
+            ("two_stage_net_forced_flexzboost", forced_ens, net_of[both])]
     runs += [(f"{k}_on_sep", e, sep_of[both]) for k, e in cat_ens.items()]
     for name, ens, rows in runs:
+        if ens is None:
+            continue
         po = per_object_quantities(ens[rows], zt[both], 0.0, 3.0)
         out[name] = photoz_by_blending(po, blend, n_boot=cfg["n_boot"], seed=seed)
     res["photoz"] = out
@@ -287,6 +301,8 @@ def main(argv=None) -> int:
                    "shuffled with --control); one law per process lets two processes share a busy machine")
     p.add_argument("--aperture-radius", type=float, default=0.0,
                    help="DeepzSceneInformer option aperture_radius (pixels; 0 = off): aperture colours into the z head")
+    p.add_argument("--scene-only", action="store_true",
+                   help="network variant: skip the catalog estimators and the two-stage path")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only combine the runs of these result files (same configuration) into --out")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scenes"))
@@ -322,7 +338,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="deepz_scenes_") as tmp:
         for law in laws:
             opts = {"aperture_radius": a.aperture_radius} if a.aperture_radius > 0 else {}
-            result["runs"].append(run_one(cfg, law, a.seed, a.device, log, Path(tmp), opts))
+            result["runs"].append(run_one(cfg, law, a.seed, a.device, log, Path(tmp), opts, a.scene_only))
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
