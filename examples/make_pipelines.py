@@ -76,6 +76,29 @@ def _plain(x):
     return x
 
 
+def _pipeline(name, config_path, out_root, modules, stages, inputs=None) -> dict:
+    """The ceci pipeline dict: mini launcher, one local thread, outputs under ``out_root/name``."""
+    return dict(
+        config=config_path,
+        inputs=dict(inputs or {}),
+        log_dir=f"{out_root}/{name}/logs",
+        modules=" ".join(modules),
+        output_dir=f"{out_root}/{name}",
+        resume=False,
+        launcher=dict(name="mini", interval=0.5),
+        site=dict(name="local", max_threads=1),
+        stages=stages,
+    )
+
+
+def _config_ref(cfg_path: Path, rel_to: Path) -> str:
+    """The config path as the pipeline file names it: relative to ``rel_to`` (the folder ceci runs in) if below it."""
+    try:
+        return str(cfg_path.resolve().relative_to(rel_to.resolve()))
+    except ValueError:
+        return str(cfg_path.resolve())
+
+
 def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_path="", out_root="out/examples",
                  stamps=False):
     """(pipeline dict, stage-config dict) for one estimator on one data set.
@@ -110,17 +133,7 @@ def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_p
              aliases=dict(input=f"pz_{key}", truth=f"test_{data}", output=f"metrics_{key}")),
     ]
     stages[0]["aliases"] = dict(train=f"train_{data}", test=f"test_{data}")
-    pipe = dict(
-        config=config_path,
-        inputs={},
-        log_dir=f"{out_root}/{name}/logs",
-        modules=" ".join(modules),
-        output_dir=f"{out_root}/{name}",
-        resume=False,
-        launcher=dict(name="mini", interval=0.5),
-        site=dict(name="local", max_threads=1),
-        stages=stages,
-    )
+    pipe = _pipeline(name, config_path, out_root, modules, stages)
     cfg = {
         f"data_{data}": dict(dataset=data, n_train=int(n_train), n_test=int(n_test), seed=int(seed)),
         **stamp_cfg,
@@ -160,10 +173,7 @@ def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quic
                 continue
             name = f"{key}_{data}"
             cfg_path = dest / "configs" / f"{name}_config.yml"
-            try:
-                cfg_ref = str(cfg_path.resolve().relative_to(rel_to.resolve()))
-            except ValueError:
-                cfg_ref = str(cfg_path.resolve())
+            cfg_ref = _config_ref(cfg_path, rel_to)
             pipe, cfg = pipeline_for(spec, ds_key, quick=quick, n_train=n_train, n_test=n_test, seed=seed,
                                      config_path=cfg_ref, out_root=out_root, stamps=stamps)
             pipe_path = dest / f"{name}.yml"
@@ -211,17 +221,7 @@ def scene_pipeline(*, quick=False, seed=0, config_path="", out_root="out/example
         dict(classname="DeepzSceneEvaluator", name="evaluate_scene", nprocess=1,
              aliases=dict(input="pz_scene", truth="truth_test_dc2", output="metrics_scene")),
     ]
-    pipe = dict(
-        config=config_path,
-        inputs={"scene_positions": "none"},
-        log_dir=f"{out_root}/{name}/logs",
-        modules=" ".join(SCENE_MODULES),
-        output_dir=f"{out_root}/{name}",
-        resume=False,
-        launcher=dict(name="mini", interval=0.5),
-        site=dict(name="local", max_threads=1),
-        stages=stages,
-    )
+    pipe = _pipeline(name, config_path, out_root, SCENE_MODULES, stages, inputs={"scene_positions": "none"})
     scene = dict(size=st["size"], n_objects=st["n_objects"], n_background=st["n_background"], size_law=size_law)
     cfg = {
         "data_dc2": dict(dataset="dc2", n_train=0, n_test=0, seed=int(seed)),
@@ -244,10 +244,7 @@ def write_scene_pipeline(dest: Path = HERE, quick=False, seed=0, out_root="out/e
     (dest / "configs").mkdir(parents=True, exist_ok=True)
     rel_to = HERE.parent if rel_to is None else Path(rel_to)
     cfg_path = dest / "configs" / "scene_dc2_config.yml"
-    try:
-        cfg_ref = str(cfg_path.resolve().relative_to(rel_to.resolve()))
-    except ValueError:
-        cfg_ref = str(cfg_path.resolve())
+    cfg_ref = _config_ref(cfg_path, rel_to)
     pipe, cfg = scene_pipeline(quick=quick, seed=seed, config_path=cfg_ref, out_root=out_root)
     pipe_path = dest / "scene_dc2.yml"
     pipe_path.write_text(yaml.safe_dump(pipe, sort_keys=False))
