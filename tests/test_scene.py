@@ -180,6 +180,10 @@ def test_bad_inputs_get_clear_errors(tiny, model):
         DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(scenes, no_ids)
     with pytest.raises(SceneInputError, match="channel"):
         DeepzSceneInformer.make_stage(name=_name("inf"), **dict(NET, bands=list("griz"))).inform(scenes, truth)
+    with pytest.raises(SceneInputError, match="NaN"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(nan, truth)
+    with pytest.raises(SceneInputError, match="mixed sizes"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(mixed, truth)
     with pytest.raises(ValueError, match="did you mean 'score_threshold'"):
         DeepzSceneEstimator.make_stage(name=_name("est"), model=model, score_treshold=0.2)
     with pytest.raises(ValueError, match="mode"):
@@ -314,6 +318,9 @@ def test_scene_evaluator_counts_what_it_matches(tiny):
     assert rows[("detection", "all", "purity")] == (1.0, n)
     assert rows[("detection", "all", "completeness")] == (1.0, int(truth["gold"].sum()))
     assert rows[("photoz", "all", "eta")][0] == 0.0
+    with pytest.raises(SceneInputError, match="scene_id"):
+        no_ids = {k: v for k, v in truth.items() if k != "scene_id"}
+        DeepzSceneEvaluator.make_stage(name=_name("ev")).evaluate(ens, no_ids)
     with pytest.raises(SceneInputError, match="scene_id"):
         bare = qp.Ensemble(qp.stats.norm, data=dict(loc=np.zeros((2, 1)), scale=np.ones((2, 1))))
         DeepzSceneEvaluator.make_stage(name=_name("ev")).evaluate(bare, truth)
