@@ -1,7 +1,8 @@
-"""Regenerate examples/compare_dc2.ipynb, compare_boss.ipynb and compare_catalogue.ipynb (run from the repository root).
+"""Regenerate examples/compare_dc2.ipynb, compare_boss.ipynb, compare_catalogue.ipynb and scene_dc2.ipynb (run from the repository root).
 
-The notebooks drive rail.evaluation.deepz_compare.compare(); DEEPZ_NOTEBOOK_QUICK=1 makes them a smoke run
-(tests/test_evaluation.py executes them that way with nbclient).
+The compare notebooks drive rail.evaluation.deepz_compare.compare(); scene_dc2 runs the scene stages.
+DEEPZ_NOTEBOOK_QUICK=1 makes them a smoke run (tests/test_evaluation.py and, for scene_dc2,
+tests/test_pipelines.py execute them that way with nbclient).
 """
 import nbformat as nbf
 from pathlib import Path
@@ -135,3 +136,110 @@ def nb_catalogue():
 
 
 nbf.write(nb_catalogue(), "examples/compare_catalogue.ipynb")
+
+
+def nb_scene():
+    """scene_dc2.ipynb: simulate scenes, the sep catalog path, the scene network, their metrics."""
+    c = []
+    c.append(nbf.v4.new_markdown_cell(
+        "# The scene estimator: detect, deblend and estimate a redshift PDF for every object of an image\n\n"
+        "After DeepDISC (Merz et al., photo-z from LSST DC2 images). `DeepzSceneSimulator` draws multi-band scenes "
+        "with GalSim from the DC2 catalogue of pz-rail-base (bulge + disk galaxies, a per-band PSF, sky noise at the "
+        "LSST 10-year depths, close pairs so that a known share of objects overlap, faint background objects) with a "
+        "truth table (positions, footprints, redshifts, blendedness). `DeepzSceneInformer` trains a torch-only "
+        "detector (centre heat map, box and footprint heads) with a Gaussian-mixture redshift head; "
+        "`DeepzSceneEstimator` returns one PDF per detection; `DeepzSceneEvaluator` scores it per blending class. "
+        "The catalog path on the same pixels (sep detection and aperture photometry) is shown beside it.\n\n"
+        "The scenes are simulations (see `rail.deepz.scenes` for the simplifications); measured comparisons "
+        "with NNC, FlexZBoost and BPZ on sep photometry are in `benchmarks/results/scenes.md`. "
+        "Set `DEEPZ_NOTEBOOK_QUICK=1` for a smoke run (a few tiny scenes, one epoch; the numbers are then "
+        "meaningless)."))
+    c.append(nbf.v4.new_code_cell(
+        "import os\nfrom pathlib import Path\n\nimport matplotlib.pyplot as plt\nimport numpy as np\nimport pandas as pd\n\n"
+        "from rail.deepz.datasets import load_dc2\nfrom rail.deepz.scenes import sep_photometry\n"
+        "from rail.estimation.algos.deepz_scene import DeepzSceneEstimator, DeepzSceneInformer\n"
+        "from rail.evaluation.deepz_scene_metrics import detection_metrics\n"
+        "from rail.evaluation.deepz_scene_stages import DeepzSceneEvaluator, DeepzSceneSimulator\n\n"
+        "QUICK = os.environ.get('DEEPZ_NOTEBOOK_QUICK', '0') == '1'\n"
+        "OUTDIR = Path(os.environ.get('DEEPZ_NOTEBOOK_OUT', '../out/notebooks' if Path.cwd().name == 'examples' "
+        "else 'out/notebooks')) / ('scene' + ('_quick' if QUICK else ''))\n"
+        "OUTDIR.mkdir(parents=True, exist_ok=True)\n"
+        "SCENE = dict(size=32, n_objects=[3, 5], n_background=[0, 1]) if QUICK else "
+        "dict(size=48, n_objects=[4, 8], n_background=[0, 3])\n"
+        "N_TRAIN, N_TEST = (12, 6) if QUICK else (400, 100)\n"
+        "NET = dict(epochs=1, width=8, hidden=8) if QUICK else dict(epochs=30, width=16, hidden=64)\n"
+        "dc2 = load_dc2()"))
+    c.append(nbf.v4.new_markdown_cell("## Simulate training and test scenes\n\nDifferent catalogue objects "
+        "(DC2 training and test files) and independent seeds. Each stage writes the scene table and the truth table."))
+    c.append(nbf.v4.new_code_cell(
+        "def simulate(table, n, seed, tag):\n"
+        "    stage = DeepzSceneSimulator.make_stage(name=f'simulate_{tag}', n_scenes=n, seed=seed, **SCENE,\n"
+        "                                           output=str(OUTDIR / f'scenes_{tag}.hdf5'),\n"
+        "                                           truth=str(OUTDIR / f'truth_{tag}.hdf5'))\n"
+        "    out = stage.simulate(table)\n"
+        "    return out['output'](), out['truth']()\n\n"
+        "train_scenes, train_truth = simulate(dc2.train, N_TRAIN, 0, 'train')\n"
+        "test_scenes, test_truth = simulate(dc2.test, N_TEST, 1, 'test')\n"
+        "print('test scenes', test_scenes['images'].shape, '| objects', len(test_truth['x']),\n"
+        "      '| gold', int(test_truth['gold'].sum()),\n"
+        "      '| gold with blendedness >= 0.2:', int((test_truth['gold'] & (test_truth['blendedness'] >= 0.2)).sum()))"))
+    c.append(nbf.v4.new_markdown_cell("## One scene\n\ng, r, i as blue, green, red (asinh stretch); "
+        "truth positions coloured by blendedness (0 isolated, 1 dominated by neighbours)."))
+    c.append(nbf.v4.new_code_cell(
+        "def rgb(img, noise):\n"
+        "    x = np.arcsinh(img[[3, 2, 1]] / (3 * noise[[3, 2, 1], None, None]))\n"
+        "    return np.clip(np.moveaxis(x, 0, -1) / np.percentile(x, 99.5), 0, 1)\n\n"
+        "s = 0\nm = test_truth['scene_id'] == s\n"
+        "fig, ax = plt.subplots(figsize=(5, 5))\n"
+        "ax.imshow(rgb(test_scenes['images'][s], test_scenes['noise_sigma'][s]), origin='lower')\n"
+        "sc = ax.scatter(test_truth['x'][m], test_truth['y'][m], c=test_truth['blendedness'][m], vmin=0, vmax=1,\n"
+        "                cmap='viridis', marker='+', s=80)\n"
+        "plt.colorbar(sc, ax=ax, label='truth blendedness'); ax.set_title(f'scene {s}'); plt.show()"))
+    c.append(nbf.v4.new_markdown_cell("## The catalog path: sep on the same pixels"))
+    c.append(nbf.v4.new_code_cell(
+        "sep_cat = sep_photometry(test_scenes, test_truth)\n"
+        "sep_det = detection_metrics(test_truth, sep_cat['truth_index'])\n"
+        "print({k: round(sep_det[k], 3) for k in ('purity', 'completeness', 'completeness_isolated', "
+        "'completeness_blended')})"))
+    c.append(nbf.v4.new_markdown_cell("## Train the scene network and detect"))
+    c.append(nbf.v4.new_code_cell(
+        "inform = DeepzSceneInformer.make_stage(name='inform_scene', model=str(OUTDIR / 'model_scene.pkl'),\n"
+        "                                       progress=False, seed=0, **NET)\n"
+        "model = inform.inform(train_scenes, train_truth)\n"
+        "estimate = DeepzSceneEstimator.make_stage(name='estimate_scene', model=model, chunk_size=64,\n"
+        "                                          output=str(OUTDIR / 'pz_scene.hdf5'))\n"
+        "pz = estimate.estimate(test_scenes, truth=test_truth)\n"
+        "ens = pz()\n"
+        "print(ens.npdf, 'detections; ancil:', sorted(ens.ancil))"))
+    c.append(nbf.v4.new_markdown_cell("## Metrics per blending class\n\nDetection: completeness of gold "
+        "objects (i <= 25.3) and purity; photo-z on the matched gold objects, with 16-84% bootstrap intervals."))
+    c.append(nbf.v4.new_code_cell(
+        "evaluator = DeepzSceneEvaluator.make_stage(name='evaluate_scene', n_boot=20 if QUICK else 100,\n"
+        "                                           output=str(OUTDIR / 'metrics_scene.hdf5'))\n"
+        "table = evaluator.evaluate(pz, test_truth)()\n"
+        "df = pd.DataFrame({k: [v.decode() if isinstance(v, bytes) else v for v in col] for k, col in table.items()})\n"
+        "print(df[df.section == 'detection'].to_string(index=False))\n"
+        "df[df.section == 'photoz'].pivot_table(index='metric', columns='blend_class', values='value')"))
+    c.append(nbf.v4.new_markdown_cell("## Detections and PDFs"))
+    c.append(nbf.v4.new_code_cell(
+        "m_det = ens.ancil['scene_id'] == s\n"
+        "fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))\n"
+        "a.imshow(rgb(test_scenes['images'][s], test_scenes['noise_sigma'][s]), origin='lower')\n"
+        "a.scatter(test_truth['x'][m], test_truth['y'][m], marker='+', s=80, c='w', label='truth')\n"
+        "a.scatter(ens.ancil['x'][m_det], ens.ancil['y'][m_det], marker='o', s=60, facecolors='none', edgecolors='r',\n"
+        "          label='network')\n"
+        "a.scatter(sep_cat['x'][sep_cat['scene_id'] == s], sep_cat['y'][sep_cat['scene_id'] == s], marker='x', s=50,\n"
+        "          c='c', label='sep')\n"
+        "a.legend(loc='upper right', fontsize=8)\n"
+        "z = np.linspace(0, 3, 301)\n"
+        "ti = ens.ancil['truth_index']\n"
+        "for k in np.flatnonzero(m_det & (ti >= 0))[:4]:\n"
+        "    line, = b.plot(z, ens[int(k)].pdf(z)[0], label=f\"blendedness {test_truth['blendedness'][ti[k]]:.2f}\")\n"
+        "    b.axvline(test_truth['redshift'][ti[k]], color=line.get_color(), ls=':')\n"
+        "b.set_xlabel('redshift'); b.set_ylabel('p(z)'); b.legend(fontsize=8); plt.show()"))
+    n = nbf.v4.new_notebook(cells=c)
+    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return n
+
+
+nbf.write(nb_scene(), "examples/scene_dc2.ipynb")

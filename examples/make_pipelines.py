@@ -19,6 +19,13 @@ which add simulated stamps to the training and test tables:
 Those stamps' sizes follow the true redshift: such a pipeline shows the method running,
 its metrics are not a measure of the CNN on real images.
 
+The scene estimator (:mod:`rail.estimation.algos.deepz_scene`) works on images, not on a
+catalog: its pipeline (``examples/scene_dc2.yml``, :func:`scene_pipeline`) simulates scenes
+from the DC2 tables first (:mod:`rail.evaluation.deepz_scene_stages`):
+
+    DeepzExampleData -> DeepzSceneSimulator (train, test) -> DeepzSceneInformer -> DeepzSceneEstimator
+    -> DeepzSceneEvaluator
+
     python examples/make_pipelines.py                  # full settings, into examples/
     python examples/make_pipelines.py --quick --n-train 500 --n-test 500 --dest /tmp/q
     python examples/make_pipelines.py --keys nnc --data dc2
@@ -69,6 +76,29 @@ def _plain(x):
     return x
 
 
+def _pipeline(name, config_path, out_root, modules, stages, inputs=None) -> dict:
+    """The ceci pipeline dict: mini launcher, one local thread, outputs under ``out_root/name``."""
+    return dict(
+        config=config_path,
+        inputs=dict(inputs or {}),
+        log_dir=f"{out_root}/{name}/logs",
+        modules=" ".join(modules),
+        output_dir=f"{out_root}/{name}",
+        resume=False,
+        launcher=dict(name="mini", interval=0.5),
+        site=dict(name="local", max_threads=1),
+        stages=stages,
+    )
+
+
+def _config_ref(cfg_path: Path, rel_to: Path) -> str:
+    """The config path as the pipeline file names it: relative to ``rel_to`` (the folder ceci runs in) if below it."""
+    try:
+        return str(cfg_path.resolve().relative_to(rel_to.resolve()))
+    except ValueError:
+        return str(cfg_path.resolve())
+
+
 def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_path="", out_root="out/examples",
                  stamps=False):
     """(pipeline dict, stage-config dict) for one estimator on one data set.
@@ -103,17 +133,7 @@ def pipeline_for(spec, ds, *, quick=False, n_train=0, n_test=0, seed=0, config_p
              aliases=dict(input=f"pz_{key}", truth=f"test_{data}", output=f"metrics_{key}")),
     ]
     stages[0]["aliases"] = dict(train=f"train_{data}", test=f"test_{data}")
-    pipe = dict(
-        config=config_path,
-        inputs={},
-        log_dir=f"{out_root}/{name}/logs",
-        modules=" ".join(modules),
-        output_dir=f"{out_root}/{name}",
-        resume=False,
-        launcher=dict(name="mini", interval=0.5),
-        site=dict(name="local", max_threads=1),
-        stages=stages,
-    )
+    pipe = _pipeline(name, config_path, out_root, modules, stages)
     cfg = {
         f"data_{data}": dict(dataset=data, n_train=int(n_train), n_test=int(n_test), seed=int(seed)),
         **stamp_cfg,
@@ -153,10 +173,7 @@ def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quic
                 continue
             name = f"{key}_{data}"
             cfg_path = dest / "configs" / f"{name}_config.yml"
-            try:
-                cfg_ref = str(cfg_path.resolve().relative_to(rel_to.resolve()))
-            except ValueError:
-                cfg_ref = str(cfg_path.resolve())
+            cfg_ref = _config_ref(cfg_path, rel_to)
             pipe, cfg = pipeline_for(spec, ds_key, quick=quick, n_train=n_train, n_test=n_test, seed=seed,
                                      config_path=cfg_ref, out_root=out_root, stamps=stamps)
             pipe_path = dest / f"{name}.yml"
@@ -167,10 +184,80 @@ def write_pipelines(dest: Path = HERE, keys=None, datasets=("dc2", "boss"), quic
     return written
 
 
+SCENE_MODULES = ["rail.deepz", "rail.evaluation.deepz_stages", "rail.evaluation.deepz_scene_stages"]
+#: scene-pipeline settings: full (minutes on a laptop CPU, see benchmarks/results/scenes.md) and quick (seconds)
+SCENE_SETTINGS = {
+    False: dict(n_train_scenes=400, n_test_scenes=100, size=48, n_objects=[4, 8], n_background=[0, 3],
+                inform=dict(epochs=30, width=16, hidden=64, batch_size=8), n_boot=100),
+    True: dict(n_train_scenes=12, n_test_scenes=6, size=32, n_objects=[3, 5], n_background=[0, 1],
+               inform=dict(epochs=1, width=8, hidden=8, batch_size=4), n_boot=5),
+}
+
+
+def scene_pipeline(*, quick=False, seed=0, config_path="", out_root="out/examples", size_law="magnitude"):
+    """(pipeline dict, stage-config dict) of the scene estimator on scenes simulated from DC2.
+
+    Two ``DeepzSceneSimulator`` stages draw training and test scenes from the DC2 training and
+    test tables (different objects, independent seeds); the informer trains on the training
+    scenes and their truth; the estimator detects objects in the test scenes (one PDF per
+    detection, matched to the test truth); ``DeepzSceneEvaluator`` writes detection and photo-z
+    metrics per blending class. The estimator's optional ``positions`` input (mode
+    'positions') is given as ``none``."""
+    name = "scene_dc2"
+    st = SCENE_SETTINGS[bool(quick)]
+    sims = []
+    for part in ("train", "test"):
+        sims.append(dict(classname="DeepzSceneSimulator", name=f"simulate_{part}_dc2", nprocess=1,
+                         aliases=dict(input=f"{part}_dc2", output=f"scenes_{part}_dc2", truth=f"truth_{part}_dc2")))
+    stages = [
+        dict(classname="DeepzExampleData", name="data_dc2", nprocess=1,
+             aliases=dict(train="train_dc2", test="test_dc2")),
+        *sims,
+        dict(classname="DeepzSceneInformer", name="inform_scene", nprocess=1,
+             aliases=dict(input="scenes_train_dc2", truth="truth_train_dc2", model="model_scene")),
+        dict(classname="DeepzSceneEstimator", name="estimate_scene", nprocess=1,
+             aliases=dict(input="scenes_test_dc2", truth="truth_test_dc2", positions="scene_positions",
+                          model="model_scene", output="pz_scene")),
+        dict(classname="DeepzSceneEvaluator", name="evaluate_scene", nprocess=1,
+             aliases=dict(input="pz_scene", truth="truth_test_dc2", output="metrics_scene")),
+    ]
+    pipe = _pipeline(name, config_path, out_root, SCENE_MODULES, stages, inputs={"scene_positions": "none"})
+    scene = dict(size=st["size"], n_objects=st["n_objects"], n_background=st["n_background"], size_law=size_law)
+    cfg = {
+        "data_dc2": dict(dataset="dc2", n_train=0, n_test=0, seed=int(seed)),
+        "simulate_train_dc2": dict(n_scenes=st["n_train_scenes"], seed=int(seed), **scene),
+        "simulate_test_dc2": dict(n_scenes=st["n_test_scenes"], seed=int(seed) + 1, **scene),
+        "inform_scene": dict(st["inform"], seed=int(seed), progress=True),
+        "estimate_scene": dict(mode="detect", chunk_size=64),
+        "evaluate_scene": dict(redshift_col="redshift", mag_col="mag_i_lsst", zmin=0.0, zmax=3.0,
+                               n_boot=st["n_boot"], seed=int(seed)),
+    }
+    for stage_name, section in cfg.items():
+        section["name"] = stage_name
+    return pipe, cfg
+
+
+def write_scene_pipeline(dest: Path = HERE, quick=False, seed=0, out_root="out/examples",
+                         rel_to: Path | None = None) -> Path:
+    """Write ``scene_dc2.yml`` and ``configs/scene_dc2_config.yml`` into ``dest``; returns the pipeline file."""
+    dest = Path(dest)
+    (dest / "configs").mkdir(parents=True, exist_ok=True)
+    rel_to = HERE.parent if rel_to is None else Path(rel_to)
+    cfg_path = dest / "configs" / "scene_dc2_config.yml"
+    cfg_ref = _config_ref(cfg_path, rel_to)
+    pipe, cfg = scene_pipeline(quick=quick, seed=seed, config_path=cfg_ref, out_root=out_root)
+    pipe_path = dest / "scene_dc2.yml"
+    pipe_path.write_text(yaml.safe_dump(pipe, sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+    print(f"wrote {pipe_path} and {cfg_path}")
+    return pipe_path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dest", default=str(HERE), help="folder for the YAMLs (default: examples/)")
-    p.add_argument("--keys", default="", help="comma list of estimator keys (default: all registered)")
+    p.add_argument("--keys", default="", help="comma list of estimator keys (default: all registered, and "
+                   "'scene', the scene pipeline)")
     p.add_argument("--data", default="dc2,boss", help="comma list of data sets")
     p.add_argument("--quick", action="store_true", help="quick (seconds) estimator configurations")
     p.add_argument("--n-train", type=int, default=0, help="random training subset (0 = all)")
@@ -179,8 +266,12 @@ def main(argv=None):
     p.add_argument("--out-root", default="out/examples", help="output folder of the pipelines")
     a = p.parse_args(argv)
     keys = [k for k in a.keys.split(",") if k] or None
-    write_pipelines(Path(a.dest), keys, [d for d in a.data.split(",") if d], a.quick, a.n_train, a.n_test,
-                    a.seed, a.out_root)
+    catalog_keys = [k for k in keys if k != "scene"] if keys else None
+    if catalog_keys != []:
+        write_pipelines(Path(a.dest), catalog_keys, [d for d in a.data.split(",") if d], a.quick, a.n_train,
+                        a.n_test, a.seed, a.out_root)
+    if (keys is None or "scene" in keys) and "dc2" in a.data.split(","):
+        write_scene_pipeline(Path(a.dest), a.quick, a.seed, a.out_root)
 
 
 if __name__ == "__main__":

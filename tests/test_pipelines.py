@@ -105,3 +105,100 @@ def test_synthetic_stamps_stage_checks_its_input(tmp_path):
                                             **dict(opts, mag_limits={}))
     with pytest.raises(KeyError, match="mag_limits"):
         stage.add_stamps(table)
+
+
+def _run_pipeline_in_process(pipe: dict, cfg: dict, out: Path) -> None:
+    """Run a pipeline's stages in order in this process, as ceci would (files named by the aliases)."""
+    import importlib
+
+    for mod in pipe["modules"].split():
+        importlib.import_module(mod)
+    from rail.core.stage import RailStage
+
+    overall = {k: str(v) for k, v in pipe.get("inputs", {}).items()}
+    for st in pipe["stages"]:
+        cls = RailStage.pipeline_stages[st["classname"]][0]
+        aliases = st.get("aliases", {})
+        paths = {}
+        for tag, _ in cls.inputs + cls.outputs:
+            alias = aliases.get(tag, tag)
+            suffix = ".pkl" if tag == "model" else ".hdf5"
+            paths[tag] = overall.get(alias, str(out / f"{alias}{suffix}"))
+        opts = {k: v for k, v in cfg[st["name"]].items() if k != "name"}
+        stage = cls.make_stage(name=_name(st["name"]), **opts, **paths)
+        stage.run()
+        stage.finalize()
+
+
+def test_scene_pipeline_runs_on_tiny_scenes(tmp_path):
+    """examples/scene_dc2.yml (simulate -> inform -> estimate -> evaluate), quick settings, stage by stage
+    in-process in the pipeline's order; the same pipeline under ceci: test_ceci_runs_scene_pipeline (slow)."""
+    pytest.importorskip("galsim", reason="the 'scenes' extra is not installed")
+    import qp
+    import tables_io
+
+    mp = _make_pipelines()
+    assert (REPO / "examples" / "scene_dc2.yml").is_file(), "run python examples/make_pipelines.py --keys scene"
+    pipe_path = mp.write_scene_pipeline(tmp_path, quick=True, rel_to=tmp_path)
+    pipe = yaml.safe_load(pipe_path.read_text())
+    cfg = yaml.safe_load((tmp_path / "configs" / "scene_dc2_config.yml").read_text())
+    assert [s["classname"] for s in pipe["stages"]] == [
+        "DeepzExampleData", "DeepzSceneSimulator", "DeepzSceneSimulator", "DeepzSceneInformer",
+        "DeepzSceneEstimator", "DeepzSceneEvaluator"]
+    assert cfg["simulate_train_dc2"]["seed"] != cfg["simulate_test_dc2"]["seed"]
+    cfg["data_dc2"].update(n_train=300, n_test=300)  # random rows; the simulator draws ~40 objects
+    out = tmp_path / "out"
+    out.mkdir()
+    _run_pipeline_in_process(pipe, cfg, out)
+    scenes = tables_io.read(str(out / "scenes_test_dc2.hdf5"))
+    n_scenes = cfg["simulate_test_dc2"]["n_scenes"]
+    assert scenes["images"].shape == (n_scenes, 6, 32, 32)
+    ens = qp.read(str(out / "pz_scene.hdf5"))
+    truth_n = len(tables_io.read(str(out / "truth_test_dc2.hdf5"))["x"])
+    ti = ens.ancil["truth_index"]
+    assert ens.npdf == len(ti) and np.all((ti >= -1) & (ti < truth_n))
+    metrics = tables_io.read(str(out / "metrics_scene.hdf5"))
+    rows = {(s.decode(), c.decode(), m.decode()): (v, n) for s, c, m, v, n in
+            zip(metrics["section"], metrics["blend_class"], metrics["metric"], metrics["value"], metrics["n"])}
+    purity, n_det = rows[("detection", "all", "purity")]
+    assert n_det == ens.npdf and 0.0 <= purity <= 1.0
+    assert ("detection", "blended", "completeness") in rows
+
+
+@pytest.mark.slow
+def test_ceci_runs_scene_pipeline(tmp_path):
+    """The quick scene pipeline under ceci (one process per stage: about a minute of imports)."""
+    import subprocess
+
+    pytest.importorskip("galsim", reason="the 'scenes' extra is not installed")
+    mp = _make_pipelines()
+    pipe_path = mp.write_scene_pipeline(tmp_path, quick=True, rel_to=tmp_path)
+    out = tmp_path / "out"
+    ceci = Path(sys.executable).parent / "ceci"
+    cmd = [str(ceci) if ceci.exists() else "ceci", str(pipe_path), f"output_dir={out}",
+           f"log_dir={tmp_path / 'logs'}"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out")) if (tmp_path / "logs").exists() else ""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + logs[-3000:]
+    assert (out / "metrics_scene.hdf5").is_file() and (out / "pz_scene.hdf5").is_file()
+
+
+def test_scene_notebook_executes_quick(tmp_path, monkeypatch):
+    """examples/scene_dc2.ipynb in its smoke mode (a few tiny scenes, one epoch)."""
+    pytest.importorskip("galsim", reason="the 'scenes' extra is not installed")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    import os
+
+    monkeypatch.setenv("DEEPZ_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("DEEPZ_NOTEBOOK_OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(REPO / "examples" / "scene_dc2.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "completeness" in text and "detections" in text
+    assert (tmp_path / "scene_quick" / "metrics_scene.hdf5").is_file()

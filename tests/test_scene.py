@@ -180,6 +180,10 @@ def test_bad_inputs_get_clear_errors(tiny, model):
         DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(scenes, no_ids)
     with pytest.raises(SceneInputError, match="channel"):
         DeepzSceneInformer.make_stage(name=_name("inf"), **dict(NET, bands=list("griz"))).inform(scenes, truth)
+    with pytest.raises(SceneInputError, match="NaN"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(nan, truth)
+    with pytest.raises(SceneInputError, match="mixed sizes"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), **NET).inform(mixed, truth)
     with pytest.raises(ValueError, match="did you mean 'score_threshold'"):
         DeepzSceneEstimator.make_stage(name=_name("est"), model=model, score_treshold=0.2)
     with pytest.raises(ValueError, match="mode"):
@@ -273,3 +277,108 @@ def test_scenes_stream_from_an_hdf5_file(tiny, model, tmp_path):
     assert ens.npdf == ref.npdf
     np.testing.assert_array_equal(ens.ancil["scene_id"], ref.ancil["scene_id"])
     np.testing.assert_allclose(ens.ancil["x"], ref.ancil["x"], atol=1e-4)  # batches differ: float rounding
+
+
+def test_simulator_stage_matches_the_function_and_checks_options(catalog, tmp_path):
+    from rail.evaluation.deepz_scene_stages import DeepzSceneSimulator
+
+    opts = dict(n_scenes=4, size=32, n_objects=[3, 4], n_background=[0, 1], seed=7)
+    stage = DeepzSceneSimulator.make_stage(name=_name("sim"), output=str(tmp_path / "sc.hdf5"),
+                                           truth=str(tmp_path / "tr.hdf5"), **opts)
+    out = stage.simulate(catalog)
+    ref_sc, ref_tr = simulate_scenes(catalog, 4, SceneConfig(size=32, n_objects=(3, 4), n_background=(0, 1), seed=7))
+    np.testing.assert_array_equal(out["output"]()["images"], ref_sc["images"])
+    np.testing.assert_array_equal(out["truth"]()["footprint"], ref_tr["footprint"])
+    assert (tmp_path / "sc.hdf5").is_file() and (tmp_path / "tr.hdf5").is_file()
+    for bad, match in ((dict(size_law="redshift"), "size_law"), (dict(n_objects=[5, 3]), "n_objects"),
+                       (dict(n_scene=5), "n_scenes"), (dict(pair_fraction=1.5), "pair_fraction"),
+                       (dict(n_scenes="10"), "n_scenes"), (dict(size=10, margin=6.0), "size"),
+                       (dict(bands="ugrizw"), "lack band")):
+        with pytest.raises(ValueError, match=match):
+            DeepzSceneSimulator.make_stage(name=_name("sim"), **bad)
+    no_z = {k: v for k, v in catalog.items() if k != "redshift"}
+    with pytest.raises(SceneInputError, match="redshift"):
+        DeepzSceneSimulator.make_stage(name=_name("sim"), **opts).simulate(no_z)
+
+
+def test_scene_evaluator_counts_what_it_matches(tiny):
+    """Perfect detections (the truth positions, one PDF each) -> completeness 1 and purity 1."""
+    import qp
+
+    from rail.evaluation.deepz_scene_stages import DeepzSceneEvaluator
+
+    _, truth = tiny
+    n = len(truth["x"])
+    ens = qp.Ensemble(qp.stats.norm, data=dict(loc=np.asarray(truth["redshift"])[:, None], scale=np.full((n, 1), 0.05)))
+    ens.set_ancil({"scene_id": truth["scene_id"], "x": truth["x"], "y": truth["y"],
+                   "zmode": np.asarray(truth["redshift"], dtype=np.float64)})
+    t = DeepzSceneEvaluator.make_stage(name=_name("ev"), n_boot=5).evaluate(ens, truth)()
+    rows = {(s.decode(), c.decode(), m.decode()): (v, k) for s, c, m, v, k in
+            zip(t["section"], t["blend_class"], t["metric"], t["value"], t["n"])}
+    assert rows[("detection", "all", "purity")] == (1.0, n)
+    assert rows[("detection", "all", "completeness")] == (1.0, int(truth["gold"].sum()))
+    assert rows[("photoz", "all", "eta")][0] == 0.0
+    with pytest.raises(SceneInputError, match="scene_id"):
+        no_ids = {k: v for k, v in truth.items() if k != "scene_id"}
+        DeepzSceneEvaluator.make_stage(name=_name("ev")).evaluate(ens, no_ids)
+    with pytest.raises(SceneInputError, match="scene_id"):
+        bare = qp.Ensemble(qp.stats.norm, data=dict(loc=np.zeros((2, 1)), scale=np.ones((2, 1))))
+        DeepzSceneEvaluator.make_stage(name=_name("ev")).evaluate(bare, truth)
+
+
+def test_forced_photometry_is_aligned_with_positions(catalog):
+    from rail.deepz.scenes import forced_photometry
+
+    bright = {k: v[catalog["mag_i_lsst"] < 23.0] for k, v in catalog.items()}
+    cfg = SceneConfig(size=48, n_objects=(1, 2), n_background=(0, 0), seed=5, pair_fraction=0.0)
+    scenes, truth = simulate_scenes(bright, 6, cfg)
+    order = np.random.default_rng(1).permutation(len(truth["x"]))
+    pos = {k: np.asarray(truth[k])[order] for k in ("scene_id", "x", "y")}
+    cat = forced_photometry(scenes, pos)
+    np.testing.assert_array_equal(cat["scene_id"], pos["scene_id"])
+    ref = forced_photometry(scenes, {k: np.asarray(truth[k]) for k in ("scene_id", "x", "y")})
+    np.testing.assert_allclose(cat["flux_i"], ref["flux_i"][order])
+    dcol = (cat["mag_r_lsst"] - cat["mag_i_lsst"]) - (truth["mag_r_lsst"] - truth["mag_i_lsst"])[order]
+    assert np.median(np.abs(dcol)) < 0.1
+    with pytest.raises(SceneInputError, match="not in the scene table"):
+        forced_photometry(scenes, dict(pos, scene_id=pos["scene_id"] + 100))
+
+
+def test_estimator_reads_a_scene_file_chunk_by_chunk(tiny, model, tmp_path):
+    """Memory bound: a scene file is read ``chunk_size`` scenes at a time, never whole."""
+    import tables_io
+    from rail.core.data import TableHandle
+
+    scenes, _ = tiny
+    path = tmp_path / "scenes.hdf5"
+    tables_io.write(scenes, str(path))
+    est = DeepzSceneEstimator.make_stage(name=_name("est"), model=model, chunk_size=5,
+                                         output=str(tmp_path / "out.hdf5"))
+    est.set_data("input", TableHandle("input", path=str(path)), do_read=False)
+    est.open_model(**est.config)
+    sizes = [len(chunk["images"]) for _, _, chunk in est._scene_chunks()]
+    assert sizes == [5, 5, 5, 1]
+
+
+def test_aperture_features_of_the_redshift_head(tiny):
+    """aperture_radius > 0: aperture S/N and colours join the z head's features; 0 keeps the old network."""
+    import torch
+
+    from rail.estimation.algos.deepz_scene import SceneNet
+
+    net = SceneNet(3, width=8, hidden=8, aperture_radius=2.0)
+    img = torch.asinh(torch.ones(1, 3, 12, 12) * torch.tensor([1.0, 2.0, 4.0])[None, :, None, None])
+    ap = net.aperture_features(img)
+    npix = 13.0  # pixels within 2 of the centre
+    inner = ap[0, :, 6, 6]
+    np.testing.assert_allclose(inner[:3].numpy(), np.arcsinh(np.array([1.0, 2.0, 4.0]) * np.sqrt(npix)), rtol=1e-5)
+    np.testing.assert_allclose(inner[3:].numpy(), inner[:2].numpy() - inner[1:3].numpy(), rtol=1e-6)
+    assert "disk" not in net.state_dict()  # rebuilt from the architecture, not stored
+    scenes, truth = tiny
+    m = DeepzSceneInformer.make_stage(name=_name("inf"), aperture_radius=3.0, **dict(NET, epochs=1)).inform(scenes, truth)
+    assert m()["arch"]["aperture_radius"] == 3.0
+    pos = {k: truth[k] for k in ("scene_id", "x", "y")}
+    ens = DeepzSceneEstimator.make_stage(name=_name("est"), model=m, mode="positions").estimate(scenes, positions=pos)()
+    assert ens.npdf == len(truth["x"]) and np.all(np.isfinite(ens.objdata["means"]))
+    with pytest.raises(ValueError, match="aperture_radius"):
+        DeepzSceneInformer.make_stage(name=_name("inf"), aperture_radius=-1.0)

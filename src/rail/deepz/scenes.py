@@ -508,15 +508,7 @@ def sep_photometry(scenes: Mapping, truth: Mapping | None = None, config: SepCon
            for k, v in out.items()}
     flux, ferr = cat.pop("flux"), cat.pop("flux_err")
     cat["scene_id"] = cat["scene_id"].astype(np.int64)
-    good = (flux > ferr) & (ferr > 0)
-    zp = FLUX_ZEROPOINTS["nJy"]
-    mag = np.where(good, -2.5 * np.log10(np.where(good, flux, 1.0)) + zp, cfg.nondetect_val)
-    err = np.where(good, 2.5 / np.log(10) * ferr / np.where(good, flux, 1.0), cfg.nondetect_val)
-    for c, b in enumerate(bands):
-        cat[mag_cols.format(band=b)] = mag[:, c]
-        cat[err_cols.format(band=b)] = err[:, c]
-        cat[f"flux_{b}"] = flux[:, c]
-        cat[f"flux_err_{b}"] = ferr[:, c]
+    _add_magnitudes(cat, flux, ferr, bands, mag_cols, err_cols, cfg.nondetect_val)
     if truth is not None:
         truth_columns(truth)
         d2t, _ = match_positions(cat["scene_id"], cat["x"], cat["y"], truth["scene_id"], truth["x"],
@@ -525,6 +517,72 @@ def sep_photometry(scenes: Mapping, truth: Mapping | None = None, config: SepCon
         if "redshift" in truth:
             zt = np.asarray(truth["redshift"], dtype=np.float64)
             cat["redshift"] = np.where(d2t >= 0, zt[np.maximum(d2t, 0)], np.nan)
+    return cat
+
+
+def _add_magnitudes(cat: dict, flux: np.ndarray, ferr: np.ndarray, bands: str, mag_cols: str, err_cols: str,
+                    nondetect_val: float) -> None:
+    """AB magnitude / error columns (``nondetect_val`` below 1 sigma or <= 0) and the nJy flux
+    columns of (M, C) aperture fluxes, added to ``cat``."""
+    good = (flux > ferr) & (ferr > 0)
+    zp = FLUX_ZEROPOINTS["nJy"]
+    mag = np.where(good, -2.5 * np.log10(np.where(good, flux, 1.0)) + zp, nondetect_val)
+    err = np.where(good, 2.5 / np.log(10) * ferr / np.where(good, flux, 1.0), nondetect_val)
+    for c, b in enumerate(bands):
+        cat[mag_cols.format(band=b)] = mag[:, c]
+        cat[err_cols.format(band=b)] = err[:, c]
+        cat[f"flux_{b}"] = flux[:, c]
+        cat[f"flux_err_{b}"] = ferr[:, c]
+
+
+def forced_photometry(scenes: Mapping, positions: Mapping, config: SepConfig | None = None,
+                      bands: str = LSST_BANDS, mag_cols: str = "mag_{band}_lsst",
+                      err_cols: str = "mag_err_{band}_lsst") -> dict:
+    """Per-band aperture photometry at given positions (e.g. the scene network's detections).
+
+    ``positions`` has ``scene_id``, ``x``, ``y`` (pixels); the output has one row per
+    positions row, aligned with it, with the columns of :func:`sep_photometry` (magnitudes,
+    errors, nJy fluxes; no detection or matching). Circular apertures of
+    ``config.aperture_radius`` arcsec, with the pixels nearer to another position of the same
+    scene than to this one masked (the Voronoi cells of the positions play the part of sep's
+    segmentation map). This is the photometry of the two-stage path of ``benchmarks/scenes.py``:
+    detections from the network, colours from the pixels at those positions, a catalog
+    estimator on the colours.
+    """
+    import sep
+
+    cfg = config or SepConfig()
+    truth_columns(positions)
+    img = scene_images(scenes, len(bands))
+    n, _, h, w = img.shape
+    sid = scene_ids(scenes, n)
+    sigma = np.asarray(scenes["noise_sigma"], dtype=np.float64) if "noise_sigma" in scenes else None
+    scale = np.asarray(scenes.get("pixel_scale", np.full(n, 0.2)), dtype=np.float64)
+    p_sid = np.asarray(positions["scene_id"], dtype=np.int64)
+    px, py = np.asarray(positions["x"], dtype=np.float64), np.asarray(positions["y"], dtype=np.float64)
+    unknown = ~np.isin(p_sid, sid)
+    if unknown.any():
+        raise SceneInputError(f"{int(unknown.sum())} positions row(s) name scene_id(s) "
+                              f"{np.unique(p_sid[unknown])[:5].tolist()} that are not in the scene table")
+    flux = np.zeros((p_sid.size, len(bands)))
+    ferr = np.zeros_like(flux)
+    gy, gx = np.mgrid[0:h, 0:w]
+    for s in range(n):  # sep works scene by scene
+        rows = np.flatnonzero(p_sid == sid[s])
+        if rows.size == 0:
+            continue
+        data = img[s].astype(np.float64)
+        sig = sigma[s] if sigma is not None else np.array(
+            [sep.Background(np.ascontiguousarray(d)).globalrms for d in data])
+        d2 = (gx[None] - px[rows, None, None]) ** 2 + (gy[None] - py[rows, None, None]) ** 2
+        seg = (d2.argmin(axis=0) + 1).astype(np.int32)
+        ids = np.arange(1, rows.size + 1, dtype=np.int32)
+        r = cfg.aperture_radius / scale[s]
+        for c in range(len(bands)):
+            flux[rows, c], ferr[rows, c], _ = sep.sum_circle(np.ascontiguousarray(data[c]), px[rows], py[rows], r,
+                                                             err=float(sig[c]), segmap=seg, seg_id=ids)
+    cat = {"scene_id": p_sid, "x": px, "y": py}
+    _add_magnitudes(cat, flux, ferr, bands, mag_cols, err_cols, cfg.nondetect_val)
     return cat
 
 

@@ -13,7 +13,9 @@ anchor-free detector from torch primitives instead (CenterNet-like, Zhou et al. 
   pixel), and a foreground-footprint mask (binary cross-entropy on the union of the truth
   footprints);
 * per object, features sampled at its centre with ``grid_sample`` (full-resolution decoder,
-  1/4-resolution bottleneck, the input pixels and their 5 x 5 box average) -> MLP -> K-component Gaussian mixture
+  1/4-resolution bottleneck, the input pixels and their 5 x 5 box average; with
+  ``aperture_radius`` > 0 also per-band aperture sums of the linear pixels and their
+  adjacent-band differences, i.e. aperture colours) -> MLP -> K-component Gaussian mixture
   (:class:`rail.deepz.mixtures.GaussianMixtureHead`, trained with the closed-form CRPS at the
   *true* positions of the catalog objects).
 
@@ -106,9 +108,17 @@ class SceneNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, width: int = 32, hidden: int = 64, n_components: int = 5,
-                 zrange: tuple[float, float] = (0.0, 3.0)):
+                 zrange: tuple[float, float] = (0.0, 3.0), aperture_radius: float = 0.0):
         super().__init__()
         w = int(width)
+        self.aperture_radius = float(aperture_radius)
+        n_ap = 0
+        if self.aperture_radius > 0:
+            r = int(np.ceil(self.aperture_radius))
+            yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+            disk = torch.as_tensor((xx**2 + yy**2 <= self.aperture_radius**2).astype(np.float32))
+            self.register_buffer("disk", disk[None, None].repeat(in_channels, 1, 1, 1), persistent=False)
+            n_ap = 2 * in_channels - 1
         self.enc1 = _block(in_channels, w)
         self.enc2 = _block(w, 2 * w)
         self.enc3 = _block(2 * w, 2 * w)
@@ -121,7 +131,7 @@ class SceneNet(nn.Module):
         with torch.no_grad():
             self.heat.bias.fill_(-2.19)  # prior 0.1 (CenterNet)
             self.size.bias.fill_(2.0)  # boxes of ~7 pixels
-        n_feat = w + 2 * w + 2 * in_channels
+        n_feat = w + 2 * w + 2 * in_channels + n_ap
         self.mlp = nn.Sequential(nn.Linear(n_feat, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = GaussianMixtureHead(hidden, n_components, mean_init=zrange)
 
@@ -131,8 +141,20 @@ class SceneNet(nn.Module):
         e3 = self.enc3(F.avg_pool2d(e2, 2, ceil_mode=True))
         d2 = self.dec2(torch.cat([e2, F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False)], 1))
         d1 = self.dec1(torch.cat([e1, F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False)], 1))
+        feats = [d1, e3, img, F.avg_pool2d(img, 5, stride=1, padding=2, count_include_pad=False)]
+        if self.aperture_radius > 0:
+            feats.append(self.aperture_features(img))
         return {"heat": self.heat(d1), "offset": self.offset(d1), "size": self.size(d1), "mask": self.mask(d1),
-                "features": [d1, e3, img, F.avg_pool2d(img, 5, stride=1, padding=2, count_include_pad=False)]}
+                "features": feats}
+
+    def aperture_features(self, img: torch.Tensor) -> torch.Tensor:
+        """Per-band aperture sums of the linear pixels (in units of each band's noise scale) around
+        every pixel, as ``asinh(sum / sqrt(n_pixels))`` (the aperture S/N), and the C-1 differences
+        of adjacent bands (log flux ratios, i.e. colours, for bright objects): (B, 2C-1, H, W)."""
+        lin = torch.sinh(img.clamp(max=30.0))
+        ap = F.conv2d(lin, self.disk, padding=self.disk.shape[-1] // 2, groups=img.shape[1])
+        ap = torch.asinh(ap / float(np.sqrt(float(self.disk[0, 0].sum()))))
+        return torch.cat([ap, ap[:, :-1] - ap[:, 1:]], dim=1)
 
     def mixture(self, maps: dict, x: torch.Tensor, y: torch.Tensor) -> MixtureParams:
         """Mixtures (B*K, n_components) of objects at pixel positions ``x``, ``y`` (B, K)."""
@@ -296,6 +318,9 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
         box_weight=Param(float, 0.1, msg="weight of the offset + log-box-size L1 losses"),
         mask_weight=Param(float, 1.0, msg="weight of the footprint-mask cross-entropy"),
         z_weight=Param(float, 5.0, msg="weight of the redshift mixture CRPS"),
+        aperture_radius=Param(float, 0.0, msg="pixels: radius of per-band aperture sums of the pixels at each "
+                              "object's centre added to the redshift head's features (aperture S/N and "
+                              "adjacent-band differences, i.e. colours); 0 = off"),
         augment=Param(bool, True, msg="random 90-degree rotations and mirror images of square training scenes "
                       "(one of the 8 per batch, targets transformed alike)"),
     )
@@ -305,6 +330,8 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
         self.train_config = check_training_stage(self)
         if self.config.width < 1 or self.config.n_components < 1 or self.config.hidden < 1:
             raise ValueError("Options 'width', 'hidden' and 'n_components' must be >= 1")
+        if not self.config.aperture_radius >= 0:
+            raise ValueError(f"Option 'aperture_radius' must be >= 0 pixels, got {self.config.aperture_radius}")
 
     def inform(self, training_data=None, truth=None, input=None, **kwargs):  # noqa: A002 (ceci tag name)
         """Train from a scene table and its truth table (tables or handles); return the model handle.
@@ -345,7 +372,8 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
         x = preprocess_images(img, scale)
         targets = _SceneTargets(truth, rows, n, h, w, cfg.redshift_col, cfg.zmin, cfg.zmax)
         arch = dict(in_channels=int(c), width=int(cfg.width), hidden=int(cfg.hidden),
-                    n_components=int(cfg.n_components), zrange=(float(cfg.zmin), float(cfg.zmax)))
+                    n_components=int(cfg.n_components), zrange=(float(cfg.zmin), float(cfg.zmax)),
+                    aperture_radius=float(cfg.aperture_radius))
         weights = {"box": float(cfg.box_weight), "mask": float(cfg.mask_weight), "z": float(cfg.z_weight)}
         net, history = self._train(x, targets, tr, va, arch, weights)
         self.model = {
