@@ -32,6 +32,7 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
+from rail.deepz.ensemble import MixtureEnsemble
 from rail.deepz.images import (
     BAD_PIXEL_POLICIES,
     BadImageError,
@@ -95,20 +96,6 @@ class CNNMember(nn.Module):
         if self.use_images:
             h = torch.cat([h, self.conv(x_img)], dim=1)
         return self.head(self.merge(h))
-
-
-class CNNEnsemble(nn.Module):
-    """M members -> one mixture with M x K components (member weights ``member_weights``)."""
-
-    def __init__(self, members: list[CNNMember], member_weights):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.register_buffer("member_weights", torch.as_tensor(np.asarray(member_weights), dtype=torch.float32))
-
-    def forward(self, *inputs) -> MixtureParams:
-        outs = [m(*inputs) for m in self.members]
-        w = torch.cat([o.weights * self.member_weights[i] for i, o in enumerate(outs)], dim=1)
-        return MixtureParams(w, torch.cat([o.means for o in outs], 1), torch.cat([o.sigmas for o in outs], 1))
 
 
 def random_flip_rot90(batch: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -271,7 +258,7 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
             net.load_state_dict(sd)
             members.append(net)
         self.scaler = Standardizer.from_dict(model["scalers"]["x"])
-        return CNNEnsemble(members, model["member_weights"])
+        return MixtureEnsemble(members, model["member_weights"])
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model
