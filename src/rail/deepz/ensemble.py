@@ -95,14 +95,18 @@ def state_dict_cpu(net: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
-def members_payload(state_dicts: Sequence[dict]) -> dict:
-    """Model-dict entries for the trained members: ``state_dict`` for one member (the single
-    model's layout), ``member_state_dicts`` + ``n_members`` for several, with the format version
-    :data:`ENSEMBLE_FORMAT_VERSION` (given to ``_model_dict``, it replaces the single-model one)."""
-    if len(state_dicts) == 1:
-        return {"state_dict": state_dicts[0]}
-    return {"member_state_dicts": list(state_dicts), "n_members": len(state_dicts),
-            "format_version": ENSEMBLE_FORMAT_VERSION}
+def members_payload(nets: Sequence[nn.Module], train_records: Sequence[dict] = (),
+                    diagnostics: dict | None = None) -> dict:
+    """Model-dict entries for the trained member networks: ``state_dict`` for one member (the
+    single model's layout); for several ``member_state_dicts``, ``n_members``, each member's
+    training record ``members_train``, the pooled validation ``ensemble_diagnostics`` and the
+    format version :data:`ENSEMBLE_FORMAT_VERSION` (given to ``_model_dict``, it replaces the
+    single-model one)."""
+    sds = [state_dict_cpu(net) for net in nets]
+    if len(sds) == 1:
+        return {"state_dict": sds[0]}
+    return {"member_state_dicts": sds, "n_members": len(sds), "format_version": ENSEMBLE_FORMAT_VERSION,
+            "members_train": list(train_records), "ensemble_diagnostics": dict(diagnostics or {})}
 
 
 def member_state_dicts(model: dict, who: str) -> list[dict]:

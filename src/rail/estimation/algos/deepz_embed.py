@@ -44,7 +44,6 @@ from rail.deepz.ensemble import (
     build_members,
     fit_members,
     members_payload,
-    state_dict_cpu,
 )
 from rail.deepz.encoders import ENCODER_KINDS, encoder_from_dict, make_encoder
 from rail.deepz.mixtures import (
@@ -300,14 +299,12 @@ class DeepzEmbedInformer(DeepzInformer):
                 "dropout": float(cfg.dropout),
             },
             encoder=encoder.to_dict(),
-            **members_payload([state_dict_cpu(net) for net in nets]),
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
             **({"sigma_scale": sigma_scale} if sigma_scale != 1.0 else {}),
             scalers={"embedding": scaler.to_dict()},
             som=flags.to_dict(),
             som_point_estimate=cfg.som_point_estimate,
             train=fitted[0][1].to_dict(),
-            **({"members_train": [f[1].to_dict() for f in fitted], "ensemble_diagnostics": diagnostics}
-               if len(nets) > 1 else {}),
         )
 
 

@@ -64,7 +64,6 @@ from rail.deepz.ensemble import (
     fit_members,
     members_payload,
     pool_mixtures,
-    state_dict_cpu,
 )
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
@@ -361,11 +360,9 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             sigma_scale=sigma_scale,
             band_dropout=float(cfg.band_dropout),
             wavelengths=[float(w) for w in cfg.wavelengths],
-            **members_payload([state_dict_cpu(net) for net in nets]),
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
             scalers={"sequence": sequencer.to_dict()},
             train=fitted[0][1].to_dict(),
-            **({"members_train": [f[1].to_dict() for f in fitted], "ensemble_diagnostics": diagnostics}
-               if len(nets) > 1 else {}),
         )
 
 

@@ -52,7 +52,6 @@ from rail.deepz.ensemble import (
     build_members,
     fit_members,
     members_payload,
-    state_dict_cpu,
 )
 from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps, binned_nll
 from rail.deepz.pdf import binned_ensemble
@@ -342,12 +341,10 @@ class DeepzNNCInformer(DeepzInformer):
             },
             edges=edges,
             temperature=temperature,
-            **members_payload([state_dict_cpu(net) for net in nets]),
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
             scalers={"x": scaler.to_dict()},
             train=dict(fitted[0][1].to_dict(), batch_size=int(train_config.batch_size), lr=float(train_config.lr),
                        automatic=auto),
-            **({"members_train": [f[1].to_dict() for f in fitted], "ensemble_diagnostics": diagnostics}
-               if len(nets) > 1 else {}),
         )
 
 
