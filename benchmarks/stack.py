@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     p.add_argument("--stack-inputs", default="", help="the estimators the stacks combine (default: all of "
                    "--estimators)")
-    p.add_argument("--variants", default="", help="stack variants to fit (default: all); the equal average "
-                   "and linear pool need linear_pool")
+    p.add_argument("--variants", default="", help="stack variants to fit (default: all; 'none': no stack, "
+                   "only the estimators); the equal average needs linear_pool")
     p.add_argument("--stem", default="stack_dc2", help="name of the results files")
     p.add_argument("--out", default=None, help="folder for qp files (default out/<stem>)")
     p.add_argument("--results", default=str(HERE / "results"))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         "stack_logscore": dict(score="logscore", holdout_fraction=0.0),
     }
     if a.variants:
-        variants = {k: variants[k] for k in a.variants.split(",")}
+        variants = {} if a.variants == "none" else {k: variants[k] for k in a.variants.split(",")}
     models, stack_files = {}, {}
     for label, kw in variants.items():
         inf = dst.DeepzStackInformer.make_stage(name=f"stack_inf_{label}", model=str(out / f"{label}.pkl"),
