@@ -16,8 +16,10 @@ an equal-weight linear pool:
   the average of the component weights (the same mixture as the concatenation, K columns).
 
 A linear pool of calibrated members is over-dispersed (its variance adds the spread of the
-member means): each method re-fits its own post-hoc calibration (NNC temperature, mixture
-width factor, :mod:`rail.deepz.calibration`) on the *pooled* validation output.
+member means): NNC and the LSTM re-fit their post-hoc calibration (temperature, mixture width
+factor, :mod:`rail.deepz.calibration`) on the *pooled* validation output; the embedding MDN's
+width factor is optional (it narrows the fixed-grid components, not the PDF's envelope). The
+pooled validation PIT KS before and after is stored in the model (``ensemble_diagnostics``).
 
 Model files: a single model keeps ``state_dict``; an ensemble stores ``member_state_dicts``
 (a list of M state dicts) and ``n_members`` and is written with format version 3

@@ -405,6 +405,8 @@ for _base in ("nnc", "lstm", "embed"):
     variant(_base, f"{_base}_aug", "error-aware augmentation", augment_errors=True)
     variant(_base, f"{_base}_x3_aug", "deep ensemble of 3 + error-aware augmentation", n_members=3,
             augment_errors=True)
+variant("embed", "embed_x3_widthcal", "deep ensemble of 3 + pooled width calibration", n_members=3,
+        width_calibration="pit_ks")
 
 # ----------------------------------------------------------------- peers: other RAIL estimators
 # Stage defaults throughout (the harness runs what users get); only the shared options are set.

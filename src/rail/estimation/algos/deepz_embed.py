@@ -168,10 +168,11 @@ class DeepzEmbedInformer(DeepzInformer):
         ),
         som_point_estimate=Param(str, "zmode", msg="point estimate used for the per-cell metrics"),
         width_calibration=Option(
-            str, "auto", check=one_of("auto", "pit_ks", "none"),
-            msg="one factor on the component width fitted on the validation split so that the PITs are "
-            "closest to uniform (rail.deepz.calibration): 'pit_ks', 'none', or 'auto' = 'pit_ks' for an "
-            "ensemble (n_members > 1; a linear pool is over-dispersed), 'none' for a single network",
+            str, "none", check=one_of("pit_ks", "none"),
+            msg="'pit_ks': one factor on the component width fitted on the validation split so that the PITs "
+            "are closest to uniform (rail.deepz.calibration); on the fixed grid it mostly narrows the "
+            "components, which sharpens the comb and not the envelope (benchmarks/results/"
+            "accuracy_dc2_ensembles.md); 'none' (default) keeps component_sigma",
         ),
     )
     config_options.update(SOM_OPTIONS)
@@ -263,9 +264,7 @@ class DeepzEmbedInformer(DeepzInformer):
             concat_outputs(predict_batched(nets[0], [xs[va]], torch.device("cpu"))).numpy()
         cnp = centers.numpy()
         sigma_scale, diagnostics = 1.0, {}
-        calibration = cfg.width_calibration if cfg.width_calibration != "auto" else (
-            "pit_ks" if len(nets) > 1 else "none")
-        if calibration == "pit_ks":
+        if cfg.width_calibration == "pit_ks":
             grid = np.broadcast_to(cnp, w_val.shape)
             sigma_scale = fit_sigma_scale(w_val, grid, np.full(w_val.shape, cfg.component_sigma), z[va])
             self.log.info(f"width calibration: sigma x {sigma_scale:.3f}")
