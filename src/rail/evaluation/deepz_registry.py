@@ -396,7 +396,8 @@ def variant(base: str, key: str, what: str, **inform) -> EstimatorSpec:
     quick = {k: (2 if k == "n_members" else v) for k, v in inform.items()}
     return register(replace(spec, key=key, label=f"{spec.label}, {what}",
                             inform_options={**spec.inform_options, **inform},
-                            quick_inform={**spec.quick_inform, **quick}, in_all=False))
+                            quick_inform={**spec.quick_inform, **quick}, in_all=False,
+                            extra={**spec.extra, "variant_of": base}))
 
 
 for _base in ("nnc", "lstm", "embed"):
