@@ -13,11 +13,19 @@ the PDF median, mean CRPS of the mixture, KS distance of the PITs from uniform, 
 estimation throughput (objects, i.e. 5-band stamps, per second, inference only) on the
 ``--device``; and RAIL's FlexZBoost on the same ugriz catalogue photometry and splits.
 
-Writes ``benchmarks/results/qso_images.{md,json}`` with machine, date and settings.
+With ``--pool`` a third CNN row trains PICZL's ensemble recipe (``ensemble='pool'``: a pool of
+``--pool-size`` members varied by loss CRPS/NLL x components ``--pool-components`` x learning
+rate ``--pool-lrs``, ``--select`` of them chosen by validation outlier rate and weighted to
+minimise the validation CRPS) beside the plain seed ensemble of ``--members`` members;
+``--no-catalog`` skips the catalog-only row.
+
+Writes ``benchmarks/results/qso_images.{md,json}`` (or ``--out``) with machine, date, commit, load and settings.
 
     python benchmarks/qso_images.py                 # --epochs 30 --members 2
     python benchmarks/qso_images.py --epochs 40 --members 3 --patience 10 --catalog-epochs 300  # latest results
     python benchmarks/qso_images.py --epochs 5      # smoke run (says so in the output)
+    python benchmarks/qso_images.py --epochs 25 --members 3 --pool --select 3 --no-catalog --no-flexzboost \
+        --threads 1 --out benchmarks/results/qso_images_pool    # pool vs seed ensemble
 """
 
 from __future__ import annotations
@@ -68,6 +76,12 @@ def load_qso():
             table["id"] = np.flatnonzero(ok)
             out[group] = table
     return out, n_lost
+
+
+def eta_of(zp, z):
+    from rail.deepz.pointmetrics import eta
+
+    return eta(np.ravel(zp), z)
 
 
 def metrics(ens, z, limits=(2.5, 7.5)):
@@ -125,6 +139,14 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'auto' (training and estimation)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-flexzboost", action="store_true", help="skip the FlexZBoost row")
+    ap.add_argument("--no-catalog", action="store_true", help="skip the catalog-only CNN row")
+    ap.add_argument("--pool", action="store_true", help="add a row with PICZL's pool recipe (ensemble='pool')")
+    ap.add_argument("--pool-components", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--pool-lrs", type=float, nargs="+", default=[1e-3, 3e-4])
+    ap.add_argument("--pool-size", type=int, default=0, help="0 = one member per combination (2 losses x ...)")
+    ap.add_argument("--select", type=int, default=3, help="members kept from the pool")
+    ap.add_argument("--pool-weighting", default="val_crps", help="'val_crps' or 'equal' (option pool_weighting)")
+    ap.add_argument("--no-seed-row", action="store_true", help="with --pool: skip the seed-ensemble row")
     ap.add_argument("--out", default=str(HERE / "results" / "qso_images"))
     args = ap.parse_args(argv)
 
@@ -151,19 +173,39 @@ def main(argv=None):
     import tempfile
 
     tmp = tempfile.TemporaryDirectory()  # the informer writes its model file there, not in the cwd
+    pool_settings = dict(ensemble="pool", pool_losses=["crps", "nll"], pool_n_components=args.pool_components,
+                         pool_lrs=args.pool_lrs, pool_size=args.pool_size, n_select=args.select,
+                         pool_weighting=args.pool_weighting)
+    if args.pool:
+        settings["pool"] = pool_settings
+    runs = [] if (args.pool and args.no_seed_row) else [
+        ("images + catalog" + (f", seed ensemble ({args.members})" if args.pool else ""), True, {})]
+    if args.pool:
+        runs.append((f"images + catalog, PICZL pool (select {args.select}, {args.pool_weighting} weights)", True,
+                     pool_settings))
+    if not args.no_catalog:
+        runs.append(("catalog only", False, {}))
+    import subprocess
+
+    try:  # the commit the run starts from
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip()
+    except OSError:  # pragma: no cover
+        commit = "?"
     rows = {}
-    for use_images in (True, False):
-        label = "images + catalog" if use_images else "catalog only"
+    load_before = os.getloadavg()
+    for i, (label, use_images, extra) in enumerate(runs):
         t0 = time.perf_counter()
-        run_settings = {k: v for k, v in settings.items() if k != "catalog_epochs"}
+        run_settings = {k: v for k, v in settings.items() if k not in ("catalog_epochs", "pool")}
+        run_settings.update(extra)
         if not use_images:
             run_settings["epochs"] = settings["catalog_epochs"]
-        inf = DeepzCNNInformer.make_stage(name=f"qso_inf_{int(use_images)}", use_images=use_images,
-                                          model=str(Path(tmp.name) / f"qso_cnn_{int(use_images)}.pkl"),
+        inf = DeepzCNNInformer.make_stage(name=f"qso_inf_{i}", use_images=use_images,
+                                          model=str(Path(tmp.name) / f"qso_cnn_{i}.pkl"),
                                           **common, **run_settings)
         inf.inform(train)
         t_train = time.perf_counter() - t0
-        est = DeepzCNNEstimator.make_stage(name=f"qso_est_{int(use_images)}", model=inf.get_handle("model"),
+        est = DeepzCNNEstimator.make_stage(name=f"qso_est_{i}", model=inf.get_handle("model"),
                                            hdf5_groupname="", output_mode="return", device=args.device)
         t0 = time.perf_counter()
         ens = est.estimate(test).data
@@ -171,7 +213,18 @@ def main(argv=None):
         row = metrics(ens, test["redshift"])
         row.update(train_s=round(t_train, 1), estimate_s=round(t_est, 2),
                    objects_per_s=round(len(test["redshift"]) / t_est, 1),
-                   epochs_run=[len(r["history"]) for r in inf.model["train"]])
+                   epochs_run=[len(r["history"]) for r in inf.model["train"]],
+                   members=len(inf.model["member_state_dicts"]),
+                   components=int(np.shape(ens.objdata["weights"])[1]),
+                   zmode_eta=float(eta_of(ens.ancil["zmode"], test["redshift"])))
+        if "pool" in inf.model:
+            p = inf.model["pool"]
+            row.update(pool_trained=len(p["members"]), selected=p["selected"],
+                       selected_specs=[p["members"][j] for j in p["selected"]],
+                       weights=[round(w, 4) for w in inf.model["member_weights"]],
+                       pool_val_eta=[round(v, 4) for v in p["val_eta"]],
+                       val_eta_selected=round(p["val_eta_selected"], 4),
+                       pool_epochs_run=[len(r["history"]) for r in p["train"]])
         rows[label] = row
         device = str(est.torch_device)
         device_name = (torch.cuda.get_device_name(est.torch_device) if est.torch_device.type == "cuda"
@@ -183,7 +236,9 @@ def main(argv=None):
 
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
                    torch_threads=torch.get_num_threads(), device=device, device_name=device_name,
-                   torch=torch.__version__,
+                   torch=torch.__version__, commit=commit,
+                   load_average_before=[round(v, 2) for v in load_before],
+                   load_average_after=[round(v, 2) for v in os.getloadavg()],
                    date=_dt.datetime.now().isoformat(timespec="seconds"))
     n = {k: len(v["redshift"]) for k, v in data.items()}
     result = dict(data="sdss_qso_stamps (ugriz 32x32 stamps + TrainingDatasets.csv)", n=n, lost_in_join=lost,
@@ -202,12 +257,22 @@ def main(argv=None):
         f"objects/s = estimation throughput (5-band stamps + catalog; CNN on {device}: {device_name}). "
         "FlexZBoost: RAIL's baseline on the same ugriz magnitudes and splits (train + val).",
         "",
-        "| model | sigma_NMAD | eta | CRPS | PIT KS | bias | train s | epochs run (per member) | objects/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | sigma_NMAD | eta | eta (zmode) | CRPS | PIT KS | bias | members (components) | train s "
+        "| epochs run (per member) | objects/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
-        lines.append(f"| {label} | {r['sigma_nmad']:.4f} | {r['eta']:.3f} | {r['crps']:.4f} | {r['pit_ks']:.3f} | "
-                     f"{r['bias']:+.4f} | {r['train_s']} | {r.get('epochs_run', '-')} | {r['objects_per_s']} |")
+        mc = f"{r['members']} ({r['components']})" if "members" in r else "-"
+        zm = f"{r['zmode_eta']:.3f}" if "zmode_eta" in r else "-"
+        lines.append(f"| {label} | {r['sigma_nmad']:.4f} | {r['eta']:.3f} | {zm} | {r['crps']:.4f} | "
+                     f"{r['pit_ks']:.3f} | {r['bias']:+.4f} | {mc} | {r['train_s']} | {r.get('epochs_run', '-')} | "
+                     f"{r['objects_per_s']} |")
+    for label, r in rows.items():
+        if "pool_trained" in r:
+            lines += ["", f"{label}: {r['pool_trained']} members trained (epochs run {r['pool_epochs_run']}), "
+                      f"validation eta (zmode) of each {r['pool_val_eta']}; selected {r['selected']} = "
+                      f"{r['selected_specs']} with weights {r['weights']} (validation eta of the ensemble "
+                      f"{r['val_eta_selected']}). Train s includes the whole pool."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -369,7 +369,9 @@ def metric_benchmark(args, info, date, commit, results: Path):
             truth.unlink(missing_ok=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    keyf = lambda r: (r["representation"], r["rows"])  # noqa: E731
+    # a run replaces the earlier one of the same representation, size and load note only: a
+    # run under load does not overwrite a quiet-machine one
+    keyf = lambda r: (r["representation"], r["rows"], r["load"])  # noqa: E731
     replaced = {keyf(r) for r in new_runs}
     report["runs"] = [r for r in report.get("runs", []) if keyf(r) not in replaced] + new_runs
     results.mkdir(parents=True, exist_ok=True)

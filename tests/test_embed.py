@@ -316,6 +316,8 @@ def test_learns_and_outputs_mixmod_with_flags(trained, dc2):
     z = dc2.test["redshift"]
     assert ens.gen_class.name == "mixmod" and ens.npdf == len(z)
     assert ens.objdata["weights"].shape[1] == 200
+    # the width follows the spacing: Gaussians 2 sigma apart on [0, 3]
+    np.testing.assert_allclose(np.diff(ens.objdata["means"][0]) / ens.objdata["stds"][0, 0], 2.0, rtol=1e-4)  # float32
     baseline = _nmad(np.full_like(z, np.median(dc2.train["redshift"])), z)
     assert _nmad(ens.ancil["zmode"], z) < 0.5 * baseline
     for key in ("zmode", "zmean", "zmedian", "som_cell", "som_train_count", "flag_ood", "flag_underperforming"):
@@ -348,6 +350,71 @@ def test_model_file_roundtrip(trained, dc2):
     b = _estimate(str(path), test)
     np.testing.assert_allclose(a.objdata["weights"], b.objdata["weights"], rtol=1e-6)
     np.testing.assert_array_equal(a.ancil["som_cell"], b.ancil["som_cell"])
+
+
+def test_basis_spacing_follows_the_range():
+    """The derived count keeps neighbouring means <= basis_spacing sigma apart, and is the fewest that do."""
+    from rail.deepz.mixtures import fixed_grid_size, fixed_grid_spacing
+
+    for zmin, zmax, sigma, ratio in [(0.0, 3.0, 0.0037, 2.0), (0.0, 1.2, 0.0037, 2.0), (2.5, 7.5, 0.0037, 2.0),
+                                     (0.0, 1.6, 0.0037, 2.2), (0.0, 4.0, 0.01, 1.5), (0.1, 0.3, 0.002, 1.0)]:
+        n = fixed_grid_size(zmin, zmax, sigma, ratio)
+        assert fixed_grid_spacing(zmin, zmax, n) <= ratio * sigma * (1 + 1e-12)
+        assert fixed_grid_spacing(zmin, zmax, n - 1) > ratio * sigma
+    assert fixed_grid_size(0.0, 1.6, 0.0037, 2.2) == 198  # the paper: 200 Gaussians, ~2.2 sigma apart
+    assert fixed_grid_size(0.0, 3.0, 0.0075, 2.0) == 201  # an exact ratio does not round up
+    for zmin, zmax in [(0.0, 3.0), (0.0, 1.2), (2.5, 7.5)]:
+        n, sigma = DeepzEmbedInformer.make_stage(name=_name("inf"), zmin=zmin, zmax=zmax).basis()  # defaults
+        assert n == 200 and fixed_grid_spacing(zmin, zmax, n) / sigma == pytest.approx(2.0)
+        n, sigma = DeepzEmbedInformer.make_stage(name=_name("inf"), zmin=zmin, zmax=zmax, n_components=0,
+                                                 component_sigma=0.0037).basis()
+        assert sigma == 0.0037 and fixed_grid_spacing(zmin, zmax, n) / sigma <= 2.0
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=0, component_sigma=0.0037).basis()[0] == 407
+    with pytest.raises(ValueError, match=r"n_components'=200.*4\.0[0-9] x component_sigma=0.0037.*basis_spacing"):
+        DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0037)
+    # a wider spacing on purpose (the old default), or a pair within the ratio, is accepted
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0037,
+                                         basis_spacing=5.0).basis() == (200, 0.0037)
+    assert DeepzEmbedInformer.make_stage(name=_name("inf"), n_components=200, component_sigma=0.0076).basis() == (
+        200, 0.0076)
+    for bad, match in ((dict(n_components=1), "n_components"), (dict(basis_spacing=0.0), "basis_spacing"),
+                       (dict(component_sigma=-0.01), "component_sigma"),
+                       (dict(n_components=0, component_sigma=0.0), "both be 0")):
+        with pytest.raises(ValueError, match=match):
+            DeepzEmbedInformer.make_stage(name=_name("inf"), **bad)
+
+
+def test_wide_basis_makes_combs_and_the_tied_basis_does_not():
+    """The same smooth redshift profile on the old basis (4.1 sigma apart) is a comb; on the new one, one peak."""
+    from rail.deepz.mixtures import fixed_grid_size
+    from rail.evaluation.deepz_metrics import local_maxima_count
+
+    grid = np.linspace(0.0, 3.0, 3001)
+    rows = []
+    for n in (200, fixed_grid_size(0.0, 3.0, 0.0037, 2.0)):
+        c = np.linspace(0.0, 3.0, n)
+        w = np.exp(-0.5 * ((c[None, :] - np.array([[0.8], [1.7], [1.2]])) / np.array([[0.05], [0.1], [0.5]])) ** 2)
+        w /= w.sum(1, keepdims=True)
+        ens = fixed_grid_ensemble(w, c, 0.0037, 0.0, 3.0)
+        rows.append(local_maxima_count(ens.pdf(grid)))
+    assert (rows[0] >= 20).all()  # comb: a peak per Gaussian under the profile
+    np.testing.assert_array_equal(rows[1], [1, 1, 1])  # spacing <= 2 sigma: smooth, one peak
+
+
+def test_old_model_files_keep_their_basis(trained, dc2, tmp_path):
+    """A model written with the old 200-Gaussian basis (arch in the file) still loads and gives 200 components."""
+    from rail.deepz.modelfile import save_model
+
+    inf, _ = trained
+    old = dict(inf.model)
+    arch = dict(old["arch"], n_components=200, sigma=0.0037)
+    net = EmbedMDN(arch["in_features"], arch["hidden"], old["zmin"], old["zmax"], 200, 0.0037, arch["dropout"])
+    old.update(arch=arch, state_dict={k: v.detach().clone() for k, v in net.state_dict().items()})
+    path = tmp_path / "old_embed.pkl"
+    save_model(old, str(path))
+    ens = _estimate(str(path), {k: v[:50] for k, v in dc2.test.items()})
+    assert ens.objdata["weights"].shape == (50, 200)
+    np.testing.assert_allclose(ens.objdata["means"][0], np.linspace(0.0, 3.0, 200), rtol=1e-6, atol=1e-6)
 
 
 def test_chunked_file_output_and_bad_inputs(trained, dc2, tmp_path):

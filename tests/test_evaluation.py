@@ -394,3 +394,36 @@ def test_ensemble_pdf_of_mixtures_is_qps_pdf():
     # histograms are evaluated directly too (qp's bin lookup; re-normalised: equal to rounding)
     hist = qp.Ensemble(qp.hist, data=dict(bins=np.linspace(0, 3, 31), pdfs=rng.uniform(0.1, 1.0, size=(4, 30))))
     np.testing.assert_allclose(dm.ensemble_pdf(hist, grid), np.asarray(hist.pdf(grid)), rtol=1e-13, atol=0)
+
+
+def test_qso_preset_one_row_per_object_and_disjoint_split():
+    """The quasar catalogue preset (shared data; skipped without it)."""
+    from rail.deepz import datasets
+
+    try:
+        ds = datasets.load("qso")
+    except FileNotFoundError as err:
+        pytest.skip(f"qso preset not tested: {err}")
+    tr, te = ds.train, ds.test
+    assert len(tr["Z"]) + len(te["Z"]) == 4379  # 4,644 rows, 227 objects on 2-3 rows kept once
+    assert not np.isin(tr["objID"], te["objID"]).any()
+    assert ds.bands == ["umag", "gmag", "rmag", "imag", "zmag"] and ds.redshift_col == "Z"
+    assert np.all((te["Z"] >= 2.75) & (te["Z"] <= ds.zmax)) and ds.zmin == 2.5
+    again = datasets.load("qso")
+    np.testing.assert_array_equal(again.test["objID"], te["objID"])  # seeded split
+
+
+def test_quasar_benchmark_says_when_the_data_is_absent(monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quasars
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from rail.deepz import datasets
+
+    def absent(sub):
+        raise FileNotFoundError(f"shared data folder {sub!r} not found")
+
+    monkeypatch.setattr(datasets, "require_shared", absent)
+    assert quasars.main(["--seeds", "0"]) == 1
+    assert "sdss_qso_stamps" in capsys.readouterr().out

@@ -276,13 +276,17 @@ def test_degenerate_and_small_bins_are_nan_not_a_crash():
     po = {"ztrue": z, "zphot": z + rng.normal(0, 0.02, m), "pit": rng.uniform(0, 1, m),
           "crps": rng.uniform(0, 0.1, m), "cde1": np.ones(m), "cde2": np.ones(m), "brier": np.ones(m),
           "mag": np.full(m, np.nan), "bad_pdf": np.zeros(m, bool), "bad_truth": np.zeros(m, bool)}
-    po["pit"][n:n + 15] = 1.0  # every PIT of this bin at 1: qp's PIT statistics cannot be computed
+    po["pit"][n:n + 15] = 1.0  # every PIT of this bin at 1: qp's PIT class cannot be built
+    with pytest.raises(Exception):
+        dm.pit_metrics_qp(po["pit"][n:n + 15])
     with pytest.warns(dm.MetricWarning) as rec:
         rows = dm.tidy_metrics(po, "x", np.array([0.0, 1.0, 2.0, 3.0]))
     msgs = " ".join(str(r.message) for r in rec)
-    assert "PIT statistics" in msgs and "3 objects, fewer than 10" in msgs
+    assert "3 objects, fewer than 10" in msgs
     by = {(r["bin_lo"], r["metric"]): r for r in rows if r["bin_type"] == "redshift"}
-    assert np.isnan(by[(1.0, "pit_ks")]["value"]) and by[(1.0, "pit_ks")]["n"] == 15
+    # the statistics themselves are defined: KS of 15 PITs at 1 against U(0, 1) is 1
+    assert by[(1.0, "pit_ks")]["value"] == 1.0 and by[(1.0, "pit_ks")]["n"] == 15
+    assert np.isfinite(by[(1.0, "pit_cvm")]["value"]) and np.isfinite(by[(1.0, "pit_ad")]["value"])
     assert np.isfinite(by[(1.0, "sigma_nmad")]["value"]) and by[(1.0, "pco")]["value"] == 1.0
     assert all(np.isnan(by[(2.0, k)]["value"]) and by[(2.0, k)]["n"] == 3 for k in dm.METRIC_INFO)
     assert all(np.isfinite(by[(0.0, k)]["value"]) for k in dm.METRIC_INFO)
@@ -303,7 +307,10 @@ def test_som_uses_the_one_home_of_the_point_metrics():
 
 def test_row_cumsum_is_numpys():
     m = np.random.default_rng(0).random((37, 211))
-    np.testing.assert_array_equal(dm._cumsum_rows(m), np.cumsum(m, axis=1))
+    ref = np.cumsum(m, axis=1)
+    out = dm._cumsum_rows(m)  # in place
+    assert out is m
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_point_estimates_computed_when_not_in_the_ancil():
@@ -328,3 +335,81 @@ def test_pit_outlier_rate_is_the_fraction_of_extreme_pits():
     rate = pit_metrics(pit)["pit_outlier_rate"]
     assert rate == pytest.approx(100 / 1000 + np.mean((pit[:900] < 1e-4) | (pit[:900] > 0.9999)))
     assert 0.0 <= rate <= 1.0
+
+
+def test_mixture_closed_form_sums_equal_the_grid_sums():
+    """CDE and Brier terms of mixtures from the closed forms (``deepz_mixsums``: exact integral
+    plus Euler-Maclaurin end terms) against the tabulated float64 sums: rtol 1e-7 (the next
+    end term, ~1e-8 relative at widths of two grid steps, far less for wider components).
+    Rows with a component narrower than two steps go through the grid (equal to 1e-12)."""
+    rng = np.random.default_rng(5)
+    n, k = 400, 6
+    w = rng.dirichlet(np.ones(k), n)
+    mu = rng.uniform(-0.3, 3.3, (n, k))  # some components centred outside the grids
+    s = rng.uniform(0.02, 0.5, (n, k))
+    s[:40, 0] = 0.003  # narrower than the grid step: tabulated
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    ens.set_ancil({"zmode": mu[:, 0]})
+    z = _truth(rng, n)
+    cfg = dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False)
+    closed = dm.MetricAccumulator(cfg)
+    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False, mixture_closed_form=False))
+    closed.add(ens, z)
+    grid.add(ens, z)
+    a, b = closed.per_object(), grid.per_object()
+    assert closed._closed_form(dm.PDFBlock.from_ensemble(ens))
+    for key in ("cde1", "cde2", "brier"):
+        np.testing.assert_allclose(a[key][40:], b[key][40:], rtol=1e-7, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(a[key][:40], b[key][:40], rtol=1e-12, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-12)  # the same closed form, pairs once
+    np.testing.assert_array_equal(a["pit"], b["pit"])
+    # a grid that is not evenly spaced: tabulated
+    uneven = dm.MetricConfig(zgrid=np.sort(np.r_[0.0, 3.0, rng.uniform(0, 3, 299)]))
+    assert not dm.MetricAccumulator(uneven)._closed_form(dm.PDFBlock.from_ensemble(ens))
+
+
+@pytest.mark.parametrize("case", ["smooth", "zeros_ones_ties", "tiny"])
+@pytest.mark.parametrize("chunk", [37, 1 << 18])
+def test_pit_statistics_equal_qps(case, chunk, monkeypatch):
+    monkeypatch.setattr(dm, "_STAT_CHUNK", chunk)  # 37: many slices, ties across slice ends
+    rng = np.random.default_rng(8)
+    pit = rng.beta(0.7, 1.3, 5000)
+    if case == "zeros_ones_ties":
+        pit[rng.random(pit.size) < 0.05] = 0.0
+        pit[rng.random(pit.size) < 0.05] = 1.0
+        pit = np.round(pit, 3)
+    elif case == "tiny":
+        pit = pit[:12]
+    ours, ref = dm.pit_metrics(pit), dm.pit_metrics_qp(pit)
+    for key in dm.PIT_KEYS:
+        assert ours[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+
+
+def test_local_maxima_count_hand_cases():
+    """Comb measure: a point or flat-top maximum counts once if it dips >= 10% on both sides; the top always counts."""
+    cases = [
+        ([0, 1, 0, 1, 0], 2),  # two separate peaks
+        ([1, 2, 2, 3, 1], 1),  # a flat step on the way up is not a peak
+        ([0, 0, 1, 1, 0], 1),  # a flat top is one peak
+        ([0, 1, 0.95, 1, 0], 1),  # a 5% dip does not split a peak
+        ([0, 1, 0.5, 0.6, 0.1], 2),  # a 17% dip does
+        ([3, 2, 1, 0, 0], 1),  # a mode at the end of the grid
+        ([0, 1, 0, 0.005, 0], 1),  # a bump below 1% of the peak does not count
+        ([0, 0, 0, 0, 0], 0),
+        ([np.nan, 1, 0, 1, 0], 0),
+    ]
+    got = [int(dm.local_maxima_count(np.array([row], dtype=float))[0]) for row, _ in cases]
+    assert got == [n for _, n in cases]
+    # rows are independent: the same answers in one call
+    np.testing.assert_array_equal(dm.local_maxima_count(np.array([r for r, _ in cases], dtype=float)), got)
+    with pytest.raises(ValueError, match="grid of >= 3 points"):
+        dm.local_maxima_count(np.ones((2, 2)))
+
+
+def test_local_maxima_count_smooth_and_comb():
+    z = np.linspace(0.0, 3.0, 3001)
+    smooth = np.exp(-0.5 * ((z - 1.0) / 0.05) ** 2) + 0.5 * np.exp(-0.5 * ((z - 2.0) / 0.1) ** 2)
+    comb = smooth * (1.0 + 0.9 * np.cos(2 * np.pi * z / 0.015))  # teeth 0.015 apart
+    n_smooth, n_comb = dm.local_maxima_count(np.stack([smooth, comb]))
+    assert n_smooth == 2
+    assert n_comb > 40

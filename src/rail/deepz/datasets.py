@@ -8,7 +8,8 @@ are named presets of that same mechanism (:data:`PRESETS`, :func:`load`):
 
 * ``dc2`` -- the cosmoDC2 test files shipped inside pz-rail-base (default data);
 * ``boss`` -- SDSS BOSS DR10 galaxies from ``../shared/data/sdss_boss_dr10``;
-* ``zcosmos`` -- zCOSMOS-bright with COSMOS photometry from ``../shared/data/zcosmos_vvds``.
+* ``zcosmos`` -- zCOSMOS-bright with COSMOS photometry from ``../shared/data/zcosmos_vvds``;
+* ``qso`` -- SDSS spectroscopic quasars (z 2.75-7.0, ugriz) from ``../shared/data/sdss_qso_stamps``.
 
 Rules shared by every data set (presets included):
 
@@ -614,13 +615,164 @@ def load_zcosmos(test_fraction: float = 0.3, seed: int = 0, n_max: int | None = 
                       prepare=_zcosmos_prepare(secure_only))
 
 
+#: SDSS quasar catalogue (``../shared/data/sdss_qso_stamps/TrainingDatasets.csv``): ugriz magnitudes and errors
+QSO_BANDS = [f"{b}mag" for b in SDSS_BANDS]
+QSO_ERR_BANDS = [f"e_{b}mag" for b in SDSS_BANDS]
+
+
+def _qso_prepare(table: dict) -> dict:
+    """One row per photometric object (SDSS ``objID``; the first of its spectra), redshift ``Z``.
+
+    227 objects appear on 2-3 rows each (492 rows: one per spectrum, identical photometry,
+    redshifts differing by a median 0.003 and up to 2.3); a random split would otherwise put the
+    same photometry in the training and the test table.
+    """
+    obj = np.asarray(table["objID"])
+    _, first = np.unique(obj, return_index=True)
+    keep = np.sort(first)
+    out = {c: np.asarray(table[c])[keep] for c in (*QSO_BANDS, *QSO_ERR_BANDS)}
+    out["Z"] = np.asarray(table["Z"], dtype=np.float64)[keep]  # ('z' is a magnitude-like column, not the redshift)
+    out["objID"] = obj[keep]
+    out["object_id"] = np.arange(keep.size)
+    return out
+
+
+def load_qso(test_fraction: float = 0.3, seed: int = 0, n_max: int | None = None) -> Dataset:
+    """SDSS spectroscopic quasars, z 2.75-7.04 (``../shared/data/sdss_qso_stamps``, the IQVIT
+    catalogue of PVQNet's high-z quasar search): SDSS ugriz magnitudes (``umag``..``zmag``) and errors,
+    spectroscopic redshift ``Z``; 4,644 rows, 4,379 photometric objects (one row each,
+    :func:`_qso_prepare`), random train/test split (seeded). Grid [2.5, 7.5] (the sample is selected
+    at z >= 2.75). Magnitude limits: the 99.5th percentile of each band. The catalogue's other 307
+    quasars (``OutlierTestI.csv``) have no photometry and are not used.
+    """
+    path = require_shared("sdss_qso_stamps") / "TrainingDatasets.csv"
+    spec = ColumnSpec(bands=list(QSO_BANDS), err_bands=list(QSO_ERR_BANDS), redshift_col="Z",
+                      id_col="object_id", ref_band="imag", zmin=2.5, zmax=7.5, wavelengths=list(SDSS_WAVELENGTHS))
+    return from_files(path, None, spec, name="qso", test_fraction=test_fraction, seed=seed, n_max=n_max,
+                      prepare=_qso_prepare)
+
+
+# ------------------------------------------------- PICZL's Legacy Survey DR10 input format
+
+#: Legacy Survey DR10 bands of PICZL's catalogue: DECam/90Prime/Mosaic griz + WISE W1-W4
+LEGACY_BANDS = ["g", "r", "i", "z", "w1", "w2", "w3", "w4"]
+#: Tractor model types, in the order of the catalogue's dchisq_1..5
+LEGACY_TYPES = ["PSF", "REX", "DEV", "EXP", "SER"]
+#: PICZL's image files (``<name>.npy``, bands first) and the band names they give the image column
+PICZL_IMAGE_PLANES = {
+    "observed": ("processed_dered_griz_images", ["g", "r", "i", "z"]),
+    "model": ("dered_griz_models", ["model_g", "model_r", "model_i", "model_z"]),
+    "residual": ("dered_griz_residuals", ["resid_g", "resid_r", "resid_i", "resid_z"]),
+    "psf": ("psf_images", ["psf_g", "psf_r", "psf_i", "psf_z"]),
+}
+PICZL_CATALOG = "demo_catalog_train_with_z.fits"
+_OPTICAL, _WISE = LEGACY_BANDS[:4], LEGACY_BANDS[4:]
+#: total-flux colours of PICZL's numerical channel: optical-WISE (16) and WISE-WISE (6); the
+#: optical-optical colours are carried by the images
+PICZL_COLOURS = [(a, b) for a in _OPTICAL for b in _WISE] + [(a, b) for i, a in enumerate(_WISE) for b in _WISE[i + 1:]]
+#: PICZL's numerical channel (Roster et al. 2024, Table 2; 52 values): source type one-hot (5),
+#: dchisq (5), WISE total flux (4, nanomaggies), fracflux (8), S/N (8), total-flux colours (22, mag)
+PICZL_FEATURES = ([f"type_{t}" for t in LEGACY_TYPES] + [f"dchisq_{i}" for i in range(1, 6)]
+                  + [f"flux_{b}" for b in _WISE] + [f"fracflux_{b}" for b in LEGACY_BANDS]
+                  + [f"snr_{b}" for b in LEGACY_BANDS] + [f"{a}_{b}" for a, b in PICZL_COLOURS])
+#: value of a colour whose flux is <= 0 (PICZL's default)
+PICZL_NO_COLOUR = -99.0
+
+
+def _nmgy_mag(flux):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 22.5 - 2.5 * np.log10(flux)
+
+
+def read_piczl_inputs(folder, planes=("observed",), catalog: str = PICZL_CATALOG, size: int = 23) -> tuple[dict, dict]:
+    """Read PICZL's input format (a Legacy Survey DR10 catalogue + band-first image files) into a numpyDict.
+
+    The folder holds the catalogue (FITS, one row per object, Legacy Survey DR10 column names:
+    ``dered_flux_*``, ``flux_ivar_*``, ``mw_transmission_*``, ``snr_*``, ``fracflux_*``,
+    ``dchisq_1..5``, ``type``, ``z``) and the images as ``<file>.npy`` of shape
+    (4, N, 23, 23), g, r, i, z first (:data:`PICZL_IMAGE_PLANES`).
+
+    Returns the table and an info dict (``bands``, ``err_bands``, ``image_bands``,
+    ``mag_limits``, ``input_units``, ``features``). Columns:
+
+    * ``flux_<b>`` / ``flux_err_<b>`` for b in g r i z w1 w2 w3 w4: dereddened Tractor total flux
+      in nanomaggies and its error ``1 / (sqrt(flux_ivar) mw_transmission)`` (NaN where the
+      inverse variance is <= 0; the stages' ``missing_policy`` handles it);
+    * :data:`PICZL_FEATURES`: PICZL's numerical channel; colours are AB magnitude differences
+      of the dereddened fluxes, -99 where a flux is <= 0 (PICZL's default);
+    * ``images``: (N, 4 x len(planes), 23, 23) float32, the chosen planes stacked along axis 1,
+      nanomaggies per pixel (dereddened; ``observed`` after PICZL's defect cleaning);
+    * ``redshift`` (spectroscopic, the catalogue's ``z``, when present) and ``id`` (row number).
+
+    Not read: PICZL's aperture-flux images and colour cubes (``*_colours.npy``; the CNN stage
+    builds colour channels from the flux images itself) and the min-max scaling (the stage
+    standardises). Errors name the file, the column, the band or the shape at fault.
+    """
+    folder = Path(folder)
+    unknown = [p for p in planes if p not in PICZL_IMAGE_PLANES]
+    if unknown or not planes:
+        raise ValueError(f"planes {list(planes)}: each must be one of {sorted(PICZL_IMAGE_PLANES)}")
+    need = ([f"{k}_{b}" for b in LEGACY_BANDS for k in ("dered_flux", "flux_ivar", "mw_transmission", "snr",
+                                                         "fracflux")]
+            + [f"dchisq_{i}" for i in range(1, 6)] + ["type"])
+    cat = read_table(folder / catalog, need=need)
+    n = len(cat["type"])
+    table: dict = {"id": np.arange(n)}
+    if "z" in cat:
+        table["redshift"] = np.asarray(cat["z"], dtype=np.float64)
+    info: dict = {"bands": [f"flux_{b}" for b in LEGACY_BANDS], "err_bands": [f"flux_err_{b}" for b in LEGACY_BANDS],
+                  "input_units": "nanomaggies", "features": list(PICZL_FEATURES), "mag_limits": {}}
+    for b in LEGACY_BANDS:
+        f = np.asarray(cat[f"dered_flux_{b}"], dtype=np.float64)
+        ivar = np.asarray(cat[f"flux_ivar_{b}"], dtype=np.float64)
+        trans = np.asarray(cat[f"mw_transmission_{b}"], dtype=np.float64)
+        ok = (ivar > 0) & (trans > 0)
+        err = np.full(n, np.nan)
+        err[ok] = 1.0 / (np.sqrt(ivar[ok]) * trans[ok])
+        table[f"flux_{b}"], table[f"flux_err_{b}"] = f, err
+        # 5-sigma depth from the catalogue's own errors: where a flux <= 0 is put by missing_policy='limit'
+        info["mag_limits"][f"flux_{b}"] = float(_nmgy_mag(5.0 * np.nanmedian(err))) if ok.any() else 30.0
+        table[f"fracflux_{b}"] = np.nan_to_num(np.asarray(cat[f"fracflux_{b}"], dtype=np.float64), nan=0.0,
+                                               posinf=0.0, neginf=0.0)
+        table[f"snr_{b}"] = np.asarray(cat[f"snr_{b}"], dtype=np.float64)
+    types = np.char.strip(np.char.decode(cat["type"].astype("S"), "ascii")).astype(str)
+    bad = sorted(set(types) - set(LEGACY_TYPES))
+    if bad:
+        raise ValueError(f"catalogue {folder / catalog}: column 'type' has value(s) {bad}; expected {LEGACY_TYPES}")
+    for t in LEGACY_TYPES:
+        table[f"type_{t}"] = (types == t).astype(np.float64)
+    for i in range(1, 6):
+        table[f"dchisq_{i}"] = np.asarray(cat[f"dchisq_{i}"], dtype=np.float64)
+    for a, b in PICZL_COLOURS:
+        fa, fb = table[f"flux_{a}"], table[f"flux_{b}"]
+        ok = (fa > 0) & (fb > 0)
+        table[f"{a}_{b}"] = np.where(ok, _nmgy_mag(np.where(ok, fa, 1.0)) - _nmgy_mag(np.where(ok, fb, 1.0)),
+                                     PICZL_NO_COLOUR)
+    from .images import read_band_first_stack
+
+    stacks, image_bands = [], []
+    for plane in planes:
+        name, bands = PICZL_IMAGE_PLANES[plane]
+        stacks.append(read_band_first_stack(folder / f"{name}.npy", bands, n, size))
+        image_bands += bands
+    table["images"] = np.concatenate(stacks, axis=1)
+    info["image_bands"] = image_bands
+    return table, info
+
+
+def load_legacy_dr10(planes=("observed",)) -> tuple[dict, dict]:
+    """PICZL's 50-object Legacy Survey DR10 fixture (``../shared/data/legacy_dr10_demo``) through
+    :func:`read_piczl_inputs`. A format fixture: 50 objects prove the input path, not accuracy."""
+    return read_piczl_inputs(require_shared("legacy_dr10_demo"), planes)
+
+
 #: Named presets: each builds its Dataset with :func:`from_files` and a fixed column spec.
-PRESETS = {"dc2": load_dc2, "boss": load_boss, "zcosmos": load_zcosmos}
+PRESETS = {"dc2": load_dc2, "boss": load_boss, "zcosmos": load_zcosmos, "qso": load_qso}
 LOADERS = PRESETS  # former name
 
 
 def load(name: str, **kwargs) -> Dataset:
-    """A preset by name (``dc2``, ``boss``, ``zcosmos``)."""
+    """A preset by name (``dc2``, ``boss``, ``zcosmos``, ``qso``)."""
     if name not in PRESETS:
         raise KeyError(f"Unknown data set {name!r}; known presets: {sorted(PRESETS)} "
                        "(for your own catalogue use --train/--test with a column spec)")

@@ -291,3 +291,50 @@ def add_synthetic_stamps(
     out = dict(table)
     out[column] = stamps
     return out
+
+
+# ------------------------------------------------- PICZL's band-first image files
+
+
+def read_band_first_stack(path, bands: Sequence[str], n_objects: int, size: int | None = None) -> np.ndarray:
+    """Read one of PICZL's image files and return it object-first, float32 (N, B, H, W).
+
+    PICZL (Roster et al. 2024; its ``demo_data`` folders) stores each image product as a
+    NumPy ``.npy`` array of shape (B, N, H, W): bands first, then objects. Object (pickled)
+    arrays are refused (``allow_pickle=False``).
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.npy`` file.
+    bands : list of str
+        Band names along axis 0 (their count is checked; used in error messages).
+    n_objects : int
+        Rows of the catalogue the images belong to (checked against axis 1).
+    size : int, optional
+        Expected stamp side in pixels (PICZL: 23); None accepts any square stamp.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found (bands {list(bands)})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise BadImageError(f"image file {path} is not a plain numeric array ({err})") from err
+    if arr.ndim != 4:
+        raise BadImageError(f"image file {path} must have shape (bands, objects, height, width); got {arr.shape}")
+    if arr.shape[0] != len(bands):
+        raise BadImageError(f"image file {path} has {arr.shape[0]} band(s) on axis 0 but {len(bands)} are "
+                            f"expected ({list(bands)})")
+    if arr.shape[1] != n_objects:
+        raise BadImageError(f"image file {path} has {arr.shape[1]} object(s) on axis 1 but the catalogue has "
+                            f"{n_objects} row(s)")
+    h, w = arr.shape[2:]
+    if h != w or (size is not None and h != size):
+        want = f"{size}x{size}" if size is not None else "square"
+        raise BadImageError(f"image file {path} has {h}x{w} pixel stamps; {want} stamps are expected")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise BadImageError(f"image file {path} has dtype {arr.dtype}; pixel values must be floating point")
+    return np.ascontiguousarray(np.moveaxis(arr, 0, 1), dtype=np.float32)

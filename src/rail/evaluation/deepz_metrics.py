@@ -10,7 +10,8 @@ over a qp file (or ensemble) chunk by chunk:
 * ``brier``  the per-object Brier sum,
 * ``bad_pdf``, ``bad_truth``  flags of rows that cannot be scored (see below).
 
-Only these O(N) arrays are kept (~10 numbers per object: ~80 MB for 1e6 objects); PDFs are
+Only these O(N) arrays are kept (8 float64 and 2 bool values per object: 66 bytes, 66 MB for
+1e6 objects, held once: :meth:`MetricAccumulator.per_object` joins the chunks in place); PDFs are
 evaluated in blocks of ``_BLOCK`` rows and never all held at once. Medians, quantiles and
 PIT statistics are then exact (no digest approximation), and every summary can be
 re-binned (by redshift, by magnitude) without another pass.
@@ -49,7 +50,8 @@ crps                 mean over objects of int (F(z) - 1[z >= ztrue])^2 dz
 pco                  fraction whose ztrue is outside the central 99% interval: PIT < 0.005
                      or > 0.995 (SOM paper)
 pit_ks/cvm/ad        KS, Cramer-von Mises, Anderson-Darling statistics of the PIT values
-                     against U(0, 1), computed by :class:`qp.metrics.pit.PIT`
+                     against U(0, 1), as :class:`qp.metrics.pit.PIT` defines them (scipy's
+                     kstest, cramervonmises, anderson_ksamp), computed by :func:`pit_statistics`
 pit_outlier_rate     fraction of PIT values below 1e-4 or above 0.9999, counted on the PIT values
                      (qp's ``evaluate_PIT_outlier_rate`` reads it off a quantile fit of the PITs,
                      which is not a fraction when many PITs sit at exactly 0 or 1: kNN on VVDS-deep
@@ -87,6 +89,7 @@ from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaI
 from rail.deepz import pointmetrics as pm
 from rail.deepz.pdf import ensemble_pit, ensemble_point_estimate
 
+from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
     _BLOCK,
     DIRECT_KINDS,
@@ -107,6 +110,7 @@ MIN_OBJECTS = 10  # fewer objects in a group (overall or bin) -> its metrics are
 ID_COLUMNS = ("id", "object_id", "objectId", "galaxy_id")  # looked for when no id column is named
 
 PER_OBJECT_KEYS = ("ztrue", "zphot", "pit", "crps", "cde1", "cde2", "brier", "mag", "bad_pdf", "bad_truth")
+_STAT_CHUNK = 1 << 18  # values per slice of the PIT statistics (bounded temporaries)
 #: PIT values outside these limits are PIT outliers (qp's ``evaluate_PIT_outlier_rate`` defaults)
 PIT_OUTLIER_LIMITS = (1e-4, 0.9999)
 PIT_KEYS = ("pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate")
@@ -210,16 +214,87 @@ def pit_values(ens: qp.Ensemble, ztrue) -> np.ndarray:
 def pit_metrics(pit) -> dict:
     """KS, CvM and AD statistics of the PIT values against U(0,1), and the PIT outlier rate.
 
-    The three statistics come from :class:`qp.metrics.pit.PIT`: ``evaluate_PIT_KS`` (scipy
-    ``kstest``), ``evaluate_PIT_CvM`` (scipy ``cramervonmises``), ``evaluate_PIT_anderson_ksamp``
-    (k-sample AD against an evenly spaced uniform sample). The outlier rate is the fraction of
-    PIT values < 1e-4 or > 0.9999, counted directly: qp's ``evaluate_PIT_outlier_rate`` takes it
-    from a quantile fit of the PIT distribution, which agrees on smooth PIT samples but is not a
-    fraction at all (values > 1) when many PITs are exactly 0 or 1 (PDFs of finite support).
+    The statistics of :class:`qp.metrics.pit.PIT` (``evaluate_PIT_KS``: scipy ``kstest``;
+    ``evaluate_PIT_CvM``: scipy ``cramervonmises``; ``evaluate_PIT_anderson_ksamp``: scipy's
+    midrank k-sample AD of the PITs in [0, 1] against as many evenly spaced values on [0, 1]),
+    computed by :func:`pit_statistics` from one sort of the PIT values (qp's path,
+    :func:`pit_metrics_qp`, sorts them five times and builds a quantile ensemble it does not
+    use here; equal to 1e-9 relative, ``tests/test_metrics_fast.py``). The outlier rate is the
+    fraction of PIT values < 1e-4 or > 0.9999, counted directly: qp's
+    ``evaluate_PIT_outlier_rate`` takes it from a quantile fit of the PIT distribution, which
+    agrees on smooth PIT samples but is not a fraction at all (values > 1) when many PITs are
+    exactly 0 or 1 (PDFs of finite support).
     """
     pit = np.asarray(pit, dtype=np.float64)
     if pit.size < 2:
-        return {k: float("nan") for k in ("pit_ks", "pit_cvm", "pit_ad", "pit_outlier_rate")}
+        return {k: float("nan") for k in PIT_KEYS}
+    out = pit_statistics(pit)
+    out["pit_outlier_rate"] = float(np.mean((pit < PIT_OUTLIER_LIMITS[0]) | (pit > PIT_OUTLIER_LIMITS[1])))
+    return out
+
+
+def pit_statistics(pit) -> dict:
+    """``pit_ks``, ``pit_cvm``, ``pit_ad`` of PIT values (n >= 2) against U(0, 1), as scipy's
+    ``kstest``, ``cramervonmises`` and ``anderson_ksamp`` (midrank variant, Scholz & Stephens
+    1987 eq. 7, normalised as scipy does) compute them on the arrays qp gives them, from one
+    sort, in slices of ``_STAT_CHUNK`` values (memory: the sorted PITs, the uniform sample and
+    their merge, 32 bytes per PIT). Raises ``ValueError`` as scipy does when the AD sample is degenerate."""
+    x = np.sort(np.asarray(pit, dtype=np.float64))
+    n = x.size
+    ks, cvm = 0.0, 1.0 / (12 * n)
+    for s in range(0, n, _STAT_CHUNK):  # in slices: temporaries of a slice, not of n values
+        u = np.clip(x[s:s + _STAT_CHUNK], 0.0, 1.0)  # scipy.stats.uniform.cdf
+        i = np.arange(s + 1.0, s + u.size + 1.0)
+        ks = max(ks, float(np.max(i / n - u)), float(np.max(u - (i - 1.0) / n)))
+        cvm += float(np.sum(((2.0 * i - 1.0) / (2.0 * n) - u) ** 2))
+    # AD: qp keeps the PITs in [0, 1] (a contiguous run of the sorted values) and compares them
+    # with np.linspace(0, 1, m) by scipy's k-sample test
+    lo, hi = np.searchsorted(x, 0.0, side="left"), np.searchsorted(x, 1.0, side="right")
+    m = int(hi - lo)
+    if m == 0:
+        raise ValueError("anderson_ksamp encountered sample without observations (no PIT in [0, 1])")
+    samples = (x[lo:hi], np.linspace(0.0, 1.0, m))
+    z = np.sort(np.concatenate(samples), kind="stable")  # two sorted runs: a merge
+    big_n = z.size
+    sums, n_unique, a = [0.0, 0.0], 0, 0
+    while a < big_n:  # the distinct values in slices of z that end where a run of ties ends
+        b = min(a + _STAT_CHUNK, big_n)
+        if b < big_n:
+            b = int(z.searchsorted(z[b - 1], "right"))
+        zc = z[a:b]
+        zstar = zc[np.concatenate(([True], zc[1:] != zc[:-1]))]
+        n_unique += zstar.size
+        left = a + zc.searchsorted(zstar, "left")
+        lj = a + zc.searchsorted(zstar, "right") - left
+        bj = left + lj / 2.0
+        for q, smp in enumerate(samples):  # sorted already (scipy sorts each sample again)
+            right = smp.searchsorted(zstar, side="right")
+            mij = right.astype(float) - (right - smp.searchsorted(zstar, "left")) / 2.0
+            sums[q] += float((lj / float(big_n) * (big_n * mij - bj * m) ** 2
+                              / (bj * (big_n - bj) - big_n * lj / 4.0)).sum())
+        a = b
+    if n_unique < 2:
+        raise ValueError("anderson_ksamp needs more than one distinct observation")
+    a2 = (sums[0] / m + sums[1] / m) * (big_n - 1.0) / big_n
+    k = 2
+    h_inv = 1.0 / m + 1.0 / m
+    hs_cs = (1.0 / np.arange(big_n - 1, 1, -1)).cumsum()
+    h = hs_cs[-1] + 1
+    g = (hs_cs / np.arange(2, big_n)).sum()
+    ca = (4 * g - 6) * (k - 1) + (10 - 6 * g) * h_inv
+    cb = (2 * g - 4) * k**2 + 8 * h * k + (2 * g - 14 * h - 4) * h_inv - 8 * h + 4 * g - 6
+    cc = (6 * h + 2 * g - 2) * k**2 + (4 * h - 4 * g + 6) * k + (2 * h - 6) * h_inv + 4 * h
+    cd = (2 * h + 6) * k**2 - 4 * h * k
+    sigmasq = (ca * big_n**3 + cb * big_n**2 + cc * big_n + cd) / ((big_n - 1.0) * (big_n - 2.0) * (big_n - 3.0))
+    ad = (a2 - (k - 1)) / np.sqrt(sigmasq)
+    return {"pit_ks": ks, "pit_cvm": cvm, "pit_ad": float(ad)}
+
+
+def pit_metrics_qp(pit) -> dict:
+    """:func:`pit_metrics` through :class:`qp.metrics.pit.PIT` itself (the reference in the tests)."""
+    pit = np.asarray(pit, dtype=np.float64)
+    if pit.size < 2:
+        return {k: float("nan") for k in PIT_KEYS}
     obj = PITFromSamples(pit)
     logger = logging.getLogger()
     level = logger.level
@@ -255,25 +330,78 @@ def cde_terms(pdf_on_grid: np.ndarray, grid: np.ndarray, ztrue) -> tuple[np.ndar
 
     ``cde_loss = mean(term1) - 2 mean(term2)`` (RAIL ``CDELoss``; Izbicki & Lee 2017).
     """
-    p2 = pdf_on_grid**2
-    dx = np.diff(np.asarray(grid, dtype=np.float64))
-    t1 = 0.5 * ((p2[:, 1:] + p2[:, :-1]) @ dx)
+    grid = np.asarray(grid, dtype=np.float64)
+    dx = np.diff(grid)
+    wts = np.zeros(grid.size)  # trapezoid node weights: half the widths of the adjacent intervals
+    wts[:-1] += 0.5 * dx
+    wts[1:] += 0.5 * dx
+    t1 = (pdf_on_grid * pdf_on_grid) @ wts
     z = np.nan_to_num(np.asarray(ztrue, dtype=np.float64))
     t2 = pdf_on_grid[np.arange(pdf_on_grid.shape[0]), nearest_index(grid, z)]
     return t1, t2
 
 
-def brier_from_pdf(p: np.ndarray, ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
-    """Per-object Brier sums from densities ``p`` on qp's Brier grid (see :func:`brier_terms`)."""
-    g = _calculate_grid_parameters(limits, dx)
+def local_maxima_count(pdf_on_grid: np.ndarray, rel_height: float = 0.01, min_dip: float = 0.1) -> np.ndarray:
+    """Number of local maxima of each PDF (N, G) on its grid, a measure of comb-shaped PDFs.
+
+    A local maximum is where the density, having last changed upwards, goes down: a point or a
+    flat top (one maximum however many grid points it spans; a histogram's rising staircase has
+    none), not at an end of the grid. It counts when its density is at least ``rel_height`` x the
+    PDF's own maximum (the far tails do not count) and the density falls by at least ``min_dip``
+    x its value on both sides before rising again (the nearest local minimum or the grid's end on
+    each side): a sum of equal Gaussians 2 sigma apart ripples by ~3% peak to trough and does not
+    count; the teeth of one 4 sigma apart dip by most of their height and do. The highest point
+    counts once in any case (so a smooth unimodal PDF gives 1, a mode at the grid's end included). Meaningful on a grid finer than the PDF's own structure (e.g. a spacing below
+    half the narrowest component); a grid coarser than a comb's teeth aliases it. Rows with a
+    non-finite or all-zero PDF give 0.
+    """
+    p = np.asarray(pdf_on_grid, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 3:
+        raise ValueError(f"local_maxima_count needs PDFs on a grid of >= 3 points, shape (N, G); got {p.shape}")
+    ok = np.isfinite(p).all(axis=1)
+    p = np.where(ok[:, None], p, 0.0)
+    n, g = p.shape
+    top = p.max(axis=1, keepdims=True)
+    slope = np.sign(np.diff(p, axis=1))  # (N, G-1): interval j is between points j and j+1
+    idx = np.arange(g - 1)
+    # the last non-zero slope at or before each interval (flat runs take the slope before them)
+    before = np.take_along_axis(slope, np.maximum.accumulate(np.where(slope != 0, idx, 0), axis=1), axis=1)
+    # the first non-zero slope at or after each interval
+    nxt = np.minimum.accumulate(np.where(slope != 0, idx, g - 2)[:, ::-1], axis=1)[:, ::-1]
+    after = np.take_along_axis(slope, nxt, axis=1)
+    inner = np.zeros((n, g), dtype=bool)  # point i (1..G-2) between intervals i-1 and i
+    inner[:, 1:-1] = True
+    pad_b = np.concatenate([np.zeros((n, 1)), before], axis=1)  # slope arriving at point i
+    pad_a = np.concatenate([after, np.zeros((n, 1))], axis=1)  # slope leaving point i
+    is_max = inner & (pad_b > 0) & (np.concatenate([slope, np.zeros((n, 1))], axis=1) < 0)
+    is_min = (pad_b < 0) & (pad_a > 0) | ~inner  # valleys, and both ends of the grid
+    # value of the nearest minimum at or left / right of each point
+    left = np.take_along_axis(p, np.maximum.accumulate(np.where(is_min, np.arange(g), 0), axis=1), axis=1)
+    right_idx = np.minimum.accumulate(np.where(is_min, np.arange(g), g - 1)[:, ::-1], axis=1)[:, ::-1]
+    right = np.take_along_axis(p, right_idx, axis=1)
+    deep = np.maximum(left, right) <= (1.0 - min_dip) * p
+    peak = is_max & deep & (p >= rel_height * top) & (top > 0)
+    # the highest point always counts once (a mode at an end of the grid, or the top of ripples)
+    top_counted = (peak & (p >= top)).any(axis=1)
+    return peak.sum(axis=1) + ((top[:, 0] > 0) & ~top_counted)
+
+
+def brier_cell(ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Index of qp's Brier grid cell holding each ztrue (clipped) and whether it is inside the grid
+    (the cells are ``np.histogram``'s bins over qp's ``hist_bin_edges``, the last one closed)."""
+    edges = _calculate_grid_parameters(limits, dx).hist_bin_edges
     z = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
-    edges = g.hist_bin_edges
     k = np.searchsorted(edges, z, side="right") - 1
     k = np.where(z == edges[-1], edges.size - 2, k)  # np.histogram's closed last bin
     inside = (k >= 0) & (k < edges.size - 1)
-    kk = np.clip(k, 0, edges.size - 2)
+    return np.clip(k, 0, edges.size - 2), inside
+
+
+def brier_from_pdf(p: np.ndarray, ztrue, limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
+    """Per-object Brier sums from densities ``p`` on qp's Brier grid (see :func:`brier_terms`)."""
+    kk, inside = brier_cell(ztrue, limits, dx)
     pk = p[np.arange(p.shape[0]), kk]
-    return (p * p).sum(axis=1) + np.where(inside, 1.0 - 2.0 * pk, 0.0)
+    return np.einsum("ij,ij->i", p, p) + np.where(inside, 1.0 - 2.0 * pk, 0.0)
 
 
 def brier_grid(limits=(0.0, 3.0), dx: float = 0.01) -> np.ndarray:
@@ -313,6 +441,11 @@ class MetricConfig:
     mixture_float32 : evaluate Gaussian mixtures on the CDE and Brier grids in float32
         (faster: benchmarks/results/speed_metrics.md; CDE and Brier terms within ~1e-5 relative
         of float64, see ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
+    mixture_closed_form : the CDE-loss and Brier terms of Gaussian mixtures from closed forms
+        of the same grid sums (:mod:`rail.evaluation.deepz_mixsums`: no grid evaluation; within
+        ~1e-8 relative of the tabulated sums) for objects whose narrowest component spans at least
+        two grid steps, when both grids are evenly spaced and the point estimate is in the ancil;
+        tabulated on the grids otherwise (False: always).
     """
 
     point_estimate: str = "zmode"
@@ -322,6 +455,7 @@ class MetricConfig:
     brier_limits: tuple = (0.0, 3.0)
     brier_dx: float = 0.01
     mixture_float32: bool = True
+    mixture_closed_form: bool = True
 
     @classmethod
     def for_range(cls, zmin: float, zmax: float, **kw) -> "MetricConfig":
@@ -340,14 +474,21 @@ class MetricAccumulator:
     """
 
     def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = (),
-                 workers: int | None = None):
+                 workers: int | None = None, n_total: int | None = None):
         self.config = config or MetricConfig()
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self._parts: dict[str, list] = {k: [] for k in PER_OBJECT_KEYS}
+        # n_total known (accumulate_estimate): the per-object arrays are allocated once and
+        # filled in place (no list of block arrays between the blocks' temporaries, no join)
+        self._full = None if n_total is None else {
+            k: np.empty(int(n_total), dtype=bool if k in ("bad_pdf", "bad_truth") else np.float64)
+            for k in PER_OBJECT_KEYS}
         self.keep = np.sort(np.asarray(list(keep_pdfs), dtype=np.int64))
         self.kept_pdfs: dict[int, np.ndarray] = {}
         self.n = 0
         self._brier_grid = brier_grid(self.config.brier_limits, self.config.brier_dx)
+        steps = (even_step(self.config.zgrid), even_step(self._brier_grid))
+        self._steps = None if None in steps else steps  # closed-form mixture sums need even grids
 
     def point_estimate(self, block, pdf_on_zgrid: np.ndarray | None = None) -> np.ndarray:
         """The point estimate of each PDF: the ancil column ``config.point_estimate``, or
@@ -391,9 +532,12 @@ class MetricAccumulator:
                 results = [one(span) for span in spans]
         else:
             results = [one(span) for span in spans]
-        for parts, kept in results:
+        for (s, e), (parts, kept) in zip(spans, results):
             for k, v in parts.items():
-                self._parts[k].append(v)
+                if self._full is not None and start + e <= self._full[k].size:
+                    self._full[k][start + s:start + e] = v
+                else:
+                    self._parts[k].append(v)
             self.kept_pdfs.update(kept)
         self.n += block.n
 
@@ -403,17 +547,33 @@ class MetricAccumulator:
         block = block.prepared()
         bad_truth = ~np.isfinite(ztrue)
         zsafe = np.where(bad_truth, 0.0, ztrue)  # keeps NaN truths out of the arithmetic
-        pdf = block.pdf(cfg.zgrid)
-        zphot = self.point_estimate(block, pdf)
-        bad_pdf = block.bad | ~np.isfinite(zphot)
-        t1, t2 = cde_terms(pdf, cfg.zgrid, zsafe)
-        if block.kind == "qp":
-            pit = pit_values(block.ens, zsafe)
-            crps_v = crps_qp(block.ens, zsafe, cfg.crps_limits, cfg.crps_npts)
-            bad_pdf |= ~np.isfinite(pdf).all(axis=1)
-        else:
+        kept = {}
+        if self._closed_form(block):
+            zphot = self.point_estimate(block)
+            bad_pdf = block.bad | ~np.isfinite(zphot)
+            t1, t2, brier, crps_v = self._mixture_terms(block, zsafe)
             pit = block.cdf_at(zsafe)
-            crps_v = block.crps(zsafe)
+            if self.keep.size:
+                sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
+                if sel.size:
+                    pk = block.take(sel - start).pdf(cfg.zgrid)
+                    kept = {int(i): pk[r].copy() for r, i in enumerate(sel)}
+        else:
+            pdf = block.pdf(cfg.zgrid)
+            zphot = self.point_estimate(block, pdf)
+            bad_pdf = block.bad | ~np.isfinite(zphot)
+            t1, t2 = cde_terms(pdf, cfg.zgrid, zsafe)
+            brier = brier_from_pdf(block.pdf(self._brier_grid), zsafe, cfg.brier_limits, cfg.brier_dx)
+            if block.kind == "qp":
+                pit = pit_values(block.ens, zsafe)
+                crps_v = crps_qp(block.ens, zsafe, cfg.crps_limits, cfg.crps_npts)
+                bad_pdf |= ~np.isfinite(pdf).all(axis=1)
+            else:
+                pit = block.cdf_at(zsafe)
+                crps_v = block.crps(zsafe)
+            if self.keep.size:
+                sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
+                kept = {int(i): pdf[i - start].copy() for i in sel}
         parts = {
             "ztrue": ztrue,
             "zphot": zphot,
@@ -421,7 +581,7 @@ class MetricAccumulator:
             "crps": crps_v,
             "cde1": t1,
             "cde2": t2,
-            "brier": brier_from_pdf(block.pdf(self._brier_grid), zsafe, cfg.brier_limits, cfg.brier_dx),
+            "brier": brier,
             "mag": mag,
         }
         bad = bad_pdf | bad_truth
@@ -432,17 +592,89 @@ class MetricAccumulator:
         parts["bad_pdf"] = bad_pdf
         parts["bad_truth"] = bad_truth
         parts = {k: np.asarray(v) for k, v in parts.items()}
-        kept = {}
-        if self.keep.size:
-            sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
-            kept = {int(i): pdf[i - start].copy() for i in sel}
         return parts, kept
 
+    def _closed_form(self, block: PDFBlock) -> bool:
+        """Whether a mixture block takes the closed-form CDE/Brier terms (``deepz_mixsums``):
+        asked for, both grids evenly spaced, the point estimate in the ancil."""
+        cfg = self.config
+        return (block.kind == "mixmod" and cfg.mixture_closed_form and self._steps is not None
+                and cfg.point_estimate in block.ancil)
+
+    def _mixture_terms(self, block: PDFBlock, z):
+        """cde1, cde2, brier and CRPS of a mixture block: closed forms
+        (:class:`~rail.evaluation.deepz_mixsums.MixturePairs`) for the rows whose narrowest
+        component is at least ``MIN_SIGMA_STEPS`` grid steps wide, the grids for the others."""
+        cfg = self.config
+        zg, bg = cfg.zgrid, self._brier_grid
+        kk, inside = brier_cell(z, cfg.brier_limits, cfg.brier_dx)
+        t1, t2, brier = (np.full(block.n, np.nan) for _ in range(3))
+        crps_v = np.full(block.n, np.nan)
+        ok = ~block.bad
+        w, mu, s = block.mix
+        closed = ok & closed_form_rows(np.where(ok[:, None], s, 0.0), self._steps)
+        if closed.any():
+            idx = np.flatnonzero(closed) if not closed.all() else slice(None)
+            pairs = MixturePairs(w[idx], mu[idx], s[idx])
+            zc = z[idx]
+            t1[idx] = pairs.trapezoid_sq(zg[0], zg[-1], self._steps[0])
+            t2[idx] = pairs.at(zg[nearest_index(zg, zc)])
+            brier[idx] = pairs.grid_sum_sq(bg[0], bg[-1], self._steps[1]) + np.where(
+                inside[idx], 1.0 - 2.0 * pairs.at(bg[kk[idx]]), 0.0)
+            crps_v[idx] = pairs.crps(zc)
+        rest = np.flatnonzero(ok & ~closed)
+        if rest.size:
+            sub = block.take(rest)
+            t1[rest], t2[rest] = cde_terms(sub.pdf(zg), zg, z[rest])
+            brier[rest] = brier_from_pdf(sub.pdf(bg), z[rest], cfg.brier_limits, cfg.brier_dx)
+            crps_v[rest] = sub.crps(z[rest])
+        return t1, t2, brier, crps_v
+
     def per_object(self) -> dict:
-        out = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._parts.items()}
-        for k in ("bad_pdf", "bad_truth"):
-            out[k] = out[k].astype(bool)
+        """The per-object arrays (``PER_OBJECT_KEYS``), all chunks so far. The chunks are joined
+        one key at a time and kept joined, so that memory holds each value once (no second
+        copy of the whole set; later calls return the same arrays)."""
+        if self._full is not None and not any(self._parts.values()):
+            return {k: v[: self.n] for k, v in self._full.items()}
+        if self._full is not None:  # (rows beyond n_total were added: join everything)
+            for k, v in self._parts.items():
+                v.insert(0, self._full[k][: self._full[k].size])
+            self._full = None
+        out = {}
+        for k, v in self._parts.items():
+            if len(v) != 1:
+                joined = np.concatenate(v) if v else np.zeros(0)
+                v.clear()  # frees the chunks before the next key is joined
+                v.append(joined)
+            out[k] = v[0].astype(bool, copy=False) if k in ("bad_pdf", "bad_truth") else v[0]
         return out
+
+
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed blocks for reuse (once per process; elsewhere a no-op).
+
+    The metric pass allocates and frees arrays of ~1 MB per row block on worker threads;
+    glibc's defaults return such memory to the system after each free (thread arenas trim
+    their top, and blocks above the adaptive mmap threshold are unmapped), so every block
+    page-faults its arrays afresh: on 600-bin histograms the faults cost as much CPU as the
+    metrics (CHANGELOG). Here blocks below 32 MB come from the heap and up to 64 MB of free
+    top is kept per arena (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); the peak RSS is
+    that of the arrays alive at once either way."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def default_workers() -> int:
@@ -561,7 +793,8 @@ def tidy_metrics(po: Mapping, estimator: str, z_edges=None, mag_edges=None) -> l
     total = good.size
 
     def emit(bin_type, lo, hi, mask):
-        sub = {k: np.asarray(v)[mask] for k, v in po.items()}
+        # every row: the arrays themselves (no copy of the whole set)
+        sub = dict(po) if mask.all() else {k: np.asarray(v)[mask] for k, v in po.items()}
         n = int(mask.sum())
         where = f"{estimator} {bin_type} [{lo:.4g}, {hi:.4g})" if bin_type != "all" else f"{estimator} (all)"
         for metric, value in summarize_group(sub, where).items():
@@ -732,9 +965,10 @@ def accumulate_estimate(
         raise ValueError(
             f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
         )
-    acc = MetricAccumulator(config, keep_pdfs)
+    acc = MetricAccumulator(config, keep_pdfs, n_total=n)
+    _keep_freed_memory()
     t0 = time.perf_counter()
-    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size)):
+    for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size, buffers=2)):
         acc.add(block, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)

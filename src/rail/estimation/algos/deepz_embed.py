@@ -3,7 +3,7 @@
 :class:`DeepzEmbedInformer` / :class:`DeepzEmbedEstimator` (method ``"embed"``): a
 pluggable encoder (:mod:`rail.deepz.encoders`: precomputed embedding columns, a small
 autoencoder trained at inform time, or a local foundation model) gives an embedding; a
-4-layer dense network maps the standardised embedding to the weights of 200 evenly spaced
+4-layer dense network maps the standardised embedding to the weights of evenly spaced
 Gaussians of fixed width (paper: sigma = 0.0037) over [zmin, zmax], trained on the exact
 mixture CRPS. The PDF is the mixture (``qp.mixmod``, exact;
 :func:`rail.deepz.pdf.fixed_grid_ensemble`) with ancil zmode/zmean/zmedian/zstd/quantiles/
@@ -16,7 +16,7 @@ statistics are measured on the validation split. The estimator adds the ancil
 The same flags for any other estimator's PDFs: :mod:`rail.estimation.algos.deepz_somflag`.
 
 Paper settings: 200 Gaussians, sigma 0.0037, CRPS loss, 4 dense layers (here three
-hidden layers of 256 + the 200-wide output layer), 10% validation hold-out. The SOM grid
+hidden layers of 256 + the output layer), 10% validation hold-out. The SOM grid
 size and the flag thresholds are not given in the paper; ours are options, the grid by default
 sized from the validation split (``som_shape=[]``, :func:`rail.deepz.som_options.auto_som_side`).
 
@@ -24,6 +24,15 @@ Departure: ``nll_weight=0.1``, the loss is the CRPS plus 0.1 x the mixture negat
 log-likelihood (as for NNC): the CRPS constrains the CDF only and leaves the density near
 the peak loose (measured in ``benchmarks/results/ablations_embed.md``). ``nll_weight=0``
 restores the paper's loss.
+
+Departure: the width of the Gaussians follows the range. The paper's 200 Gaussians of sigma
+0.0037 on z < 1.6 are ~2.2 sigma apart; 200 of that width on [0, 3] would be 4.1 sigma apart and
+the PDFs combs (one peak per Gaussian). By default (``component_sigma=0``) the width is the
+spacing / ``basis_spacing`` (2): sigma = 0.0075 for 200 Gaussians on [0, 3], 0.0030 on [0, 1.2],
+0.0040 on the paper's [0, 1.6]. Alternatively ``n_components=0`` with a given width derives the
+count (:func:`rail.deepz.mixtures.fixed_grid_size`); an explicit pair spaced wider than
+``basis_spacing`` sigma is refused. Models trained before keep their own count and width (stored in
+the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from rail.deepz.mixtures import (
     fixed_grid_centers,
     fixed_grid_crps,
     fixed_grid_pair_matrix,
+    fixed_grid_size,
+    fixed_grid_spacing,
     gmm_nll,
 )
 from rail.deepz.pdf import RepeatedRows, fixed_grid_ensemble, fixed_grid_pit, fixed_grid_summaries
@@ -159,8 +170,22 @@ class DeepzEmbedInformer(DeepzInformer):
             msg="hidden widths of the dense network (the paper's 4 dense layers = 3 hidden + output)",
         ),
         dropout=Param(float, 0.0, msg="dropout after each hidden layer"),
-        n_components=Param(int, 200, msg="number of fixed Gaussians, evenly spaced over [zmin, zmax]"),
-        component_sigma=Param(float, 0.0037, msg="fixed width of every Gaussian (redshift units)"),
+        n_components=Param(
+            int, 200,
+            msg="number of fixed Gaussians, evenly spaced over [zmin, zmax] (both ends included; paper 200); 0 = "
+            "the fewest spaced at most basis_spacing x component_sigma (needs component_sigma > 0)",
+        ),
+        component_sigma=Param(
+            float, 0.0,
+            msg="fixed width of every Gaussian (redshift units; paper 0.0037); 0 = the spacing of the means / "
+            "basis_spacing (0.0075 for 200 on [0, 3])",
+        ),
+        basis_spacing=Param(
+            float, 2.0,
+            msg="distance between neighbouring Gaussian means in units of component_sigma: the ratio used to derive "
+            "the width (component_sigma=0) or the count (n_components=0), and the most an explicit pair may have "
+            "(wider spacings make comb-shaped PDFs; raise this to allow one on purpose)",
+        ),
         nll_weight=Param(
             float, 0.1,
             msg="weight of the mixture negative log-likelihood added to the CRPS loss (0 = CRPS only, the "
@@ -172,7 +197,7 @@ class DeepzEmbedInformer(DeepzInformer):
             msg="'pit_ks': one factor on the component width fitted on the validation split so that the PITs "
             "are closest to uniform (rail.deepz.calibration); on the fixed grid it mostly narrows the "
             "components, which sharpens the comb and not the envelope (benchmarks/results/"
-            "accuracy_dc2_ensembles.md); 'none' (default) keeps component_sigma",
+            "accuracy_dc2_ensembles.md); 'none' (default) keeps the basis width",
         ),
     )
     config_options.update(SOM_OPTIONS)
@@ -183,13 +208,39 @@ class DeepzEmbedInformer(DeepzInformer):
         super().__init__(args, **kwargs)
         if self.config.encoder not in ENCODER_KINDS:
             raise ValueError(f"Option 'encoder'={self.config.encoder!r} is not one of {ENCODER_KINDS}")
-        if self.config.n_components < 2 or self.config.component_sigma <= 0:
-            raise ValueError("Options 'n_components' must be >= 2 and 'component_sigma' > 0")
+        self.basis()  # the basis options, checked before any data
         if self.config.som_point_estimate not in ("zmode", "zmean", "zmedian"):
             raise ValueError(f"Option 'som_point_estimate'={self.config.som_point_estimate!r} is not zmode/zmean/zmedian")
         som_settings(self.config)
         self._reference = None
         make_encoder(self.config.encoder, self.config)  # the encoder's options, checked before any data
+
+    def basis(self) -> tuple[int, float]:
+        """(number of Gaussians, their width) from ``n_components``, ``component_sigma`` and ``basis_spacing``."""
+        cfg = self.config
+        n, sigma, ratio = cfg.n_components, cfg.component_sigma, cfg.basis_spacing
+        if not (np.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"Option 'basis_spacing' must be > 0, got {ratio}")
+        if not (np.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"Option 'component_sigma' must be > 0 (or 0 = derived from the spacing), got {sigma}")
+        if n == 0 and sigma == 0:
+            raise ValueError("Options 'n_components' and 'component_sigma' cannot both be 0 (derived): give one")
+        if n != 0 and n < 2:
+            raise ValueError(f"Option 'n_components' must be 0 (derived) or >= 2, got {n}")
+        if sigma == 0:
+            return int(n), fixed_grid_spacing(cfg.zmin, cfg.zmax, n) / ratio
+        if n == 0:
+            return fixed_grid_size(cfg.zmin, cfg.zmax, sigma, ratio), float(sigma)
+        spacing = fixed_grid_spacing(cfg.zmin, cfg.zmax, n) / sigma
+        if spacing > ratio * (1 + 1e-9):
+            need = fixed_grid_size(cfg.zmin, cfg.zmax, sigma, ratio)
+            raise ValueError(
+                f"Option 'n_components'={n} on [{cfg.zmin:g}, {cfg.zmax:g}] spaces the Gaussians {spacing:.2f} x "
+                f"component_sigma={sigma:g} apart, more than basis_spacing={ratio:g} (comb-shaped PDFs): use "
+                f"component_sigma=0 (derived from the spacing), n_components=0 (derived, {need} here) or >= {need}, "
+                "or a larger basis_spacing"
+            )
+        return int(n), float(sigma)
 
     def inform(self, training_data, reference=None, **kwargs):
         """Train the model.
@@ -222,8 +273,9 @@ class DeepzEmbedInformer(DeepzInformer):
         emb = encoder.encode(data, phot, device=cfg.device)
         scaler = Standardizer().fit(emb[tr])
         xs = scaler.transform(emb)
-        centers = torch.as_tensor(fixed_grid_centers(cfg.zmin, cfg.zmax, cfg.n_components))
-        pair = fixed_grid_pair_matrix(centers, cfg.component_sigma)
+        n_basis, sigma = self.basis()
+        centers = torch.as_tensor(fixed_grid_centers(cfg.zmin, cfg.zmax, n_basis))
+        pair = fixed_grid_pair_matrix(centers, sigma)
         cache = {}
         nll_weight = float(cfg.nll_weight)
 
@@ -231,9 +283,9 @@ class DeepzEmbedInformer(DeepzInformer):
             if w.device not in cache:
                 cache[w.device] = (centers.to(w.device, torch.float32), pair.to(w.device, torch.float32))
             c, m = cache[w.device]
-            loss = fixed_grid_crps(w.float(), zb, c, cfg.component_sigma, m)
+            loss = fixed_grid_crps(w.float(), zb, c, sigma, m)
             if nll_weight > 0:
-                params = MixtureParams(w.float(), c.expand_as(w), torch.full_like(w, cfg.component_sigma, dtype=torch.float32))
+                params = MixtureParams(w.float(), c.expand_as(w), torch.full_like(w, sigma, dtype=torch.float32))
                 loss = loss + nll_weight * gmm_nll(params, zb)
             return loss
 
@@ -244,8 +296,7 @@ class DeepzEmbedInformer(DeepzInformer):
 
         def fit_one(m, seed, rows):
             torch.manual_seed(seed)
-            net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, cfg.n_components,
-                           cfg.component_sigma, cfg.dropout)
+            net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, n_basis, sigma, cfg.dropout)
             resample = None
             if augmenting:  # the (fixed) encoder re-encodes each epoch's redrawn photometry
                 rows_data = {k: np.asarray(v)[rows] for k, v in data.items()}
@@ -266,17 +317,17 @@ class DeepzEmbedInformer(DeepzInformer):
         sigma_scale, diagnostics = 1.0, {}
         if cfg.width_calibration == "pit_ks":
             grid = np.broadcast_to(cnp, w_val.shape)
-            sigma_scale = fit_sigma_scale(w_val, grid, np.full(w_val.shape, cfg.component_sigma), z[va])
+            sigma_scale = fit_sigma_scale(w_val, grid, np.full(w_val.shape, sigma), z[va])
             self.log.info(f"width calibration: sigma x {sigma_scale:.3f}")
         if len(nets) > 1:
-            diagnostics = {"val_pit_ks_pooled_raw": ks_uniform(fixed_grid_pit(w_val, cnp, cfg.component_sigma, z[va])),
-                           "val_pit_ks_pooled": ks_uniform(fixed_grid_pit(w_val, cnp, cfg.component_sigma * sigma_scale,
+            diagnostics = {"val_pit_ks_pooled_raw": ks_uniform(fixed_grid_pit(w_val, cnp, sigma, z[va])),
+                           "val_pit_ks_pooled": ks_uniform(fixed_grid_pit(w_val, cnp, sigma * sigma_scale,
                                                                           z[va]))}
             self.log.info(f"pooled ensemble of {len(nets)}: validation PIT KS {diagnostics}")
-        sigma = cfg.component_sigma * sigma_scale
+        sigma_cal = sigma * sigma_scale
         # SOM flags from the validation split
-        anc = fixed_grid_summaries(w_val, cnp, sigma, cfg.zmin, cfg.zmax)
-        pit = fixed_grid_pit(w_val, cnp, sigma, z[va])
+        anc = fixed_grid_summaries(w_val, cnp, sigma_cal, cfg.zmin, cfg.zmax)
+        pit = fixed_grid_pit(w_val, cnp, sigma_cal, z[va])
         x_som = som_feature_matrix(data, phot, cfg.som_features)
         ref = read_reference(self, self._reference, cfg.som_reference, cfg.som_reference_groupname,
                               cfg.som_max_reference, cfg.seed)
@@ -293,8 +344,8 @@ class DeepzEmbedInformer(DeepzInformer):
             arch={
                 "in_features": int(xs.shape[1]),
                 "hidden": [int(h) for h in cfg.hidden_layers],
-                "n_components": int(cfg.n_components),
-                "sigma": float(cfg.component_sigma),
+                "n_components": n_basis,
+                "sigma": float(sigma),
                 "dropout": float(cfg.dropout),
             },
             encoder=encoder.to_dict(),

@@ -63,7 +63,7 @@ from rail.estimation.informer import CatInformer
 
 from rail.deepz._version import __version__
 from rail.deepz.modelfile import DeepzModelHandle
-from rail.deepz.pdf import _mixture_at, binned_ensemble
+from rail.deepz.pdf import binned_ensemble
 from rail.deepz.pdf import representation as _kind
 from rail.deepz.stages import (
     FORMAT,
@@ -92,55 +92,13 @@ def grid_edges(zmin: float, zmax: float, nzbins: int) -> np.ndarray:
     return np.linspace(float(zmin), float(zmax), int(nzbins) + 1)
 
 
-def _lerp_shared(cum: np.ndarray, x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Values ``cum`` (N, X) tabulated at shared nodes ``x`` (X,), interpolated linearly at
-    ``g`` (G,); constant beyond the nodes. One gather, no loop over rows."""
-    j = np.clip(np.searchsorted(x, g, side="right") - 1, 0, x.size - 2)
-    frac = np.clip((g - x[j]) / (x[j + 1] - x[j]), 0.0, 1.0)
-    return cum[:, j] * (1.0 - frac) + cum[:, j + 1] * frac
+def _raw_cdf(ens: qp.Ensemble, edges: np.ndarray) -> np.ndarray:
+    """CDFs (N, G) float64 of ``ens`` at ``edges``, each row normalised to its total mass
+    (:meth:`rail.evaluation.deepz_pdfblock.PDFBlock.cdf`: hist/interp/mixmod from their
+    parameters, qp otherwise; NaN for a PDF that is not finite or cannot be normalised)."""
+    from rail.evaluation.deepz_pdfblock import PDFBlock
 
-
-def _raw_cdf(ens: qp.Ensemble, edges: np.ndarray, block: int = 2000) -> np.ndarray:
-    """CDFs (N, G) float64 of ``ens`` at ``edges``, each row normalised to its total mass."""
-    kind = _kind(ens)
-    md, od = ens.metadata, ens.objdata
-    if kind in ("hist", "interp"):
-        x = np.asarray(md["bins" if kind == "hist" else "xvals"], dtype=np.float64).reshape(-1)
-        yall = np.asarray(od["pdfs" if kind == "hist" else "yvals"]).reshape(ens.npdf, -1)
-        dx = np.diff(x)
-        out = np.empty((ens.npdf, edges.size))
-        for i in range(0, ens.npdf, block):  # float64 temporaries of a block of rows only
-            y = yall[i: i + block].astype(np.float64)
-            cells = y * dx if kind == "hist" else 0.5 * (y[:, 1:] + y[:, :-1]) * dx
-            cum = np.zeros((y.shape[0], x.size))
-            np.cumsum(cells, axis=1, out=cum[:, 1:])
-            total = cum[:, -1:]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cum /= np.where(total > 0, total, np.nan)
-            out[i: i + block] = _lerp_shared(cum, x, edges)
-        return out
-    if kind == "mixmod":
-        w = torch.as_tensor(np.asarray(od["weights"], dtype=np.float64)).reshape(ens.npdf, -1)
-        mu = torch.as_tensor(np.asarray(od["means"], dtype=np.float64)).reshape(w.shape)
-        s = torch.as_tensor(np.asarray(od["stds"], dtype=np.float64)).reshape(w.shape)
-        w = w / w.sum(1, keepdim=True)
-        g = torch.as_tensor(edges)
-        out = np.empty((w.shape[0], edges.size))
-        rows = max(1, (1 << 22) // max(1, edges.size * w.shape[1]))  # (rows, G, K) float64 <= 32 MB
-        with torch.no_grad():
-            for i in range(0, w.shape[0], rows):
-                x = g.expand(min(rows, w.shape[0] - i), -1)
-                _, f = _mixture_at(w[i: i + rows], mu[i: i + rows], s[i: i + rows], x, pdf=False)
-                out[i: i + rows] = f.numpy()
-        bad = ~(s > 0).all(1).numpy()
-        out[bad] = np.nan
-        return out
-    out = np.empty((ens.npdf, edges.size))
-    for i in range(0, ens.npdf, block):
-        e = min(i + block, ens.npdf)
-        sub = ens if (i, e) == (0, ens.npdf) else ens[i:e]
-        out[i:e] = np.asarray(sub.cdf(edges), dtype=np.float64).reshape(e - i, -1)
-    return out
+    return PDFBlock.from_ensemble(ens, prepare=False).cdf(edges)
 
 
 def input_cdfs(ens: qp.Ensemble, edges: np.ndarray, name: str = "", row0: int = 0):
