@@ -13,6 +13,14 @@ qp files and plots go to ``benchmarks/out/accuracy_<data>/`` (git-ignored).
     python benchmarks/accuracy.py                       # DC2 (+ BOSS if present), all estimators
     python benchmarks/accuracy.py --data dc2 --estimators nnc,flexzboost,bpz
     python benchmarks/accuracy.py --quick               # smoke run (quick configs, 2k/2k objects)
+    python benchmarks/accuracy.py --ensembles           # DC2: singles, deep ensembles, stack, baselines
+
+``--ensembles`` (issue 18) runs :mod:`stack` instead: every estimator is trained on the same 80%
+of the DC2 training file (the singles, the deep ensembles ``<method>_x3`` and FlexZBoost; BPZ
+is not trained), the stack (``DeepzStackInformer``) is fitted on the other 20% from the
+ensembles' and FlexZBoost's PDFs, and every row is scored on the test file; results in
+``benchmarks/results/accuracy_dc2_ensembles.{json,md}`` with the inform and estimate times of
+each row.
 
 Timings depend on the machine and on what else runs on it: the JSON records the machine.
 """
@@ -112,7 +120,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu / cuda / auto")
     p.add_argument("--out", default=str(HERE / "out"), help="folder for qp files, tidy tables, plots")
     p.add_argument("--results", default=str(HERE / "results"), help="folder for the JSON/markdown reports")
+    p.add_argument("--ensembles", action="store_true", help="DC2 singles, deep ensembles (x3), the stack of the "
+                   "ensembles and FlexZBoost, FlexZBoost and BPZ on one 80/20 split (benchmarks/stack.py)")
+    p.add_argument("--members", type=int, default=3, help="--ensembles: members per ensemble (3 or 5: registry keys)")
     a = p.parse_args(argv)
+    if a.ensembles:
+        sys.path.insert(0, str(HERE))
+        import stack
+
+        ens = [f"{m}_x{a.members}" for m in ("nnc", "lstm", "embed")]
+        return stack.main(["--estimators", ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", "bpz"]),
+                           "--stack-inputs", ",".join([*ens, "flexzboost"]), "--variants", "stack_crps,stack_logscore",
+                           "--stem", "accuracy_dc2_ensembles", "--results", a.results]
+                          + (["--quick"] if a.quick else []))
     for data in [d.strip() for d in a.data.split(",") if d.strip()]:
         if data == "boss":
             from rail.deepz.datasets import require_shared

@@ -57,9 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the single estimators' qp files (and times) of "
                    "an earlier run in --out / --results instead of retraining them")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
-    p.add_argument("--out", default=str(HERE / "out" / "stack_dc2"))
+    p.add_argument("--stack-inputs", default="", help="the estimators the stacks combine (default: all of "
+                   "--estimators)")
+    p.add_argument("--variants", default="", help="stack variants to fit (default: all; 'none': no stack, "
+                   "only the estimators); the equal average needs linear_pool")
+    p.add_argument("--stem", default="stack_dc2", help="name of the results files")
+    p.add_argument("--out", default=None, help="folder for qp files (default out/<stem>)")
     p.add_argument("--results", default=str(HERE / "results"))
     a = p.parse_args(argv)
+    a.out = a.out or str(HERE / "out" / a.stem)
 
     from rail.core.data import TableHandle
 
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
 
     keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
     val_files, test_files, timings = {}, {}, {}
-    previous = Path(a.results) / ("stack_dc2" + ("_quick" if a.quick else "") + ".json")
+    previous = Path(a.results) / (a.stem + ("_quick" if a.quick else "") + ".json")
     for key in keys:
         val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
         if a.reuse and val_files[key].exists() and test_files[key].exists():  # same split, same seed
@@ -96,16 +102,18 @@ def main(argv=None) -> int:
         split_file(path, n_val, val_files[key], test_files[key])
         timings[key] = t
     vtab = {"redshift": val[ds.redshift_col], ds.ref_band: val[ds.ref_band]}
+    id_col = ds.extra.get("id_col")  # the estimates carry the input's ids: score them by id
     ttab = {"redshift": np.asarray(test[ds.redshift_col]), ds.ref_band: np.asarray(test[ds.ref_band]),
-            "id": np.arange(n_test)}
+            (id_col or "id"): np.asarray(test[id_col]) if id_col else np.arange(n_test)}
     import h5py
 
     ttab_path = out / "test_table.hdf5"  # on disk, so that the stack estimator streams it in chunks
     with h5py.File(ttab_path, "w") as f:
         for k, v in ttab.items():
             f.create_dataset(k, data=v)
-    vin = {k: str(v) for k, v in val_files.items()}
-    tin = {k: str(v) for k, v in test_files.items()}
+    stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
+    vin = {k: str(val_files[k]) for k in stacked}
+    tin = {k: str(test_files[k]) for k in stacked}
 
     # the held-out check (a second fit) only for the main variant
     variants = {
@@ -114,6 +122,8 @@ def main(argv=None) -> int:
         "stack_crps_magbin": dict(bin_col=ds.ref_band, n_bins=4, min_bin_objects=300, holdout_fraction=0.0),
         "stack_logscore": dict(score="logscore", holdout_fraction=0.0),
     }
+    if a.variants:
+        variants = {} if a.variants == "none" else {k: variants[k] for k in a.variants.split(",")}
     models, stack_files = {}, {}
     for label, kw in variants.items():
         inf = dst.DeepzStackInformer.make_stage(name=f"stack_inf_{label}", model=str(out / f"{label}.pkl"),
@@ -132,18 +142,19 @@ def main(argv=None) -> int:
               f"a {np.round(inf.model['a'], 3).tolist()}, b {np.round(inf.model['b'], 3).tolist()}; "
               f"inform {t_inf:.1f} s, estimate {t_est:.1f} s (under load)", flush=True)
 
-    # equal-weight average on the same grid: a model with equal weights and no transform
-    eq = dict(models["linear_pool"])
-    eq["weights"] = np.full_like(eq["weights"], 1.0 / len(keys))
-    est = dst.DeepzStackEstimator.make_stage(name="stack_est_equal", model=eq, inputs=tin, hdf5_groupname="",
-                                             output=str(out / "equal_average.hdf5"))
-    est.estimate(TableHandle("input", path=str(ttab_path)))
-    stack_files["equal_average"] = out / "equal_average.hdf5"
+    if "linear_pool" in models:  # equal-weight average on the same grid: equal weights, no transform
+        eq = dict(models["linear_pool"])
+        eq["weights"] = np.full_like(eq["weights"], 1.0 / len(stacked))
+        est = dst.DeepzStackEstimator.make_stage(name="stack_est_equal", model=eq, inputs=tin, hdf5_groupname="",
+                                                 output=str(out / "equal_average.hdf5"))
+        est.estimate(TableHandle("input", path=str(ttab_path)))
+        stack_files["equal_average"] = out / "equal_average.hdf5"
 
     estimates = {**{k: str(v) for k, v in test_files.items()},
                  **{k: str(stack_files[k]) for k in ("equal_average", "linear_pool", "stack_crps",
-                                                     "stack_crps_magbin", "stack_logscore")}}
-    res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, zmin=ds.zmin,
+                                                     "stack_crps_magbin", "stack_logscore") if k in stack_files}}
+    res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, id_col=id_col,
+                  zmin=ds.zmin,
                   zmax=ds.zmax, outdir=out / "compare", plots=False, print_table=False, progress=False)
     wide = overall_table(res.table, REPORT)
     metrics = {e: {k: (None if v != v else float(v)) for k, v in row.items()} for e, row in wide.iterrows()}
@@ -155,22 +166,25 @@ def main(argv=None) -> int:
         "benchmark": "stack", "date": when, "git_commit": git_commit(), "machine": machine_info(),
         "load_note": "machine shared by several engineers (2 cores, heavily loaded): times are under load",
         "data": "dc2", "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
-        "n_test": n_test, "estimators": keys, "point_estimate": "zmode", "metrics": metrics,
+        "n_test": n_test, "estimators": keys, "stack_inputs": stacked, "point_estimate": "zmode", "metrics": metrics,
         "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
     }
     res_dir = Path(a.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    stem = "stack_dc2" + ("_quick" if a.quick else "")
+    stem = a.stem + ("_quick" if a.quick else "")
     (res_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
     lines = [
-        "# Stacking benchmark: DC2", "",
+        f"# {'Stacking' if a.stem == 'stack_dc2' else 'Ensembles and stacking'} benchmark: DC2", "",
         f"{when}, commit {report['git_commit']}; {report['machine']['platform']}, "
         f"{report['machine']['cpu_count']} CPUs, heavily loaded shared machine (times under load).",
         f"Estimators trained on {len(fit_idx)} rows of the DC2 training file; stack fitted on the other "
         f"{n_val}; all rows scored on the {n_test}-row test file; point estimate zmode"
         f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
         format_table(res.table, "markdown", REPORT), "",
-        "Fitted stacks (weights in the order " + ", ".join(keys) + "; last row = global):", "",
+        "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call):", "",
+        "| estimator | inform_time_s | estimate_time_s |", "|---|---|---|",
+        *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f} |" for k, t in timings.items()], "",
+        "Fitted stacks (weights in the order " + ", ".join(stacked) + "; last row = global):", "",
     ]
     for label, m in models.items():
         d = m.get("diagnostics", {})

@@ -14,7 +14,7 @@ from rail.core.data import TableHandle
 
 from rail.deepz.datasets import load_dc2
 from rail.deepz.photometry import BadPhotometryError
-from rail.deepz.stages import FORMAT_VERSION, ModelFormatError
+from rail.deepz.stages import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, ModelFormatError
 from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
 
 QUICK = dict(hidden_layers=[64, 32], nbins=150, epochs=40, batch_size=256, patience=8, progress=False,
@@ -159,7 +159,7 @@ def test_model_trained_on_other_bands_is_refused(trained, dc2):
 
 def test_model_version_and_method_checks(trained, dc2):
     inf, _ = trained
-    old = dict(inf.model, format_version=FORMAT_VERSION + 1)
+    old = dict(inf.model, format_version=max(READABLE_FORMAT_VERSIONS) + 1)
     with pytest.raises(ModelFormatError, match="format version"):
         _estimate(old, dc2.test)
     other = dict(inf.model, method="lstm")

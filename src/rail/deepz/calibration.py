@@ -59,14 +59,15 @@ def fit_temperature(
     Parameters
     ----------
     logits : ndarray (N, nbins)
-        Validation logits.
+        Validation logits (or (N, M x nbins) for an ensemble of M members, with a
+        ``probs_fn`` that pools them into (N, nbins) probabilities).
     z : ndarray (N,)
         True redshifts (inside the bin range).
     edges : ndarray (nbins + 1,)
         Bin edges.
     """
     lg = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
-    nb = lg.shape[1]
+    nb = len(edges) - 1  # (the logits may hold several members' bins side by side, see probs_fn)
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     if probs_fn is None:
         def probs_fn(x):

@@ -52,7 +52,10 @@ FORMAT = "rail.deepz"
 #: 2: the file is a torch zip archive read with ``torch.load(weights_only=True)``; the dict
 #: inside is laid out as in version 1 (a pickle), which is still read with ``allow_pickle_model``
 FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+#: 3: as 2, for an NNC, LSTM or embedding-MDN model holding several ensemble members
+#: (``member_state_dicts``, :mod:`rail.deepz.ensemble`), which version-2 readers would not pool
+#: (they refuse it by version); single models are still written as version 2
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 BAD_PDF_POLICIES = ("raise", "flag")
 
 # keys ceci/RAIL put in a stage's config besides its declared options

@@ -351,6 +351,7 @@ def train_model(
     cfg: TrainConfig,
     augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     keep_on_cpu: bool = False,
+    resample: Callable[[int], Sequence[np.ndarray]] | None = None,
 ) -> TrainResult:
     """Fit ``model`` in place and restore its best (lowest validation loss) weights.
 
@@ -370,6 +371,10 @@ def train_model(
     keep_on_cpu : bool
         Keep the data set in host memory and move batches to the device (for images);
         otherwise the whole set is copied to the device once (fast for catalogues).
+    resample : callable, optional
+        ``resample(epoch)`` returns new training input arrays (same rows as ``train_z``) at
+        the start of each epoch, e.g. photometry redrawn within its errors
+        (:class:`rail.deepz.augment.EpochResampler`); None = ``train_inputs`` every epoch.
     """
     cfg.validate()
     if len(train_z) < MIN_TRAIN_BATCH:  # no batch, no optimiser step: refuse to save the init
@@ -417,6 +422,8 @@ def train_model(
     t0 = time.perf_counter()
     n = len(tz)
     for epoch in range(cfg.epochs):
+        if resample is not None:
+            tr = _to_tensors(resample(epoch), data_device)
         model.train()
         tot, cnt = 0.0, 0
         for idx in _batches(n, cfg.batch_size, gen, MIN_TRAIN_BATCH):

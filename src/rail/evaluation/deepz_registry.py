@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 #: the estimators' output grids (``nzbins`` on [zmin, zmax]): at least :data:`GRID_MIN_POINTS`
@@ -387,6 +387,29 @@ register(EstimatorSpec(
     needs=("catalog", "images"),
 ))
 
+# ----------------------------------------------------------------- deep ensembles (opt-in)
+
+
+def variant(base: str, key: str, what: str, **inform) -> EstimatorSpec:
+    """Register ``key``: the entry ``base`` with the inform options given (opt-in: by key, or
+    ``--estimators ensembles`` for the deep ensembles ``<base>_x<M>``)."""
+    spec = get(base)
+    quick = {k: (2 if k == "n_members" else v) for k, v in inform.items()}
+    return register(replace(spec, key=key, label=f"{spec.label}, {what}",
+                            inform_options={**spec.inform_options, **inform},
+                            quick_inform={**spec.quick_inform, **quick}, in_all=False,
+                            extra={**spec.extra, "variant_of": base}))
+
+
+for _base in ("nnc", "lstm", "embed"):
+    for _m in (3, 5):
+        variant(_base, f"{_base}_x{_m}", f"deep ensemble of {_m}", n_members=_m)
+    variant(_base, f"{_base}_aug", "error-aware augmentation", augment_errors=True)
+    variant(_base, f"{_base}_x3_aug", "deep ensemble of 3 + error-aware augmentation", n_members=3,
+            augment_errors=True)
+variant("embed", "embed_x3_widthcal", "deep ensemble of 3 + pooled width calibration", n_members=3,
+        width_calibration="pit_ks")
+
 # ----------------------------------------------------------------- peers: other RAIL estimators
 # Stage defaults throughout (the harness runs what users get); only the shared options are set.
 # Opt-in: `--estimators all,peers` or by key. Installed by this package's `peers` extra.
@@ -408,5 +431,6 @@ _peer("cmnn", "pz-rail-cmnn", "rail.estimation.algos.cmnn:CMNN")
 #: keys selected by the words of ``--estimators``
 GROUPS = {
     "all": lambda: [k for k, s in ESTIMATORS.items() if s.in_all],
-    "peers": lambda: [k for k, s in ESTIMATORS.items() if not s.in_all],
+    "peers": lambda: [k for k, s in ESTIMATORS.items() if not s.in_all and s.baseline],
+    "ensembles": lambda: [k for k, s in ESTIMATORS.items() if re.fullmatch(r"\w+_x\d+", k) and not s.in_all],
 }

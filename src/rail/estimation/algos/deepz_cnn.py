@@ -51,6 +51,7 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
+from rail.deepz.ensemble import MixtureEnsemble
 from rail.deepz.images import (
     BAD_PIXEL_POLICIES,
     BadImageError,
@@ -118,20 +119,6 @@ class CNNMember(nn.Module):
         if self.use_images:
             h = torch.cat([h, self.conv(x_img)], dim=1)
         return self.head(self.merge(h))
-
-
-class CNNEnsemble(nn.Module):
-    """M members -> one mixture with M x K components (member weights ``member_weights``)."""
-
-    def __init__(self, members: list[CNNMember], member_weights):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.register_buffer("member_weights", torch.as_tensor(np.asarray(member_weights), dtype=torch.float32))
-
-    def forward(self, *inputs) -> MixtureParams:
-        outs = [m(*inputs) for m in self.members]
-        w = torch.cat([o.weights * self.member_weights[i] for i, o in enumerate(outs)], dim=1)
-        return MixtureParams(w, torch.cat([o.means for o in outs], 1), torch.cat([o.sigmas for o in outs], 1))
 
 
 def random_flip_rot90(batch: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -519,7 +506,7 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
                     f"member_n_components[{i}]={k}): {str(err).splitlines()[0]}") from err
             members.append(net)
         self.scaler = Standardizer.from_dict(model["scalers"]["x"])
-        return CNNEnsemble(members, model["member_weights"])
+        return MixtureEnsemble(members, model["member_weights"])
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model

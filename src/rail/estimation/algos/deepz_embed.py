@@ -37,6 +37,7 @@ the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -44,6 +45,15 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
+from rail.deepz.augment import AUGMENT_OPTIONS, check_augment_options, make_resampler
+from rail.deepz.calibration import fit_sigma_scale, ks_uniform
+from rail.deepz.ensemble import (
+    ENSEMBLE_OPTIONS,
+    ProbabilityPool,
+    build_members,
+    fit_members,
+    members_payload,
+)
 from rail.deepz.encoders import ENCODER_KINDS, encoder_from_dict, make_encoder
 from rail.deepz.mixtures import (
     FixedGridMixtureHead,
@@ -65,6 +75,9 @@ from rail.deepz.stages import (
     DeepzEstimator,
     DeepzInformer,
     ModelFormatError,
+    Option,
+    one_of,
+    photometry_settings,
     with_defaults,
 )
 from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
@@ -179,8 +192,17 @@ class DeepzEmbedInformer(DeepzInformer):
             "paper's; benchmarks/results/ablations_embed.md)",
         ),
         som_point_estimate=Param(str, "zmode", msg="point estimate used for the per-cell metrics"),
+        width_calibration=Option(
+            str, "none", check=one_of("pit_ks", "none"),
+            msg="'pit_ks': one factor on the component width fitted on the validation split so that the PITs "
+            "are closest to uniform (rail.deepz.calibration); on the fixed grid it mostly narrows the "
+            "components, which sharpens the comb and not the envelope (benchmarks/results/"
+            "accuracy_dc2_ensembles.md); 'none' (default) keeps the basis width",
+        ),
     )
     config_options.update(SOM_OPTIONS)
+    config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
+    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
@@ -252,8 +274,6 @@ class DeepzEmbedInformer(DeepzInformer):
         scaler = Standardizer().fit(emb[tr])
         xs = scaler.transform(emb)
         n_basis, sigma = self.basis()
-        torch.manual_seed(cfg.seed)
-        net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, n_basis, sigma, cfg.dropout)
         centers = torch.as_tensor(fixed_grid_centers(cfg.zmin, cfg.zmax, n_basis))
         pair = fixed_grid_pair_matrix(centers, sigma)
         cache = {}
@@ -269,13 +289,45 @@ class DeepzEmbedInformer(DeepzInformer):
                 loss = loss + nll_weight * gmm_nll(params, zb)
             return loss
 
-        result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], self.train_config)
-        net.to("cpu")
-        # SOM flags from the validation split
-        w_val = concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy()
+        augmenting = check_augment_options(cfg, list(cfg.bands))
+        if augmenting and not encoder.needs_photometry:
+            raise ValueError(f"Options 'augment_errors'/'augment_depth' resample photometry, but encoder={cfg.encoder!r} "
+                             "does not read any: turn them off or use an encoder of the photometry")
+
+        def fit_one(m, seed, rows):
+            torch.manual_seed(seed)
+            net = EmbedMDN(xs.shape[1], list(cfg.hidden_layers), cfg.zmin, cfg.zmax, n_basis, sigma, cfg.dropout)
+            resample = None
+            if augmenting:  # the (fixed) encoder re-encodes each epoch's redrawn photometry
+                rows_data = {k: np.asarray(v)[rows] for k, v in data.items()}
+                resample = make_resampler(cfg, photometry_settings(cfg), phot, rows, seed, lambda p: [
+                    scaler.transform(encoder.encode(rows_data, p, device=cfg.device))])
+            res = train_model(net, loss_fn, [xs[rows]], z[rows], [xs[va]], z[va],
+                              replace(self.train_config, seed=seed), resample=resample)
+            net.to("cpu")
+            return net, res
+
+        fitted = fit_members(cfg.n_members, cfg.seed, tr, cfg.bootstrap, fit_one, self.log)
+        nets = [f[0] for f in fitted]
+        # the members share the fixed grid: their pool is the average of the component weights
+        w_val = np.mean([concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy()
+                         for net in nets], axis=0) if len(nets) > 1 else \
+            concat_outputs(predict_batched(nets[0], [xs[va]], torch.device("cpu"))).numpy()
         cnp = centers.numpy()
-        anc = fixed_grid_summaries(w_val, cnp, sigma, cfg.zmin, cfg.zmax)
-        pit = fixed_grid_pit(w_val, cnp, sigma, z[va])
+        sigma_scale, diagnostics = 1.0, {}
+        if cfg.width_calibration == "pit_ks":
+            grid = np.broadcast_to(cnp, w_val.shape)
+            sigma_scale = fit_sigma_scale(w_val, grid, np.full(w_val.shape, sigma), z[va])
+            self.log.info(f"width calibration: sigma x {sigma_scale:.3f}")
+        if len(nets) > 1:
+            diagnostics = {"val_pit_ks_pooled_raw": ks_uniform(fixed_grid_pit(w_val, cnp, sigma, z[va])),
+                           "val_pit_ks_pooled": ks_uniform(fixed_grid_pit(w_val, cnp, sigma * sigma_scale,
+                                                                          z[va]))}
+            self.log.info(f"pooled ensemble of {len(nets)}: validation PIT KS {diagnostics}")
+        sigma_cal = sigma * sigma_scale
+        # SOM flags from the validation split
+        anc = fixed_grid_summaries(w_val, cnp, sigma_cal, cfg.zmin, cfg.zmax)
+        pit = fixed_grid_pit(w_val, cnp, sigma_cal, z[va])
         x_som = som_feature_matrix(data, phot, cfg.som_features)
         ref = read_reference(self, self._reference, cfg.som_reference, cfg.som_reference_groupname,
                               cfg.som_max_reference, cfg.seed)
@@ -297,11 +349,12 @@ class DeepzEmbedInformer(DeepzInformer):
                 "dropout": float(cfg.dropout),
             },
             encoder=encoder.to_dict(),
-            state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
+            **({"sigma_scale": sigma_scale} if sigma_scale != 1.0 else {}),
             scalers={"embedding": scaler.to_dict()},
             som=flags.to_dict(),
             som_point_estimate=cfg.som_point_estimate,
-            train=result.to_dict(),
+            train=fitted[0][1].to_dict(),
         )
 
 
@@ -353,11 +406,17 @@ class DeepzEmbedEstimator(DeepzEstimator):
         self._needs_phot = self.encoder.needs_photometry or (
             self.config.som_flags and needs_photometry(self.flagger.features))
         arch = model["arch"]
-        net = EmbedMDN(arch["in_features"], arch["hidden"], model["zmin"], model["zmax"], arch["n_components"],
-                       arch["sigma"], arch["dropout"])
-        net.load_state_dict(model["state_dict"])
+
+        def make(state_dict):
+            net = EmbedMDN(arch["in_features"], arch["hidden"], model["zmin"], model["zmax"], arch["n_components"],
+                           arch["sigma"], arch["dropout"])
+            net.load_state_dict(state_dict)
+            return net
+
+        nets = build_members(model, self.name, make)
         self._rows = RepeatedRows()
-        return net
+        # several members share the fixed grid: the pool averages their component weights
+        return nets[0] if len(nets) == 1 else ProbabilityPool(nets, lambda net, w: w)
 
     def _estimate_chunk(self, data: Mapping):
         phot = self._photometry(data) if self._needs_phot else None
@@ -369,7 +428,8 @@ class DeepzEmbedEstimator(DeepzEstimator):
         ).numpy()
         m = self.model
         centers = fixed_grid_centers(m["zmin"], m["zmax"], m["arch"]["n_components"])
-        ens = fixed_grid_ensemble(w, centers, m["arch"]["sigma"], m["zmin"], m["zmax"], self.config.nzbins,
+        sigma = m["arch"]["sigma"] * m.get("sigma_scale", 1.0)  # (width calibration of an ensemble)
+        ens = fixed_grid_ensemble(w, centers, sigma, m["zmin"], m["zmax"], self.config.nzbins,
                                   self.config.qp_representation, self._rows)
         if self.config.som_flags:
             ens.ancil.update(self.flagger.flag(som_feature_matrix(data, phot, self.flagger.features)))

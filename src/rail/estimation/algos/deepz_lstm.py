@@ -47,6 +47,7 @@ truncated, renormalised PDF itself on ``nzbins`` points.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -54,7 +55,16 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
-from rail.deepz.calibration import fit_sigma_scale
+from rail.deepz.augment import AUGMENT_OPTIONS, make_resampler
+from rail.deepz.calibration import fit_sigma_scale, ks_uniform, mixture_pit
+from rail.deepz.ensemble import (
+    ENSEMBLE_OPTIONS,
+    MixtureEnsemble,
+    build_members,
+    fit_members,
+    members_payload,
+    pool_mixtures,
+)
 from rail.deepz.mixtures import GaussianMixtureHead, gmm_crps, gmm_nll
 from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.sequences import FLUX_TRANSFORMS, N_CHANNELS, BandSequencer, band_order, make_band_dropout
@@ -69,6 +79,7 @@ from rail.deepz.stages import (
     each,
     in_range,
     one_of,
+    photometry_settings,
     positive_int_list,
     positive_int_list_or_empty,
     with_defaults,
@@ -279,6 +290,8 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             "(teaches the network to handle bands missing at estimate time; 0 = off, as the paper)",
         ),
     )
+    config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
+    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
@@ -307,8 +320,6 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             "zmax": float(cfg.zmax),
             "min_sigma": float(cfg.min_sigma),
         }
-        torch.manual_seed(cfg.seed)
-        net = LSTMMDN(**arch)
         main_loss, aux_loss = (gmm_nll, gmm_crps) if cfg.loss == "nll" else (gmm_crps, gmm_nll)
         aux_w = float(cfg.aux_loss_weight)
 
@@ -316,27 +327,47 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
             loss = main_loss(out, zb)
             return loss + aux_w * aux_loss(out, zb) if aux_w > 0 else loss
         augment = make_band_dropout(cfg.band_dropout) if (policy == "mask" and cfg.band_dropout > 0) else None
-        result = train_model(net, loss_fn, [x[tr]], z[tr], [x[va]], z[va], self.train_config, augment=augment)
+        settings = photometry_settings(cfg)
+
+        def fit_one(m, seed, rows):
+            torch.manual_seed(seed)
+            net = LSTMMDN(**arch)
+            resample = make_resampler(cfg, settings, phot, rows, seed,
+                                      lambda p: [self._sequences(p, sequencer, policy)])
+            res = train_model(net, loss_fn, [x[rows]], z[rows], [x[va]], z[va],
+                              replace(self.train_config, seed=seed), augment=augment, resample=resample)
+            return net, res
+
+        fitted = fit_members(cfg.n_members, cfg.seed, tr, cfg.bootstrap, fit_one, self.log)
+        nets = [f[0] for f in fitted]
         sigma_scale = 1.0
+        diagnostics = {}
+        if cfg.width_calibration == "pit_ks" or len(nets) > 1:
+            for net in nets:
+                net.to("cpu")
+            w, mu, sig = pool_mixtures([concat_outputs(predict_batched(net, [x[va]], torch.device("cpu")))
+                                        .detach_numpy() for net in nets])
         if cfg.width_calibration == "pit_ks":
-            net.to("cpu")
-            w, mu, sig = concat_outputs(predict_batched(net, [x[va]], torch.device("cpu"))).detach_numpy()
             sigma_scale = fit_sigma_scale(w, mu, sig, z[va])
             self.log.info(f"width calibration: sigma x {sigma_scale:.3f}")
+        if len(nets) > 1:  # the pooled ensemble's calibration on the validation split
+            diagnostics = {"val_pit_ks_pooled_raw": ks_uniform(mixture_pit(w, mu, sig, z[va])),
+                           "val_pit_ks_pooled": ks_uniform(mixture_pit(w, mu, sig * sigma_scale, z[va]))}
+            self.log.info(f"pooled ensemble of {len(nets)}: validation PIT KS {diagnostics}")
         return self._model_dict(
             arch=arch,
             loss=cfg.loss,
             sigma_scale=sigma_scale,
             band_dropout=float(cfg.band_dropout),
             wavelengths=[float(w) for w in cfg.wavelengths],
-            state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
             scalers={"sequence": sequencer.to_dict()},
-            train=result.to_dict(),
+            train=fitted[0][1].to_dict(),
         )
 
 
 class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
-    """Estimate redshift PDFs (Gaussian mixtures) with a trained LSTM-MDN model."""
+    """Estimate redshift PDFs (Gaussian mixtures) with a trained LSTM-MDN model (or ensemble)."""
 
     name = "DeepzLSTMEstimator"
     interactive_function = "deepz_lstm_estimator"
@@ -348,10 +379,15 @@ class DeepzLSTMEstimator(_SequenceMixin, DeepzEstimator):
     config_options.update({k: v.copy() for k, v in MIXTURE_OUTPUT_OPTIONS.items()})
 
     def _build_network(self, model):
-        net = LSTMMDN(**model["arch"])
-        net.load_state_dict(model["state_dict"])
+        def make(state_dict):
+            net = LSTMMDN(**model["arch"])
+            net.load_state_dict(state_dict)
+            return net.fold_batch_norms()
+
+        nets = build_members(model, self.name, make)
         self.sequencer = BandSequencer.from_dict(model["scalers"]["sequence"])
-        return net.fold_batch_norms()
+        # several members: one mixture of M x K components, weights 1/M each
+        return nets[0] if len(nets) == 1 else MixtureEnsemble(nets)
 
     def _estimate_chunk(self, data: Mapping):
         m = self.model

@@ -44,7 +44,15 @@ import torch
 from ceci.config import StageParameter as Param
 from torch import nn
 
-from rail.deepz.calibration import fit_temperature
+from rail.deepz.augment import AUGMENT_OPTIONS, make_resampler
+from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
+from rail.deepz.ensemble import (
+    ENSEMBLE_OPTIONS,
+    ProbabilityPool,
+    build_members,
+    fit_members,
+    members_payload,
+)
 from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps, binned_nll
 from rail.deepz.pdf import binned_ensemble
 from rail.deepz.scaling import Standardizer, fit_standardizer
@@ -57,6 +65,7 @@ from rail.deepz.stages import (
     in_range,
     one_of,
     bound,
+    photometry_settings,
     positive_int_list,
     with_defaults,
 )
@@ -127,6 +136,15 @@ class NNCNetwork(nn.Module):
 
     def probs(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         return self.smoother(torch.softmax(logits / temperature, dim=-1))
+
+
+def pooled_probs(smoother: nn.Module, n_members: int, n_bins: int):
+    """Logits of M members side by side (N, M x nbins) -> the pooled, smoothed bin probabilities
+    (N, nbins): the average of the members' softmax, then the fixed smoothing."""
+    def probs(logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.reshape(logits.shape[0], n_members, n_bins), dim=-1).mean(dim=1)
+        return smoother(p)
+    return probs
 
 
 def _check_blocks(name, blocks):
@@ -235,6 +253,8 @@ class DeepzNNCInformer(DeepzInformer):
             "indicators) is added automatically with missing_policy='mask'",
         ),
     )
+    config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
+    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
 
     def automatic_training(self, train_config: TrainConfig, n_train: int | None) -> TrainConfig:
         """``train_config`` with ``batch_size`` / ``lr`` left at 0 set by :func:`automatic_batch_lr`
@@ -252,38 +272,62 @@ class DeepzNNCInformer(DeepzInformer):
                           f"lr={train_config.lr:g}")
         blocks = _feature_blocks(cfg.features, cfg.missing_policy)
         mask = cfg.missing_policy == "mask"
-        x, fvalid = self._photometry(data).masked_features(blocks, mask)
+        phot = self._photometry(data)
+        x, fvalid = phot.masked_features(blocks, mask)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
         scaler = fit_standardizer(x, fvalid, tr)
         xs = scaler.transform(x, fvalid)
         nbins = _n_bins(cfg)
         edges = np.linspace(cfg.zmin, cfg.zmax, nbins + 1)
         centers = torch.as_tensor(0.5 * (edges[1:] + edges[:-1]), dtype=torch.float32)
-        torch.manual_seed(cfg.seed)
-        net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), nbins, cfg.dropout, cfg.smoothing_bins)
         edges_t = torch.as_tensor(edges, dtype=torch.float32)
-        on_device = {}
         nll_weight = float(cfg.nll_weight)
+        settings = photometry_settings(cfg)
 
-        def loss_fn(logits, zb):
-            key = logits.device
-            if key not in on_device:
-                on_device[key] = (centers.to(key), edges_t.to(key))
-            c_dev, e_dev = on_device[key]
-            probs = net.probs(logits.float())
-            loss = binned_crps(probs, zb, c_dev, from_logits=False)
-            if nll_weight > 0:
-                loss = loss + nll_weight * binned_nll(probs, zb, e_dev)
-            return loss
+        def features(p):
+            return [scaler.transform(*p.masked_features(blocks, mask))]
 
-        result = train_model(net, loss_fn, [xs[tr]], z[tr], [xs[va]], z[va], train_config)
+        def fit_one(m, seed, rows):
+            torch.manual_seed(seed)
+            net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), nbins, cfg.dropout, cfg.smoothing_bins)
+            on_device = {}
+
+            def loss_fn(logits, zb):
+                key = logits.device
+                if key not in on_device:
+                    on_device[key] = (centers.to(key), edges_t.to(key))
+                c_dev, e_dev = on_device[key]
+                probs = net.probs(logits.float())
+                loss = binned_crps(probs, zb, c_dev, from_logits=False)
+                if nll_weight > 0:
+                    loss = loss + nll_weight * binned_nll(probs, zb, e_dev)
+                return loss
+
+            resample = make_resampler(cfg, settings, phot, rows, seed, features)
+            res = train_model(net, loss_fn, [xs[rows]], z[rows], [xs[va]], z[va], replace(train_config, seed=seed),
+                              resample=resample)
+            return net, res
+
+        fitted = fit_members(cfg.n_members, cfg.seed, tr, cfg.bootstrap, fit_one, self.log)
+        nets = [f[0] for f in fitted]
         temperature = 1.0
+        diagnostics = {}
+        if cfg.temperature_scaling or len(nets) > 1:
+            for net in nets:
+                net.to("cpu")
+            val_logits = np.concatenate(
+                [concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy() for net in nets], axis=1)
+            probs_fn = nets[0].probs if len(nets) == 1 else pooled_probs(nets[0].smoother, len(nets), nbins)
         if cfg.temperature_scaling:
-            net.to("cpu")
-            val_logits = concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy()
-            temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective,
-                                          probs_fn=net.probs)
+            temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective, probs_fn=probs_fn)
             self.log.info(f"temperature scaling: T = {temperature:.3f}")
+        if len(nets) > 1:  # the pooled ensemble's calibration on the validation split, before and after T
+            with torch.no_grad():
+                lg = torch.as_tensor(val_logits)
+                diagnostics = {"val_pit_ks_pooled_T1": ks_uniform(binned_pit(probs_fn(lg).numpy(), edges, z[va])),
+                               "val_pit_ks_pooled": ks_uniform(binned_pit(probs_fn(lg / temperature).numpy(),
+                                                                           edges, z[va]))}
+            self.log.info(f"pooled ensemble of {len(nets)}: validation PIT KS {diagnostics}")
         return self._model_dict(
             arch={
                 "in_features": int(xs.shape[1]),
@@ -297,9 +341,9 @@ class DeepzNNCInformer(DeepzInformer):
             },
             edges=edges,
             temperature=temperature,
-            state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            **members_payload(nets, [f[1].to_dict() for f in fitted], diagnostics),
             scalers={"x": scaler.to_dict()},
-            train=dict(result.to_dict(), batch_size=int(train_config.batch_size), lr=float(train_config.lr),
+            train=dict(fitted[0][1].to_dict(), batch_size=int(train_config.batch_size), lr=float(train_config.lr),
                        automatic=auto),
         )
 
@@ -325,19 +369,27 @@ class DeepzNNCEstimator(DeepzEstimator):
 
     def _build_network(self, model):
         arch = model["arch"]
-        net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"],
-                         arch.get("smoothing_bins", 0.0))
-        net.load_state_dict(model["state_dict"])
-        # inference-only rewrites, exact up to float rounding: batch norms folded into the
-        # linear layers, and the softmax temperature into the head (logits / T)
-        fuse_linear_batchnorm(net)
-        with torch.no_grad():
-            net.head.linear.weight.div_(model["temperature"])
-            net.head.linear.bias.div_(model["temperature"])
+
+        def make(state_dict):
+            net = NNCNetwork(arch["in_features"], arch["hidden"], arch["n_bins"], arch["dropout"],
+                             arch.get("smoothing_bins", 0.0))
+            net.load_state_dict(state_dict)
+            # inference-only rewrites, exact up to float rounding: batch norms folded into the
+            # linear layers, and the softmax temperature into the head (logits / T)
+            fuse_linear_batchnorm(net)
+            with torch.no_grad():
+                net.head.linear.weight.div_(model["temperature"])
+                net.head.linear.bias.div_(model["temperature"])
+            return net
+
+        nets = build_members(model, self.name, make)
         self.scaler = Standardizer.from_dict(model["scalers"]["x"])
-        # logits come back to host memory; smooth them there (no device round trip)
+        # logits (or pooled softmax probabilities) come back to host memory; smooth them there
         self.smoother = BinSmoother(arch["n_bins"], arch.get("smoothing_bins", 0.0))
-        return net
+        self.pooled = len(nets) > 1
+        # an ensemble: the members' softmax probabilities averaged on the device, smoothed after
+        # (the smoothing is linear, so smoothing the average = averaging the smoothed members)
+        return ProbabilityPool(nets, lambda net, logits: torch.softmax(logits, dim=-1)) if self.pooled else nets[0]
 
     def _estimate_chunk(self, data: Mapping):
         arch = self.model["arch"]
@@ -348,6 +400,6 @@ class DeepzNNCEstimator(DeepzEstimator):
                             self.config.mixed_precision)
         )
         with torch.no_grad():  # temperature is in the head; softmax + smoothing block by block
+            prob_fn = self.smoother if self.pooled else (lambda x: self.smoother(torch.softmax(x, dim=-1)))
             return binned_ensemble(logits, self.model["edges"], self.config.qp_representation,
-                                   mode_window=self.config.mode_window,
-                                   prob_fn=lambda x: self.smoother(torch.softmax(x, dim=-1)))
+                                   mode_window=self.config.mode_window, prob_fn=prob_fn)

@@ -1,0 +1,258 @@
+"""Deep ensembles (rail.deepz.ensemble) and error-aware augmentation (rail.deepz.augment)
+for the catalog methods: tiny synthetic data, 2-member ensembles, seconds per test."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from rail.core.data import TableHandle
+from scipy.special import ndtr
+
+from rail.deepz.augment import EpochResampler, resample_photometry
+from rail.deepz.ensemble import ModelMembersError, member_rows, member_state_dicts, pool_mixtures
+from rail.deepz.photometry import MAG_ERR_FACTOR, Photometry
+from rail.deepz.pdf import MASS_TOL, pdf_ok
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer
+from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
+from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
+
+BANDS = [f"mag_{b}" for b in "ugriz"]
+ERRS = [b + "_err" for b in BANDS]
+_ids = itertools.count()
+
+
+def _name(prefix):
+    return f"{prefix}_ens_{next(_ids)}"
+
+
+@pytest.fixture(scope="module")
+def table():
+    rng = np.random.default_rng(3)
+    n = 400
+    z = rng.uniform(0.1, 2.5, n)
+    data = {"redshift": z}
+    for i, b in enumerate(BANDS):
+        data[b] = 22 + np.sin(z * (i + 1)) + rng.normal(0, 0.05, n)
+        data[b + "_err"] = np.full(n, 0.05)
+    data["mag_u"][:15] = 99.0  # non-detections
+    return data
+
+
+COMMON = dict(bands=BANDS, err_bands=ERRS, mag_limits={b: 27.0 for b in BANDS}, zmin=0.0, zmax=3.0,
+              progress=False, num_threads=1, hdf5_groupname="")
+METHODS = {
+    "nnc": (DeepzNNCInformer, DeepzNNCEstimator, dict(epochs=2, hidden_layers=[16], nbins=60)),
+    "lstm": (DeepzLSTMInformer, DeepzLSTMEstimator, dict(epochs=2, lstm_units=[8], dense_units=[8],
+                                                         n_components=3, batch_size=128)),
+    "embed": (DeepzEmbedInformer, DeepzEmbedEstimator, dict(epochs=2, ae_epochs=2, hidden_layers=[16], ae_hidden=[8],
+                                                            som_shape=[3, 3], som_iterations=200, som_n_boot=5)),
+}
+
+
+def _inform(method, data, **kw):
+    inf_cls, _, opts = METHODS[method]
+    inf = inf_cls.make_stage(name=_name("inf"), model=_name("model") + ".pkl", **{**COMMON, **opts, **kw})
+    inf.inform(TableHandle("input", data=data))
+    return inf.model
+
+
+def _estimate(method, model, data):
+    _, est_cls, _ = METHODS[method]
+    est = est_cls.make_stage(name=_name("est"), model=model, output=_name("out") + ".hdf5", hdf5_groupname="",
+                             num_threads=1)
+    return est.estimate(TableHandle("input", data=data)).data
+
+
+@pytest.fixture(scope="module")
+def ensembles(table, tmp_path_factory):
+    """Per method: a single model, a 2-member ensemble and the same ensemble trained again."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ens"))
+    try:
+        out = {}
+        for method in METHODS:
+            out[method] = (_inform(method, table, n_members=1), _inform(method, table, n_members=2),
+                           _inform(method, table, n_members=2))
+        yield out
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ensemble_layout_output_and_determinism(method, ensembles, table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    single, ens, again = ensembles[method]
+    # n_members=1: the single model's layout and format version, unchanged
+    assert "state_dict" in single and "member_state_dicts" not in single and single["format_version"] == 2
+    assert ens["n_members"] == 2 and len(ens["member_state_dicts"]) == 2 and ens["format_version"] == 3
+    assert "state_dict" not in ens
+    # member 0 is the single model's network (seed + 0, same rows); member 1 differs (seed + 1)
+    sd0, sd1 = ens["member_state_dicts"]
+    assert all(torch.equal(sd0[k], single["state_dict"][k]) for k in sd0)
+    assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if sd0[k].is_floating_point())
+    # the same seed gives the same members
+    for a, b in zip(ens["member_state_dicts"], again["member_state_dicts"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    out = _estimate(method, ens, table)
+    n = len(table["redshift"])
+    assert out.npdf == n
+    assert pdf_ok(out, MASS_TOL, (0.0, 3.0)).all()
+    for key in ("zmode", "zmean"):
+        assert np.isfinite(out.ancil[key]).all() and out.ancil[key].shape[0] == n
+    if method != "nnc":  # a pooled mixture of 2 x K components (LSTM) / the shared K grid (embed)
+        k = 2 * 3 if method == "lstm" else ens["arch"]["n_components"]
+        assert out.objdata["weights"].shape == (n, k)
+        np.testing.assert_allclose(out.objdata["weights"].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(out.ancil["zmode"], _estimate(method, again, table).ancil["zmode"])
+    diag = ens["ensemble_diagnostics"]
+    assert 0 <= diag["val_pit_ks_pooled"] <= 1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_member_count_mismatch_is_refused(method, ensembles, table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    single, ens, _ = ensembles[method]
+    with pytest.raises(ModelMembersError, match="n_members=3"):
+        _estimate(method, dict(ens, n_members=3), table)
+    with pytest.raises(ModelMembersError, match="both"):
+        _estimate(method, dict(ens, state_dict=single["state_dict"]), table)
+    with pytest.raises(ModelMembersError, match="format version"):
+        _estimate(method, dict(ens, format_version=2), table)
+    with pytest.raises(ModelMembersError, match="holds one"):
+        _estimate(method, dict(single, n_members=2), table)
+
+
+def test_member_rows_and_pool():
+    tr = np.arange(10, 60)
+    assert member_rows(tr, 1, 0, False) is tr
+    a, b = member_rows(tr, 1, 0, True), member_rows(tr, 1, 1, True)
+    assert len(a) == len(tr) and np.isin(a, tr).all() and len(np.unique(a)) < len(tr)
+    np.testing.assert_array_equal(a, member_rows(tr, 1, 0, True))
+    assert not np.array_equal(a, b)
+    rng = np.random.default_rng(0)
+    w = [rng.dirichlet(np.ones(3), 4).astype(np.float32) for _ in range(2)]
+    w_, mu, s = pool_mixtures([(w[0], np.zeros((4, 3)), np.ones((4, 3))), (w[1], np.ones((4, 3)), np.ones((4, 3)))])
+    assert w_.shape == (4, 6) and mu.shape == (4, 6)
+    np.testing.assert_allclose(w_.sum(1), 1.0, rtol=1e-6)
+    with pytest.raises(ModelMembersError, match="neither"):
+        member_state_dicts({"format_version": 3}, "x")
+
+
+def test_nnc_bootstrap_members_differ_from_the_single(table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    single = _inform("nnc", table, n_members=1, temperature_scaling=False)
+    boot = _inform("nnc", table, n_members=2, bootstrap=True, temperature_scaling=False)
+    sd = boot["member_state_dicts"][0]
+    assert any(not torch.equal(sd[k], single["state_dict"][k]) for k in sd if sd[k].is_floating_point())
+
+
+# ----------------------------------------------------------------- augmentation
+
+
+def _phot(n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    mags = np.column_stack([rng.uniform(20, 23, n), rng.uniform(20, 23, n), np.full(n, 26.5)]).astype(np.float32)
+    errs = np.column_stack([np.full(n, 0.05), np.full(n, 0.1), np.full(n, 0.8)]).astype(np.float32)
+    valid = np.ones((n, 3), dtype=bool)
+    valid[:500, 0] = False  # non-detections: magnitude = the limit, error nondetect_err
+    mags[:500, 0], errs[:500, 0] = 27.0, 1.0
+    return Photometry(bands=["a", "b", "c"], mags=mags, errs=errs, valid=valid)
+
+
+SETTINGS = dict(mag_limits={"a": 27.0, "b": 27.0, "c": 27.0}, nondetect_err=1.0, missing_policy="limit",
+                max_mag_err=5.0, valid_mag_range=[0.0, 50.0])
+
+
+def _z_scores(phot, new, sigma):
+    f, f_new = 10 ** (-0.4 * phot.mags.astype(np.float64)), 10 ** (-0.4 * new.mags.astype(np.float64))
+    return (f_new - f) / sigma
+
+
+def test_resampled_fluxes_follow_the_errors_and_nondetections_stay():
+    phot = _phot()
+    before = (phot.mags.copy(), phot.errs.copy(), phot.valid.copy())
+    new = resample_photometry(phot, np.random.default_rng(1), SETTINGS)
+    for a, b in zip(before, (phot.mags, phot.errs, phot.valid)):  # the input is not modified
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(new.mags[:500, 0], phot.mags[:500, 0])  # non-detections untouched
+    np.testing.assert_array_equal(new.errs[:500, 0], phot.errs[:500, 0])
+    assert not new.valid[:500, 0].any()
+    f = 10 ** (-0.4 * phot.mags.astype(np.float64))
+    sigma = f * phot.errs / MAG_ERR_FACTOR
+    for band in (0, 1):  # bright bands: no draw is lost, the flux offsets are N(0, sigma)
+        rows = phot.valid[:, band]
+        assert new.valid[rows, band].all()
+        zs = _z_scores(phot, new, sigma)[rows, band]
+        n = len(zs)
+        # 6 standard errors of the mean / standard deviation of n normal draws
+        assert abs(zs.mean()) < 6 / np.sqrt(n)
+        assert abs(zs.std() - 1) < 6 / np.sqrt(2 * n)
+        # the flux error is kept: new magnitude error = 1.0857 sigma_f / f'
+        f_new = 10 ** (-0.4 * new.mags[rows, band].astype(np.float64))
+        np.testing.assert_allclose(new.errs[rows, band], MAG_ERR_FACTOR * sigma[rows, band] / f_new, rtol=1e-5)
+    # faint band (S/N 1.4 at 26.5 with limit 27): draws fainter than the limit become non-detections
+    # at the limit with nondetect_err; P(f' < f_lim) for f' ~ N(f, sigma)
+    lost = ~new.valid[:, 2]
+    f_lim = 10 ** (-0.4 * 27.0)
+    p = float(ndtr((f_lim - f[0, 2]) / sigma[0, 2]))
+    n = len(lost)
+    assert abs(lost.mean() - p) < 6 * np.sqrt(p * (1 - p) / n)
+    assert (new.mags[lost, 2] == 27.0).all() and (new.errs[lost, 2] == 1.0).all()
+    assert (new.mags[~lost, 2] <= 27.0).all()
+
+
+def test_depth_degradation_raises_the_flux_error_to_the_test_depth():
+    phot = _phot()
+    rng = np.random.default_rng(4)
+    phot.mags[:, 1] = rng.uniform(18, 19, len(phot))  # S/N >= 12 at the test depth: no draw is lost
+    phot.errs[:, 1] = 0.01
+    depth = {"b": 20.0}  # 5-sigma depth: flux error f(20)/5, above band b's own (0.01 mag at 18-19)
+    new = resample_photometry(phot, np.random.default_rng(2), SETTINGS, errors=False, depth=depth)
+    np.testing.assert_array_equal(new.mags[:, [0, 2]], phot.mags[:, [0, 2]])  # other bands unchanged
+    f = 10 ** (-0.4 * phot.mags[:, 1].astype(np.float64))
+    sigma = f * phot.errs[:, 1] / MAG_ERR_FACTOR
+    sig_t = 10 ** (-0.4 * 20.0) / 5
+    assert (sigma < sig_t).all()
+    ok = new.valid[:, 1]
+    assert ok.all()
+    f_new = 10 ** (-0.4 * new.mags[ok, 1].astype(np.float64))
+    zs = (f_new - f[ok]) / np.sqrt(sig_t ** 2 - sigma[ok] ** 2)
+    assert abs(zs.mean()) < 6 / np.sqrt(ok.sum()) and abs(zs.std() - 1) < 6 / np.sqrt(2 * ok.sum())
+    np.testing.assert_allclose(new.errs[ok, 1], MAG_ERR_FACTOR * sig_t / f_new, rtol=1e-5)
+
+
+def test_epoch_resampler_is_seeded_and_new_each_epoch():
+    phot = _phot(200)
+    make = lambda p: [p.mags.copy()]  # noqa: E731
+    r1, r2 = EpochResampler(phot, SETTINGS, make, seed=5), EpochResampler(phot, SETTINGS, make, seed=5)
+    e0, e1 = r1(0)[0], r1(1)[0]
+    assert not np.array_equal(e0, e1)
+    np.testing.assert_array_equal(e0, r2(0)[0])
+    np.testing.assert_array_equal(e1, r2(1)[0])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_augmented_training_runs_and_is_deterministic(method, ensembles, table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = _inform(method, table, augment_errors=True, augment_depth={"mag_z": 24.0})
+    b = _inform(method, table, augment_errors=True, augment_depth={"mag_z": 24.0})
+    plain = ensembles[method][0]  # the same options without augmentation
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    sd = a["state_dict"]
+    assert any(not torch.equal(sd[k], plain["state_dict"][k]) for k in sd if sd[k].is_floating_point())
+    assert pdf_ok(_estimate(method, a, table), MASS_TOL, (0.0, 3.0)).all()
+
+
+def test_augment_options_are_checked(table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="augment_depth.*mag_y"):
+        _inform("nnc", table, augment_depth={"mag_y": 24.0})
+    with pytest.raises(ValueError, match="augment_depth"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), augment_depth={"mag_z": "deep"})
+    with pytest.raises(ValueError, match="n_members"):
+        DeepzNNCInformer.make_stage(name=_name("inf"), n_members=0)
