@@ -325,17 +325,22 @@ def nearest_index(grid: np.ndarray, x) -> np.ndarray:
     return np.where(left_closer, j - 1, j)
 
 
+def trapezoid_weights(grid) -> np.ndarray:
+    """Trapezoid node weights of ``grid``: half the widths of the adjacent intervals."""
+    dx = np.diff(np.asarray(grid, dtype=np.float64))
+    wts = np.zeros(dx.size + 1)
+    wts[:-1] += 0.5 * dx
+    wts[1:] += 0.5 * dx
+    return wts
+
+
 def cde_terms(pdf_on_grid: np.ndarray, grid: np.ndarray, ztrue) -> tuple[np.ndarray, np.ndarray]:
     """Per-object CDE-loss terms: (int f^2 dz by trapezoid, f at the grid point nearest ztrue).
 
     ``cde_loss = mean(term1) - 2 mean(term2)`` (RAIL ``CDELoss``; Izbicki & Lee 2017).
     """
     grid = np.asarray(grid, dtype=np.float64)
-    dx = np.diff(grid)
-    wts = np.zeros(grid.size)  # trapezoid node weights: half the widths of the adjacent intervals
-    wts[:-1] += 0.5 * dx
-    wts[1:] += 0.5 * dx
-    t1 = (pdf_on_grid * pdf_on_grid) @ wts
+    t1 = (pdf_on_grid * pdf_on_grid) @ trapezoid_weights(grid)
     z = np.nan_to_num(np.asarray(ztrue, dtype=np.float64))
     t2 = pdf_on_grid[np.arange(pdf_on_grid.shape[0]), nearest_index(grid, z)]
     return t1, t2
@@ -446,6 +451,10 @@ class MetricConfig:
         ~1e-8 relative of the tabulated sums) for objects whose narrowest component spans at least
         two grid steps, when both grids are evenly spaced and the point estimate is in the ancil;
         tabulated on the grids otherwise (False: always).
+    tabulated_quadratic : the CDE-loss and Brier terms of ``hist`` and ``interp`` PDFs as quadratic
+        forms in their stored values (``PDFBlock.sq_sums``/``at_grid``: the same grid sums, added in
+        another order) when the point estimate is in the ancil, instead of tabulating each PDF on
+        both grids (False: always tabulated).
     """
 
     point_estimate: str = "zmode"
@@ -456,6 +465,7 @@ class MetricConfig:
     brier_dx: float = 0.01
     mixture_float32: bool = True
     mixture_closed_form: bool = True
+    tabulated_quadratic: bool = True
 
     @classmethod
     def for_range(cls, zmin: float, zmax: float, **kw) -> "MetricConfig":
@@ -548,10 +558,14 @@ class MetricAccumulator:
         bad_truth = ~np.isfinite(ztrue)
         zsafe = np.where(bad_truth, 0.0, ztrue)  # keeps NaN truths out of the arithmetic
         kept = {}
-        if self._closed_form(block):
+        if self._closed_form(block) or self._quadratic(block):
             zphot = self.point_estimate(block)
             bad_pdf = block.bad | ~np.isfinite(zphot)
-            t1, t2, brier, crps_v = self._mixture_terms(block, zsafe)
+            if block.kind == "mixmod":
+                t1, t2, brier, crps_v = self._mixture_terms(block, zsafe)
+            else:
+                t1, t2, brier = self._tabulated_terms(block, zsafe)
+                crps_v = block.crps(zsafe)
             pit = block.cdf_at(zsafe)
             if self.keep.size:
                 sel = self.keep[(self.keep >= start) & (self.keep < start + block.n)]
@@ -600,6 +614,22 @@ class MetricAccumulator:
         cfg = self.config
         return (block.kind == "mixmod" and cfg.mixture_closed_form and self._steps is not None
                 and cfg.point_estimate in block.ancil)
+
+    def _quadratic(self, block: PDFBlock) -> bool:
+        """Whether a hist/interp block takes the quadratic-form CDE/Brier terms."""
+        return (block.kind in ("hist", "interp") and self.config.tabulated_quadratic
+                and self.config.point_estimate in block.ancil)
+
+    def _tabulated_terms(self, block: PDFBlock, z):
+        """cde1, cde2 and brier of a hist/interp block (:meth:`PDFBlock.sq_sums`), the same sums
+        as :func:`cde_terms` and :func:`brier_from_pdf` on the tabulated PDFs."""
+        cfg = self.config
+        zg, bg = cfg.zgrid, self._brier_grid
+        sums = block.sq_sums([(zg, trapezoid_weights(zg)), (bg, 1.0)])
+        kk, inside = brier_cell(z, cfg.brier_limits, cfg.brier_dx)
+        t2 = block.at_grid(zg, nearest_index(zg, z))
+        brier = sums[:, 1] + np.where(inside, 1.0 - 2.0 * block.at_grid(bg, kk), 0.0)
+        return sums[:, 0], t2, brier
 
     def _mixture_terms(self, block: PDFBlock, z):
         """cde1, cde2, brier and CRPS of a mixture block: closed forms

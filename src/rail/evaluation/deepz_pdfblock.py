@@ -277,6 +277,53 @@ class PDFBlock:
                 return out
         return np.asarray(self.ens.pdf(grid), dtype=np.float64).reshape(self.n, -1)
 
+    def sq_sums(self, grids) -> np.ndarray:
+        """``sum_g w_g p(g)^2`` per row for each ``(grid, w)`` in ``grids`` -> (n, len(grids)), for
+        ``hist`` and ``interp`` without tabulating the PDFs on the grids: on a grid, such a PDF is
+        linear in its stored values (a bin lookup, or two nodes and a weight), so the weighted sum
+        of squares is a quadratic form in them whose coefficients collect the grid's weights
+        (``y_b^2`` per bin for ``hist``; ``y_k^2`` and ``y_k y_(k+1)`` per node and interval for
+        ``interp``). Equal to ``(self.pdf(grid)**2) @ w`` up to the order of the additions
+        (``tests/test_metrics_fast.py``); the CDE loss's trapezoid and the Brier sum are two such sums."""
+        if self.kind not in ("hist", "interp"):
+            raise ValueError(f"sq_sums is for hist/interp blocks, not {self.kind!r}")
+        nx = self.x.size
+        diag = np.zeros((nx, len(grids)))
+        off = np.zeros((nx - 1, len(grids)))
+        for c, (grid, w) in enumerate(grids):
+            grid = np.asarray(grid, dtype=np.float64).reshape(-1)
+            w = np.broadcast_to(np.asarray(w, dtype=np.float64), grid.shape)
+            if self.kind == "hist":
+                idx, mask = get_bin_indices(self.x, grid)
+                np.add.at(diag[:, c], idx[mask], w[mask])
+            else:
+                j, t, inside = _interp_weights(self.x, grid)
+                wi = np.where(inside, w, 0.0)
+                np.add.at(diag[:, c], j, wi * (1.0 - t) ** 2)
+                np.add.at(diag[:, c], j + 1, wi * t * t)
+                np.add.at(off[:, c], j, 2.0 * wi * t * (1.0 - t))
+        y = self.y
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self.kind == "hist":
+                return (y * y) @ diag[: y.shape[1]]
+            return (y * y) @ diag + (y[:, :-1] * y[:, 1:]) @ off
+
+    def at_grid(self, grid, gidx) -> np.ndarray:
+        """``p_i(grid[gidx_i])`` for each row i (``hist``/``interp``): the values ``pdf(grid)``
+        would hold at those columns, by the same arithmetic, without tabulating the rest."""
+        grid = np.asarray(grid, dtype=np.float64).reshape(-1)
+        gidx = np.asarray(gidx).reshape(-1)
+        rows = np.arange(self.n)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self.kind == "hist":
+                idx, mask = get_bin_indices(self.x, grid)
+                return self.y[rows, idx[gidx]] * mask[gidx]
+            if self.kind == "interp":
+                j, t, inside = _interp_weights(self.x, grid)
+                jj, tt = j[gidx], t[gidx]
+                return (self.y[rows, jj] * (1.0 - tt) + self.y[rows, jj + 1] * tt) * inside[gidx]
+        raise ValueError(f"at_grid is for hist/interp blocks, not {self.kind!r}")
+
     def cdf(self, grid) -> np.ndarray:
         """CDFs on one ``grid`` (G,) -> (n, G) float64, ``_BLOCK`` rows at a time: hist/interp
         linear between the nodes of the CDF built by cumulative sums (0 below the first node,
