@@ -14,6 +14,7 @@ qp files and plots go to ``benchmarks/out/accuracy_<data>/`` (git-ignored).
     python benchmarks/accuracy.py --data dc2 --estimators nnc,flexzboost,bpz
     python benchmarks/accuracy.py --quick               # smoke run (quick configs, 2k/2k objects)
     python benchmarks/accuracy.py --ensembles           # DC2: singles, deep ensembles, stack, baselines
+    python benchmarks/accuracy.py --ensembles --data boss   # the same on SDSS BOSS (no BPZ: no SDSS filter curves)
 
 ``--ensembles`` (issue 18) runs :mod:`stack` instead: every estimator is trained on the same 80%
 of the DC2 training file (the singles, the deep ensembles ``<method>_x3`` and FlexZBoost; BPZ
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "results"), help="folder for the JSON/markdown reports")
     p.add_argument("--ensembles", action="store_true", help="DC2 singles, deep ensembles (x3), the stack of the "
                    "ensembles and FlexZBoost, FlexZBoost and BPZ on one 80/20 split (benchmarks/stack.py)")
+    p.add_argument("--load-note", default="", help="--ensembles: what else ran on the machine (recorded)")
     p.add_argument("--members", type=int, default=3, help="--ensembles: members per ensemble (3 or 5: registry keys)")
     a = p.parse_args(argv)
     if a.ensembles:
@@ -129,9 +131,12 @@ def main(argv=None) -> int:
         import stack
 
         ens = [f"{m}_x{a.members}" for m in ("nnc", "lstm", "embed")]
-        return stack.main(["--estimators", ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", "bpz"]),
+        data = a.data if a.data in ("dc2", "boss") else "dc2"
+        bpz = ["bpz"] if data == "dc2" else []  # no SDSS filter curves ship with RAIL
+        return stack.main(["--data", data, "--estimators", ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", *bpz]),
                            "--stack-inputs", ",".join([*ens, "flexzboost"]), "--variants", "stack_crps,stack_logscore",
-                           "--stem", "accuracy_dc2_ensembles", "--results", a.results]
+                           "--stem", f"accuracy_{data}_ensembles", "--results", a.results]
+                          + (["--load-note", a.load_note] if a.load_note else [])
                           + (["--quick"] if a.quick else []))
     for data in [d.strip() for d in a.data.split(",") if d.strip()]:
         if data == "boss":

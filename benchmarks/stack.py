@@ -64,6 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--stem", default="stack_dc2", help="name of the results files")
     p.add_argument("--out", default=None, help="folder for qp files (default out/<stem>)")
     p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--data", default="dc2", choices=("dc2", "boss"),
+                   help="dc2 (pz-rail-base files) or boss (../shared/data/sdss_boss_dr10, its seeded 70/30 split)")
+    p.add_argument("--load-note", default="machine shared by several engineers (2 cores, heavily loaded): times "
+                   "are under load", help="what else ran on the machine (recorded with the times)")
     a = p.parse_args(argv)
     a.out = a.out or str(HERE / "out" / a.stem)
 
@@ -77,7 +81,11 @@ def main(argv=None) -> int:
     out = Path(a.out + ("_quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    ds = datasets.load_dc2(n_train=2000 if a.quick else None, n_test=2000 if a.quick else None)
+    if a.data == "dc2":
+        ds = datasets.load_dc2(n_train=2000 if a.quick else None, n_test=2000 if a.quick else None)
+    else:
+        ds = datasets.load_boss(n_max=6000 if a.quick else None)
+    name = {"dc2": "DC2", "boss": "SDSS BOSS"}[a.data]
     n_tr = len(ds.train[ds.redshift_col])
     perm = np.random.default_rng(0).permutation(n_tr)
     n_val = int(round(0.2 * n_tr))
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
     ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
     ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
     n_test = len(test[ds.redshift_col])
-    print(f"[stack] DC2: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
+    print(f"[stack] {name}: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
 
     keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
     val_files, test_files, timings = {}, {}, {}
@@ -164,8 +172,8 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "stack", "date": when, "git_commit": git_commit(), "machine": machine_info(),
-        "load_note": "machine shared by several engineers (2 cores, heavily loaded): times are under load",
-        "data": "dc2", "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
+        "load_note": a.load_note,
+        "data": a.data, "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
         "n_test": n_test, "estimators": keys, "stack_inputs": stacked, "point_estimate": "zmode", "metrics": metrics,
         "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
     }
@@ -174,10 +182,10 @@ def main(argv=None) -> int:
     stem = a.stem + ("_quick" if a.quick else "")
     (res_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
     lines = [
-        f"# {'Stacking' if a.stem == 'stack_dc2' else 'Ensembles and stacking'} benchmark: DC2", "",
+        f"# {'Stacking' if a.stem == 'stack_dc2' else 'Ensembles and stacking'} benchmark: {name}", "",
         f"{when}, commit {report['git_commit']}; {report['machine']['platform']}, "
-        f"{report['machine']['cpu_count']} CPUs, heavily loaded shared machine (times under load).",
-        f"Estimators trained on {len(fit_idx)} rows of the DC2 training file; stack fitted on the other "
+        f"{report['machine']['cpu_count']} CPUs; load: {a.load_note}.",
+        f"Estimators trained on {len(fit_idx)} rows of the {name} training file; stack fitted on the other "
         f"{n_val}; all rows scored on the {n_test}-row test file; point estimate zmode"
         f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
         format_table(res.table, "markdown", REPORT), "",
