@@ -131,7 +131,9 @@ def main(argv=None) -> int:
         import stack
 
         ens = [f"{m}_x{a.members}" for m in ("nnc", "lstm", "embed")]
-        data = a.data if a.data in ("dc2", "boss") else "dc2"
+        data = "dc2" if a.data == p.get_default("data") else a.data
+        if data not in ("dc2", "boss"):
+            p.error(f"--ensembles runs one data set, dc2 or boss; got --data {a.data!r}")
         bpz = ["bpz"] if data == "dc2" else []  # no SDSS filter curves ship with RAIL
         return stack.main(["--data", data, "--estimators", ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", *bpz]),
                            "--stack-inputs", ",".join([*ens, "flexzboost"]), "--variants", "stack_crps,stack_logscore",
