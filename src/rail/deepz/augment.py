@@ -64,6 +64,14 @@ AUGMENT_OPTIONS = dict(
 )
 
 
+def augment_options(note: str = "") -> dict:
+    """Fresh copies of :data:`AUGMENT_OPTIONS` for a stage's ``config_options``, with ``note``
+    appended to each option's help (e.g. what a method does with inputs that are not
+    photometry, such as the image CNN's stamps)."""
+    return {k: Option(o.dtype, o.default, fmt=o._format, required=o.required, msg=o.msg + note, check=o.check)
+            for k, o in AUGMENT_OPTIONS.items()}
+
+
 def check_augment_options(config, bands: Sequence[str]) -> bool:
     """Whether the stage augments; refuses an ``augment_depth`` band that is not in ``bands``."""
     depth = dict(config["augment_depth"] or {})
