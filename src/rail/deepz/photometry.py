@@ -5,7 +5,8 @@ Everything that turns catalog columns into numbers a network may see goes throug
 
 * Inputs are magnitudes (AB) with magnitude errors, or fluxes with flux errors in
   ``nJy`` or ``nanomaggies`` (``input_units``). Fluxes are converted to AB magnitudes
-  (zero points 31.4 for nJy, 22.5 for nanomaggies); a flux <= 0 is a non-detection.
+  (zero points 31.4 for nJy, 22.5 for nanomaggies; every conversion in the package goes
+  through :func:`mag_to_flux`, :func:`flux_to_mag` and their error twins); a flux <= 0 is a non-detection.
 * A measurement is *bad* when its magnitude is NaN or +/-inf; lies outside the open
   interval ``valid_mag_range`` (default (0, 50): no astronomical source is brighter than
   magnitude 0 in a photometric survey, nor fainter than 50; -99, 0 and -1e30 are markers,
@@ -45,6 +46,14 @@ import numpy as np
 FLUX_ZEROPOINTS = {"nJy": 31.4, "nanomaggies": 22.5}
 #: 2.5 / ln(10): converts a relative flux error into a magnitude error.
 MAG_ERR_FACTOR = 2.5 / np.log(10.0)
+MISSING_POLICIES = ("limit", "mask", "raise")
+INPUT_UNITS = ("mag", "nJy", "nanomaggies")
+#: default ``valid_mag_range``: magnitudes outside this open interval are not measurements
+VALID_MAG_RANGE = (0.0, 50.0)
+#: a band bad in more than this share of a table's rows gets a :class:`BadBandWarning`
+BAD_BAND_WARN_FRACTION = 0.5
+#: tolerance (mag) of the comparison with the ``nondetect_val`` sentinels
+SENTINEL_ATOL = 0.01
 
 
 # ------------------------------------------------ AB magnitude <-> flux: the one home
@@ -73,14 +82,6 @@ def mag_err_to_flux_err(flux, mag_err):
 def flux_err_to_mag_err(flux, flux_err):
     """Magnitude error (mag) of a flux error (unit of ``flux``): ``(2.5 / ln 10) x flux_err / flux``."""
     return MAG_ERR_FACTOR * flux_err / flux
-MISSING_POLICIES = ("limit", "mask", "raise")
-INPUT_UNITS = ("mag", "nJy", "nanomaggies")
-#: default ``valid_mag_range``: magnitudes outside this open interval are not measurements
-VALID_MAG_RANGE = (0.0, 50.0)
-#: a band bad in more than this share of a table's rows gets a :class:`BadBandWarning`
-BAD_BAND_WARN_FRACTION = 0.5
-#: tolerance (mag) of the comparison with the ``nondetect_val`` sentinels
-SENTINEL_ATOL = 0.01
 
 
 class BadPhotometryError(ValueError):
