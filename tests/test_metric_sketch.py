@@ -154,9 +154,11 @@ def _state_growth(n_small, n_large, chunk=5_000):
 def test_summary_memory_does_not_grow_with_the_number_of_objects(monkeypatch):
     """10x the objects: the same state (bytes) and a peak within 1 MB (the per-object arrays of
     before grew by 66 bytes per object: 5.9 MB here). The PIT statistics stream slices of
-    ``_STAT_CHUNK`` runs (2^18 by default: their temporaries grow up to that many objects, then
-    stay); 2^12 here, so that 1e4 objects already fill a slice."""
+    ``_STAT_CHUNK`` runs and rows are summarised in batches of ``MetricGroups.BATCH`` (2^18 and
+    2^16 by default: these temporaries grow up to that many objects, then stay); 2^12 here, so
+    that 1e4 objects already fill them."""
     monkeypatch.setattr(dm, "_STAT_CHUNK", 1 << 12)
+    monkeypatch.setattr(dm.MetricGroups, "BATCH", 1 << 12)  # rows buffered before a summary update
     peaks, sizes = _state_growth(10_000, 100_000)
     assert sizes[0] == sizes[1]
     assert peaks[1] - peaks[0] < 1 << 20, peaks

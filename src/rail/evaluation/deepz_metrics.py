@@ -1025,18 +1025,45 @@ class MetricGroups:
         self.zz_range = None if zz_range is None else (float(zz_range[0]), float(zz_range[1]))
         self.zz_bins = int(zz_bins)
         self.zz_hist = None if zz_range is None else np.zeros((self.zz_bins, self.zz_bins))
+        self._pending, self._pending_n = [], 0
 
     @property
     def all(self) -> GroupSummary:
+        """The summary of all scored rows (buffered rows summarised first)."""
+        self.flush()
         return self.groups[0][3]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the summaries (buffered rows summarised first)."""
+        self.flush()
         return sum(g[3].nbytes for g in self.groups) + (0 if self.zz_hist is None else self.zz_hist.nbytes)
+
+    #: rows buffered before they are summarised (fewer, larger sorts; bounded: one batch plus one part)
+    BATCH = 1 << 16
 
     def add(self, part: Mapping) -> None:
         """Add rows: ``ztrue, zphot, pit, crps, cde1, cde2, brier, mag`` (mag may be absent) and the
-        ``bad_pdf`` / ``bad_truth`` flags (absent: none); flagged rows are only counted."""
+        ``bad_pdf`` / ``bad_truth`` flags (absent: none); flagged rows are only counted. Rows are
+        buffered up to ``BATCH`` and summarised a batch at a time; :meth:`flush` (called by
+        :meth:`tidy`) summarises the rest."""
+        part = {k: v for k, v in part.items() if v is not None}
+        self._pending.append(part)
+        self._pending_n += len(part["ztrue"])
+        if self._pending_n >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Summarise the buffered rows."""
+        if not self._pending:
+            return
+        parts, self._pending, self._pending_n = self._pending, [], 0
+        keys = set.intersection(*(set(p) for p in parts))
+        joined = {k: np.concatenate([np.asarray(p[k]).reshape(-1) for p in parts]) for k in keys}
+        del parts
+        self._add_now(joined)
+
+    def _add_now(self, part: Mapping) -> None:
         zt = np.asarray(part["ztrue"], dtype=np.float64)
         self.total += int(zt.size)
         good = np.ones(zt.size, dtype=bool)
@@ -1047,7 +1074,7 @@ class MetricGroups:
                 good &= ~flag
         keys = ("ztrue", "zphot", "pit") + GroupSummary.SUM_KEYS
         sub = {k: np.asarray(part[k])[good] for k in keys}
-        self.all.add(sub)
+        self.groups[0][3].add(sub)
         if self.zz_hist is not None:
             ok = np.isfinite(sub["ztrue"]) & np.isfinite(sub["zphot"])
             r = self.zz_range
@@ -1067,6 +1094,7 @@ class MetricGroups:
 
     def tidy(self, estimator: str) -> list[dict]:
         """Tidy rows ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (see :func:`tidy_metrics`)."""
+        self.flush()
         rows = []
         for i, (bin_type, lo, hi, g) in enumerate(self.groups):
             if bin_type == "all":
@@ -1290,6 +1318,7 @@ def accumulate_estimate(
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)
             progress(f"  metrics {label}: {e}/{n} objects ({100 * e / max(n, 1):.0f}%, {rate:,.0f}/s)")
+    acc.groups.flush()
     n_pdf, n_truth = acc.groups.n_bad_pdf, acc.groups.n_bad_truth
     if (n_pdf or n_truth) and not exclude_bad:
         parts = []

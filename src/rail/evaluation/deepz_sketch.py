@@ -55,7 +55,7 @@ def _within(lo, hi, c, v, strict: bool):
     lo, hi, c, v = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (lo, hi, c, v)))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         t = np.where(hi > lo, (v - lo) / (hi - lo) * (c - 1), np.where(v >= lo, c - 1, -1.0))
-    t = np.nan_to_num(t, nan=-1.0, posinf=1e300, neginf=-1e300)
+    t = np.clip(np.where(np.isnan(t), -1.0, t), -1e300, 1e300)
     j0 = np.clip(np.floor(t) - 1, -1, np.maximum(c - 1, -1))
     cnt = j0 + 1
     for d in (1, 2, 3):  # the estimate of j is exact to +-1; the values themselves decide
@@ -151,7 +151,7 @@ class SlotSketch:
     def abs_dev_median(self, center: float) -> float:
         """``np.median(|values - center|)`` of the reconstructed values: each of the two middle
         order statistics of |x - center| is the smallest t with #{|x - center| <= t} > its rank,
-        bracketed on grids of 513 values of t (7 rounds: to ~1e-16 of the largest deviation)."""
+        bracketed on grids of 2049 values of t (5 rounds: to ~3e-17 of the largest deviation)."""
         n = self.n
         occupied = self.count > 0
         top = max(abs(self.hi[occupied].max() - center), abs(center - self.lo[occupied].min()))
@@ -159,8 +159,8 @@ class SlotSketch:
         a, b = np.zeros((2, 1)), np.full((2, 1), float(top))
         if self._abs_le(center, np.zeros(1))[0] >= need.max():
             return 0.0
-        grid = np.linspace(0.0, 1.0, 513)[None, :]
-        for _ in range(7):  # invariant: count(a) < need <= count(b) (or a == 0 and count(0) >= need)
+        grid = np.linspace(0.0, 1.0, 2049)[None, :]
+        for _ in range(5):  # invariant: count(a) < need <= count(b) (or a == 0 and count(0) >= need)
             ts = a + (b - a) * grid
             ok = self._abs_le(center, ts) >= need
             i = np.argmax(ok, axis=1)[:, None]  # ok[:, -1] holds (count(b) >= need)
