@@ -127,6 +127,10 @@ def test_degenerate_pits_are_nan_with_a_warning_not_a_crash():
     with pytest.warns(dm.MetricWarning, match="PIT statistics"):
         out = _sketched(po).metrics("x")
     assert np.isnan(out["pit_ad"]) and np.isfinite(out["crps"])
+    po["pit"] = np.where(np.arange(50) == 3, np.nan, 0.5)  # a NaN PIT is never left out silently
+    with pytest.warns(dm.MetricWarning, match="PIT values are NaN"):
+        out = _sketched(po).metrics("x")
+    assert np.isnan(out["pit_ks"]) and np.isnan(out["pit_ad"])
 
 
 def _state_growth(n_small, n_large, chunk=5_000):

@@ -941,7 +941,7 @@ class GroupSummary:
         self.n = 0
         self.sums = dict.fromkeys(self.SUM_KEYS, 0.0)
         self.dz_all, self.dz_in = _Moments(), _Moments()
-        self.n_eta = self.n_pco = self.n_pit_out = 0
+        self.n_eta = self.n_pco = self.n_pit_out = self.n_pit_nan = 0
         self.zmin, self.zmax = np.inf, -np.inf
         self.pit = PITSketch()
         self.dz = ResidualSketch()
@@ -970,6 +970,7 @@ class GroupSummary:
         pit = np.asarray(part["pit"], dtype=np.float64)
         self.n_pco += int(np.sum(pm.pco_indicator(pit) > 0))
         self.n_pit_out += int(np.sum((pit < PIT_OUTLIER_LIMITS[0]) | (pit > PIT_OUTLIER_LIMITS[1])))
+        self.n_pit_nan += int(np.sum(np.isnan(pit)))  # (not in the sketch: the PIT statistics become NaN)
         self.pit.add(pit)
 
     def point_metrics(self) -> dict:
@@ -993,6 +994,8 @@ class GroupSummary:
         }
 
     def pit_metrics(self) -> dict:
+        if self.n_pit_nan:
+            raise ValueError(f"{self.n_pit_nan} PIT values are NaN")
         out = pit_statistics_runs(self.pit)
         out["pit_outlier_rate"] = self.n_pit_out / self.n
         return out
