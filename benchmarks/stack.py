@@ -26,9 +26,9 @@ worse than in ``accuracy_dc2``; every row here sees the same training data.
 
 Provenance: every trained row leaves ``<out>/<key>_provenance.json`` beside its qp files: the
 git commit, a SHA-256 of the code that trains and estimates it (the repository modules its
-stages import, transitively, and the harness's ``deepz_compare.py`` / ``deepz_registry.py``;
-the package version for FlexZBoost and BPZ), the row's resolved inform/estimate
-configuration, the data set, split and seed, and its times. ``--reuse`` reuses a row's qp files only when that record matches the current
+stages import, transitively, and the harness's ``deepz_compare.py``; the package version
+for FlexZBoost and BPZ), the stage classes and the row's resolved inform/estimate
+configuration (what the registry entry amounts to), the data set, split and seed, and its times. ``--reuse`` reuses a row's qp files only when that record matches the current
 code, configuration and split exactly; any other row is retrained (the reason is printed
 and recorded in the report's ``provenance``), never a silent mix. Scoring and the stacks are
 always recomputed.
@@ -54,8 +54,9 @@ ESTIMATORS = ("nnc", "lstm", "embed", "flexzboost")
 REPORT = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "eta", "crps", "pit_ks", "cde_loss", "pco"]
 
 
-# harness code every row goes through (scoring is recomputed on every run, so not included)
-HARNESS = ("src/rail/evaluation/deepz_compare.py", "src/rail/evaluation/deepz_registry.py")
+# harness code every row goes through (scoring is recomputed on every run, so not included; the
+# registry enters through the resolved configuration and the stage classes it names)
+HARNESS = ("src/rail/evaluation/deepz_compare.py",)
 
 
 def _module_file(name: str, src: Path) -> Path | None:
@@ -118,7 +119,8 @@ def row_fingerprint(spec, ds, quick: bool, split: dict) -> dict:
         pkg = f"{spec.package} (not installed)"
     inform, estimate = spec.make_configs(ds, quick)
     cfg = json.dumps({"inform": inform, "estimate": estimate}, sort_keys=True, default=repr)
-    return {"key": spec.key, "code_sha256": code_hash(code_files(mods)), "package": pkg,
+    return {"key": spec.key, "stages": f"{spec.informer} / {spec.estimator}",
+            "code_sha256": code_hash(code_files(mods)), "package": pkg,
             "config_sha256": hashlib.sha256(cfg.encode()).hexdigest(), "quick": bool(quick), **split}
 
 
