@@ -15,7 +15,8 @@ files. Rows of the report, all scored on the test file by
 * ``linear_pool``: fitted weights, no recalibration (``recalibrate=False``);
 * ``stack_crps``: weights + beta transform, CRPS, global;
 * ``stack_crps_magbin``: the same per quartile of mag_i_lsst;
-* ``stack_logscore``: weights + beta transform, log score, global.
+* ``stack_logscore``: weights + beta transform, log score, global;
+* ``stack_logscore_magbin``: the same per quartile of mag_i_lsst.
 
 The single estimators are trained on 80% of the training file, so they are slightly
 worse than in ``accuracy_dc2``; every row here sees the same training data.
@@ -241,6 +242,8 @@ def main(argv=None) -> int:
         "stack_crps": dict(holdout_fraction=0.25),
         "stack_crps_magbin": dict(bin_col=ds.ref_band, n_bins=4, min_bin_objects=300, holdout_fraction=0.0),
         "stack_logscore": dict(score="logscore", holdout_fraction=0.0),
+        "stack_logscore_magbin": dict(score="logscore", bin_col=ds.ref_band, n_bins=4, min_bin_objects=300,
+                                      holdout_fraction=0.0),
     }
     if a.variants:
         variants = {} if a.variants == "none" else {k: variants[k] for k in a.variants.split(",")}
@@ -272,7 +275,8 @@ def main(argv=None) -> int:
 
     estimates = {**{k: str(v) for k, v in test_files.items()},
                  **{k: str(stack_files[k]) for k in ("equal_average", "linear_pool", "stack_crps",
-                                                     "stack_crps_magbin", "stack_logscore") if k in stack_files}}
+                                                     "stack_crps_magbin", "stack_logscore", "stack_logscore_magbin")
+                    if k in stack_files}}
     res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, id_col=id_col,
                   zmin=ds.zmin,
                   zmax=ds.zmax, outdir=out / "compare", plots=False, print_table=False, progress=False)
