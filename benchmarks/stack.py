@@ -138,6 +138,27 @@ def reusable(prov_path: Path, files: tuple, fingerprint: dict) -> tuple[dict | N
     return rec, ""
 
 
+def split_dataset(data: str, quick: bool = False):
+    """The benchmark's split: ``(ds, val, test, fit_idx, n_val, n_test)`` with ``ds.train`` the
+    80% the estimators are trained on and ``ds.test`` the 20% stack-validation rows followed by
+    the test file's rows (what each estimator estimates in one call); seed 0."""
+    from rail.deepz import datasets
+
+    if data == "dc2":
+        ds = datasets.load_dc2(n_train=2000 if quick else None, n_test=2000 if quick else None)
+    else:
+        ds = datasets.load_boss(n_max=6000 if quick else None)
+    n_tr = len(ds.train[ds.redshift_col])
+    perm = np.random.default_rng(0).permutation(n_tr)
+    n_val = int(round(0.2 * n_tr))
+    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    full_train, test = ds.train, ds.test
+    val = {k: np.asarray(v)[val_idx] for k, v in full_train.items()}
+    ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
+    ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
+    return ds, val, test, fit_idx, n_val, len(test[ds.redshift_col])
+
+
 def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
     import qp
 
@@ -169,7 +190,6 @@ def main(argv=None) -> int:
 
     from rail.core.data import TableHandle
 
-    from rail.deepz import datasets
     from rail.estimation.algos import deepz_stack as dst
     from rail.evaluation import deepz_registry as reg
     from rail.evaluation.deepz_compare import compare, format_table, overall_table, run_estimator
@@ -177,20 +197,8 @@ def main(argv=None) -> int:
     out = Path(a.out + ("_quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if a.data == "dc2":
-        ds = datasets.load_dc2(n_train=2000 if a.quick else None, n_test=2000 if a.quick else None)
-    else:
-        ds = datasets.load_boss(n_max=6000 if a.quick else None)
+    ds, val, test, fit_idx, n_val, n_test = split_dataset(a.data, a.quick)
     name = {"dc2": "DC2", "boss": "SDSS BOSS"}[a.data]
-    n_tr = len(ds.train[ds.redshift_col])
-    perm = np.random.default_rng(0).permutation(n_tr)
-    n_val = int(round(0.2 * n_tr))
-    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    full_train, test = ds.train, ds.test
-    val = {k: np.asarray(v)[val_idx] for k, v in full_train.items()}
-    ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
-    ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
-    n_test = len(test[ds.redshift_col])
     print(f"[stack] {name}: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
 
     keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
             if rec is not None:
                 timings[key] = rec["timings"]
                 provenance[key] = {"reused": True, "trained_at_commit": rec["git_commit"], "trained": rec["date"],
-                                   "load_note": rec.get("load_note", "")}
+                                   "load_note": rec.get("load_note", ""), "verification": rec.get("verification", "")}
                 print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]} (trained at "
                       f"{rec['git_commit']}, {rec['date']}; same code, configuration and split)", flush=True)
                 continue
@@ -229,9 +237,10 @@ def main(argv=None) -> int:
     import h5py
 
     ttab_path = out / "test_table.hdf5"  # on disk, so that the stack estimator streams it in chunks
-    with h5py.File(ttab_path, "w") as f:
-        for k, v in ttab.items():
-            f.create_dataset(k, data=v)
+    for path, tab in ((ttab_path, ttab), (out / "val_table.hdf5", vtab)):  # (the latter for later checks)
+        with h5py.File(path, "w") as f:
+            for k, v in tab.items():
+                f.create_dataset(k, data=v)
     stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
     vin = {k: str(val_files[k]) for k in stacked}
     tin = {k: str(test_files[k]) for k in stacked}
@@ -308,7 +317,8 @@ def main(argv=None) -> int:
         format_table(res.table, "markdown", REPORT), "",
         "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call):", "",
         "| estimator | inform_time_s | estimate_time_s |", "|---|---|---|",
-        *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f} |" for k, t in timings.items()], "",
+        *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f}{' (' + t['note'] + ')' if t.get('note') else ''} |"
+          for k, t in timings.items()], "",
         "Fitted stacks (weights in the order " + ", ".join(stacked) + "; last row = global):", "",
     ]
     for label, m in models.items():
@@ -324,8 +334,10 @@ def main(argv=None) -> int:
     lines += ["", "Provenance of each row's PDFs (`<out>/<key>_provenance.json`; reused rows passed the code, "
               "configuration and split check of `--reuse`):", "",
               "| estimator | trained at commit | started (UTC) | reused |", "|---|---|---|---|",
-              *[f"| {k} | {p['trained_at_commit'][:12]}{'+dirty' if p['trained_at_commit'].endswith('+dirty') else ''}"
-                f" | {p['trained']} | {'yes' if p['reused'] else 'no'} |" for k, p in provenance.items()]]
+              *[f"| {k} | {p['trained_at_commit'][:12] if p['trained_at_commit'][0].isalnum() and ' ' not in p['trained_at_commit'] else p['trained_at_commit']}"
+                f"{'+dirty' if p['trained_at_commit'].endswith('+dirty') else ''}"
+                f" | {p['trained']} | {'yes' if p['reused'] else 'no'}"
+                f"{'; ' + p['verification'] if p.get('verification') else ''} |" for k, p in provenance.items()]]
     (res_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(format_table(res.table, "text", REPORT))
     print(f"[stack] wrote {res_dir / (stem + '.json')} and .md", flush=True)
