@@ -208,8 +208,8 @@ def main(argv=None) -> int:
         else:
             same = (f"member 1 not bit-identical to {single_key} retrained here, but its first epoch's train and "
                     f"validation losses agree to {float(level.split(':')[1]):.1g} relative (accepted below 1e-4), "
-                    "settings equal: the same computation rounded in another order (another torch thread count), "
-                    "after which the trainings drift apart")
+                    "settings equal: the same computation rounded in another order (as at another torch thread count; "
+                    "the earlier run's count is unrecorded), after which the trainings drift apart")
         print(f"[adopt] {key}: {same}", flush=True)
         _, est_cfg = spec.make_configs(ds, a.quick)
         est_cfg = {**est_cfg, "chunk_size": est_cfg.get("chunk_size", 10_000)}
