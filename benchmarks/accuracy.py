@@ -125,6 +125,12 @@ def main(argv=None) -> int:
                    "ensembles and FlexZBoost, FlexZBoost and BPZ on one 80/20 split (benchmarks/stack.py)")
     p.add_argument("--load-note", default="", help="--ensembles: what else ran on the machine (recorded)")
     p.add_argument("--members", type=int, default=3, help="--ensembles: members per ensemble (3 or 5: registry keys)")
+    p.add_argument("--reuse", action="store_true", help="--ensembles: reuse the rows of an earlier run whose "
+                   "recorded provenance matches the current code, configuration and split (stack.py --reuse)")
+    p.add_argument("--extra", default="", help="--ensembles: comma list of further registry keys to train and "
+                   "score on the same split (not stacked), e.g. embed_x3_widthcal,lstm_x5")
+    p.add_argument("--variants", default="stack_crps,stack_logscore", help="--ensembles: stack variants "
+                   "(stack.py --variants)")
     a = p.parse_args(argv)
     if a.ensembles:
         sys.path.insert(0, str(HERE))
@@ -135,10 +141,13 @@ def main(argv=None) -> int:
         if data not in ("dc2", "boss"):
             p.error(f"--ensembles runs one data set, dc2 or boss; got --data {a.data!r}")
         bpz = ["bpz"] if data == "dc2" else []  # no SDSS filter curves ship with RAIL
-        return stack.main(["--data", data, "--estimators", ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", *bpz]),
-                           "--stack-inputs", ",".join([*ens, "flexzboost"]), "--variants", "stack_crps,stack_logscore",
+        extra = [k.strip() for k in a.extra.split(",") if k.strip()]
+        return stack.main(["--data", data, "--estimators",
+                           ",".join(["nnc", "lstm", "embed", *ens, "flexzboost", *bpz, *extra]),
+                           "--stack-inputs", ",".join([*ens, "flexzboost"]), "--variants", a.variants,
                            "--stem", f"accuracy_{data}_ensembles", "--results", a.results]
                           + (["--load-note", a.load_note] if a.load_note else [])
+                          + (["--reuse"] if a.reuse else [])
                           + (["--quick"] if a.quick else []))
     for data in [d.strip() for d in a.data.split(",") if d.strip()]:
         if data == "boss":

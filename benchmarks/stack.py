@@ -15,19 +15,31 @@ files. Rows of the report, all scored on the test file by
 * ``linear_pool``: fitted weights, no recalibration (``recalibrate=False``);
 * ``stack_crps``: weights + beta transform, CRPS, global;
 * ``stack_crps_magbin``: the same per quartile of mag_i_lsst;
-* ``stack_logscore``: weights + beta transform, log score, global.
+* ``stack_logscore``: weights + beta transform, log score, global;
+* ``stack_logscore_magbin``: the same per quartile of mag_i_lsst.
 
 The single estimators are trained on 80% of the training file, so they are slightly
 worse than in ``accuracy_dc2``; every row here sees the same training data.
 
     python benchmarks/stack.py            # writes benchmarks/results/stack_dc2.{json,md}
     python benchmarks/stack.py --quick    # smoke run (quick configs, small subsets)
+    python benchmarks/stack.py --reuse    # retrain only rows whose recorded provenance no longer matches
+
+Provenance: every trained row leaves ``<out>/<key>_provenance.json`` beside its qp files: the
+git commit, a SHA-256 of the code that trains and estimates it (the repository modules its
+stages import, transitively, and the harness's ``deepz_compare.py``; the package version
+for FlexZBoost and BPZ), the stage classes and the row's resolved inform/estimate
+configuration (what the registry entry amounts to), the data set, split and seed, and its times. ``--reuse`` reuses a row's qp files only when that record matches the current
+code, configuration and split exactly; any other row is retrained (the reason is printed
+and recorded in the report's ``provenance``), never a silent mix. Scoring and the stacks are
+always recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import sys
 import time
@@ -43,6 +55,110 @@ ESTIMATORS = ("nnc", "lstm", "embed", "flexzboost")
 REPORT = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "eta", "crps", "pit_ks", "cde_loss", "pco"]
 
 
+# harness code every row goes through (scoring is recomputed on every run, so not included; the
+# registry enters through the resolved configuration and the stage classes it names)
+HARNESS = ("src/rail/evaluation/deepz_compare.py",)
+
+
+def _module_file(name: str, src: Path) -> Path | None:
+    base = src.joinpath(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def code_files(modules, src: Path = HERE.parent / "src") -> list[Path]:
+    """This repository's source files that ``modules`` import, transitively (every import
+    statement, including those inside functions), plus :data:`HARNESS`. Packages' ``__init__``
+    files are hashed but their imports not followed (``rail.deepz`` imports every stage module
+    only to register it with RAIL)."""
+    import ast
+
+    todo = [m for m in modules]
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        f = _module_file(name, src)
+        if f is None or name in seen:
+            continue
+        seen[name] = f
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages
+        if f.name == "__init__.py":  # hashed, not followed: rail.deepz's imports every stage to register it
+            continue
+        pkg = parts[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [al.name for al in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg[:len(pkg) - node.level + 1] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                todo += [mod] + [f"{mod}.{al.name}" for al in node.names]
+    root = src.parent
+    return sorted(set(seen.values()) | {root / h for h in HARNESS})
+
+
+def code_hash(files, root: Path = HERE.parent) -> str:
+    """SHA-256 over the repository paths and contents of ``files``."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(Path(f).relative_to(root)).encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def row_fingerprint(spec, ds, quick: bool, split: dict) -> dict:
+    """What a row's PDFs depend on: the hash of the code its stages import from this
+    repository (:func:`code_files`), the external package's version (FlexZBoost, BPZ), the
+    resolved inform/estimate configuration, data set, split and seed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    mods = [path.split(":")[0] for path in (spec.informer, spec.estimator)]
+    try:
+        pkg = f"{spec.package}=={version(spec.package)}" if spec.package else ""
+    except PackageNotFoundError:
+        pkg = f"{spec.package} (not installed)"
+    inform, estimate = spec.make_configs(ds, quick)
+    cfg = json.dumps({"inform": inform, "estimate": estimate}, sort_keys=True, default=repr)
+    return {"key": spec.key, "stages": f"{spec.informer} / {spec.estimator}",
+            "code_sha256": code_hash(code_files(mods)), "package": pkg,
+            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest(), "quick": bool(quick), **split}
+
+
+def reusable(prov_path: Path, files: tuple, fingerprint: dict) -> tuple[dict | None, str]:
+    """(recorded provenance, '') when ``files`` exist and ``prov_path`` matches ``fingerprint``;
+    (None, reason) otherwise."""
+    missing = [str(f) for f in (prov_path, *files) if not Path(f).exists()]
+    if missing:
+        return None, "missing " + ", ".join(missing)
+    rec = json.loads(Path(prov_path).read_text())
+    diff = [k for k, v in fingerprint.items() if rec.get("fingerprint", {}).get(k) != v]
+    if diff:
+        return None, "recorded provenance differs in " + ", ".join(diff)
+    return rec, ""
+
+
+def split_dataset(data: str, quick: bool = False):
+    """The benchmark's split: ``(ds, val, test, fit_idx, n_val, n_test)`` with ``ds.train`` the
+    80% the estimators are trained on and ``ds.test`` the 20% stack-validation rows followed by
+    the test file's rows (what each estimator estimates in one call); seed 0."""
+    from rail.deepz import datasets
+
+    if data == "dc2":
+        ds = datasets.load_dc2(n_train=2000 if quick else None, n_test=2000 if quick else None)
+    else:
+        ds = datasets.load_boss(n_max=6000 if quick else None)
+    n_tr = len(ds.train[ds.redshift_col])
+    perm = np.random.default_rng(0).permutation(n_tr)
+    n_val = int(round(0.2 * n_tr))
+    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    full_train, test = ds.train, ds.test
+    val = {k: np.asarray(v)[val_idx] for k, v in full_train.items()}
+    ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
+    ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
+    return ds, val, test, fit_idx, n_val, len(test[ds.redshift_col])
+
+
 def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
     import qp
 
@@ -54,8 +170,9 @@ def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--reuse", action="store_true", help="reuse the single estimators' qp files (and times) of "
-                   "an earlier run in --out / --results instead of retraining them")
+    p.add_argument("--reuse", action="store_true", help="reuse an earlier run's qp files (and times) in --out for "
+                   "each row whose recorded provenance matches the current code, configuration and split; retrain "
+                   "the others")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     p.add_argument("--stack-inputs", default="", help="the estimators the stacks combine (default: all of "
                    "--estimators)")
@@ -73,7 +190,6 @@ def main(argv=None) -> int:
 
     from rail.core.data import TableHandle
 
-    from rail.deepz import datasets
     from rail.estimation.algos import deepz_stack as dst
     from rail.evaluation import deepz_registry as reg
     from rail.evaluation.deepz_compare import compare, format_table, overall_table, run_estimator
@@ -81,34 +197,39 @@ def main(argv=None) -> int:
     out = Path(a.out + ("_quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if a.data == "dc2":
-        ds = datasets.load_dc2(n_train=2000 if a.quick else None, n_test=2000 if a.quick else None)
-    else:
-        ds = datasets.load_boss(n_max=6000 if a.quick else None)
+    ds, val, test, fit_idx, n_val, n_test = split_dataset(a.data, a.quick)
     name = {"dc2": "DC2", "boss": "SDSS BOSS"}[a.data]
-    n_tr = len(ds.train[ds.redshift_col])
-    perm = np.random.default_rng(0).permutation(n_tr)
-    n_val = int(round(0.2 * n_tr))
-    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    full_train, test = ds.train, ds.test
-    val = {k: np.asarray(v)[val_idx] for k, v in full_train.items()}
-    ds.train = {k: np.asarray(v)[fit_idx] for k, v in full_train.items()}
-    ds.test = {k: np.concatenate([val[k], np.asarray(test[k])]) for k in test}
-    n_test = len(test[ds.redshift_col])
     print(f"[stack] {name}: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
 
     keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
-    val_files, test_files, timings = {}, {}, {}
-    previous = Path(a.results) / (a.stem + ("_quick" if a.quick else "") + ".json")
+    val_files, test_files, timings, provenance = {}, {}, {}, {}
+    split = {"data": a.data, "split_seed": 0, "n_fit": int(len(fit_idx)), "n_stack_validation": n_val,
+             "n_test": n_test}
     for key in keys:
         val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
-        if a.reuse and val_files[key].exists() and test_files[key].exists():  # same split, same seed
-            timings[key] = json.loads(previous.read_text())["timings_s_under_load"][key]
-            print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]}", flush=True)
-            continue
-        path, t = run_estimator(reg.get(key), ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
+        spec = reg.get(key)
+        fp = row_fingerprint(spec, ds, a.quick, split)
+        prov_path = out / f"{key}_provenance.json"
+        if a.reuse:
+            rec, why = reusable(prov_path, (val_files[key], test_files[key]), fp)
+            if rec is not None:
+                timings[key] = rec["timings"]
+                provenance[key] = {"reused": True, "trained_at_commit": rec["git_commit"], "trained": rec["date"],
+                                   "load_note": rec.get("load_note", ""), "verification": rec.get("verification", "")}
+                print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]} (trained at "
+                      f"{rec['git_commit']}, {rec['date']}; same code, configuration and split)", flush=True)
+                continue
+            print(f"[stack] {key}: retraining ({why})", flush=True)
+        prov_path.unlink(missing_ok=True)  # no record for files being rewritten
+        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        path, t = run_estimator(spec, ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
         split_file(path, n_val, val_files[key], test_files[key])
         timings[key] = t
+        rec = {"fingerprint": fp, "git_commit": git_commit(), "date": started, "timings": t,
+               "load_note": a.load_note, "torch_threads": machine_info()["torch_threads"]}
+        prov_path.write_text(json.dumps(rec, indent=2, default=float))
+        provenance[key] = {"reused": False, "trained_at_commit": rec["git_commit"], "trained": started,
+                           "load_note": a.load_note}
     vtab = {"redshift": val[ds.redshift_col], ds.ref_band: val[ds.ref_band]}
     id_col = ds.extra.get("id_col")  # the estimates carry the input's ids: score them by id
     ttab = {"redshift": np.asarray(test[ds.redshift_col]), ds.ref_band: np.asarray(test[ds.ref_band]),
@@ -116,9 +237,10 @@ def main(argv=None) -> int:
     import h5py
 
     ttab_path = out / "test_table.hdf5"  # on disk, so that the stack estimator streams it in chunks
-    with h5py.File(ttab_path, "w") as f:
-        for k, v in ttab.items():
-            f.create_dataset(k, data=v)
+    for path, tab in ((ttab_path, ttab), (out / "val_table.hdf5", vtab)):  # (the latter for later checks)
+        with h5py.File(path, "w") as f:
+            for k, v in tab.items():
+                f.create_dataset(k, data=v)
     stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
     vin = {k: str(val_files[k]) for k in stacked}
     tin = {k: str(test_files[k]) for k in stacked}
@@ -129,6 +251,8 @@ def main(argv=None) -> int:
         "stack_crps": dict(holdout_fraction=0.25),
         "stack_crps_magbin": dict(bin_col=ds.ref_band, n_bins=4, min_bin_objects=300, holdout_fraction=0.0),
         "stack_logscore": dict(score="logscore", holdout_fraction=0.0),
+        "stack_logscore_magbin": dict(score="logscore", bin_col=ds.ref_band, n_bins=4, min_bin_objects=300,
+                                      holdout_fraction=0.0),
     }
     if a.variants:
         variants = {} if a.variants == "none" else {k: variants[k] for k in a.variants.split(",")}
@@ -160,7 +284,8 @@ def main(argv=None) -> int:
 
     estimates = {**{k: str(v) for k, v in test_files.items()},
                  **{k: str(stack_files[k]) for k in ("equal_average", "linear_pool", "stack_crps",
-                                                     "stack_crps_magbin", "stack_logscore") if k in stack_files}}
+                                                     "stack_crps_magbin", "stack_logscore", "stack_logscore_magbin")
+                    if k in stack_files}}
     res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, id_col=id_col,
                   zmin=ds.zmin,
                   zmax=ds.zmax, outdir=out / "compare", plots=False, print_table=False, progress=False)
@@ -175,6 +300,7 @@ def main(argv=None) -> int:
         "load_note": a.load_note,
         "data": a.data, "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
         "n_test": n_test, "estimators": keys, "stack_inputs": stacked, "point_estimate": "zmode", "metrics": metrics,
+        "argv": list(sys.argv if argv is None else argv), "provenance": provenance,
         "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
     }
     res_dir = Path(a.results)
@@ -191,7 +317,8 @@ def main(argv=None) -> int:
         format_table(res.table, "markdown", REPORT), "",
         "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call):", "",
         "| estimator | inform_time_s | estimate_time_s |", "|---|---|---|",
-        *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f} |" for k, t in timings.items()], "",
+        *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f}{' (' + t['note'] + ')' if t.get('note') else ''} |"
+          for k, t in timings.items()], "",
         "Fitted stacks (weights in the order " + ", ".join(stacked) + "; last row = global):", "",
     ]
     for label, m in models.items():
@@ -204,6 +331,13 @@ def main(argv=None) -> int:
                          f"{d['holdout']['n_fit']}): CRPS stack {d['stack']['crps']:.4f} vs equal "
                          f"{d['equal_weights']['crps']:.4f}; PIT KS stack {d['stack']['pit_ks']:.3f} vs equal "
                          f"{d['equal_weights']['pit_ks']:.3f}")
+    lines += ["", "Provenance of each row's PDFs (`<out>/<key>_provenance.json`; reused rows passed the code, "
+              "configuration and split check of `--reuse`):", "",
+              "| estimator | trained at commit | started (UTC) | reused |", "|---|---|---|---|",
+              *[f"| {k} | {p['trained_at_commit'][:12] if p['trained_at_commit'][0].isalnum() and ' ' not in p['trained_at_commit'] else p['trained_at_commit']}"
+                f"{'+dirty' if p['trained_at_commit'].endswith('+dirty') else ''}"
+                f" | {p['trained']} | {'yes' if p['reused'] else 'no'}"
+                f"{'; ' + p['verification'] if p.get('verification') else ''} |" for k, p in provenance.items()]]
     (res_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(format_table(res.table, "text", REPORT))
     print(f"[stack] wrote {res_dir / (stem + '.json')} and .md", flush=True)

@@ -256,3 +256,80 @@ def test_augment_options_are_checked(table, tmp_path, monkeypatch):
         DeepzNNCInformer.make_stage(name=_name("inf"), augment_depth={"mag_z": "deep"})
     with pytest.raises(ValueError, match="n_members"):
         DeepzNNCInformer.make_stage(name=_name("inf"), n_members=0)
+
+
+# ----------------------------------------------------------------- embedding MDN: calibration on the fixed grid
+
+
+def _grid_basis():
+    from rail.deepz.mixtures import fixed_grid_centers
+
+    centers = fixed_grid_centers(0.0, 3.0, 200)
+    return centers, (centers[1] - centers[0]) / 2.0  # the default derived width (basis_spacing 2)
+
+
+def test_embed_width_factor_never_narrows_the_basis_into_a_comb():
+    """DC2's embed_x3_widthcal: the PIT-KS width factor was 0.44, i.e. Gaussians ~4.5 widths
+    apart, and the CDE loss turned positive (+5.9). Here the PITs are over-dispersed in the way
+    that makes an unbounded fit narrow the components (the truth uniform within the cell of a
+    one-component PDF): the factor must still keep the spacing <= basis_spacing widths."""
+    from rail.deepz.calibration import fit_sigma_scale
+    from rail.estimation.algos.deepz_embed import fit_basis_width_factor
+
+    centers, sigma = _grid_basis()
+    d = centers[1] - centers[0]
+    rng = np.random.default_rng(0)
+    n = 3000
+    k = rng.integers(20, 180, n)
+    w = np.zeros((n, centers.size))
+    w[np.arange(n), k] = 1.0
+    z = centers[k] + rng.uniform(-d / 2, d / 2, n)
+    grid = np.broadcast_to(centers, w.shape)
+    unbounded = fit_sigma_scale(w, grid, np.full(w.shape, sigma), z)
+    assert unbounded < 0.9  # the premise: what the former code stored
+    f = fit_basis_width_factor(w, centers, sigma, z, basis_spacing=2.0)
+    assert f >= 1.0 - 1e-12 and d <= 2.0 * sigma * f * (1 + 1e-9)
+    g = fit_basis_width_factor(w, centers, sigma, z, basis_spacing=4.0)  # a looser rule allows 0.5
+    assert 0.5 - 1e-12 <= g < 1.0 and d <= 4.0 * sigma * g * (1 + 1e-9)
+
+
+def test_embed_weight_temperature_sharpens_an_overdispersed_pool():
+    from rail.deepz.calibration import ks_uniform
+    from rail.deepz.pdf import fixed_grid_pit
+    from rail.estimation.algos.deepz_embed import fit_weight_temperature
+
+    centers, sigma = _grid_basis()
+    rng = np.random.default_rng(1)
+    n = 4000
+    mu = rng.uniform(0.6, 2.4, n)
+    z = mu + rng.normal(0, 0.05, n)  # truth ~ N(mu, 0.05); the members say N(mu +- 0.01, 0.1)
+    members = []
+    for shift in (-0.01, 0.01):
+        w = np.exp(-0.5 * ((centers[None, :] - mu[:, None] - shift) / 0.1) ** 2)
+        members.append((w / w.sum(1, keepdims=True)).astype(np.float32))
+    ks_raw = ks_uniform(fixed_grid_pit(np.mean(members, axis=0), centers, sigma, z))
+    t, pooled = fit_weight_temperature(members, centers, z)
+    # w^(1/T) of a Gaussian envelope is one sqrt(T) times as wide: T near (0.05 / 0.1)^2
+    assert 0.15 < t < 0.4
+    np.testing.assert_allclose(pooled.sum(1), 1.0, rtol=1e-5)
+    ks_cal = ks_uniform(fixed_grid_pit(pooled, centers, sigma, z))
+    assert ks_raw > 0.1 and ks_cal < ks_raw / 3
+
+
+def test_embed_calibrated_models_estimate_what_they_fitted(table, tmp_path, monkeypatch):
+    """width_calibration on real (tiny) training: the width factor respects the spacing rule,
+    and the estimator applies a stored temperature as w^(1/T), renormalised."""
+    monkeypatch.chdir(tmp_path)
+    wid = _inform("embed", table, n_members=2, width_calibration="pit_ks")
+    arch = wid["arch"]
+    spacing = 3.0 / (arch["n_components"] - 1)
+    assert spacing <= 2.0 * arch["sigma"] * wid.get("sigma_scale", 1.0) * (1 + 1e-9)
+    tem = _inform("embed", table, n_members=2, width_calibration="temperature")
+    assert "sigma_scale" not in tem and tem.get("temperature", 1.0) > 0
+    assert "val_pit_ks_pooled" in tem["ensemble_diagnostics"]
+    single = _inform("embed", table, n_members=1)
+    plain = _estimate("embed", single, table)
+    tempered = _estimate("embed", dict(single, temperature=0.5), table)
+    w0, w1 = (np.asarray(e.objdata["weights"], dtype=np.float64) for e in (plain, tempered))
+    expect = w0 ** 2 / (w0 ** 2).sum(1, keepdims=True)
+    np.testing.assert_allclose(w1, expect, atol=2e-6)

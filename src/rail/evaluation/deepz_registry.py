@@ -409,6 +409,8 @@ for _base in ("nnc", "lstm", "embed"):
             augment_errors=True)
 variant("embed", "embed_x3_widthcal", "deep ensemble of 3 + pooled width calibration", n_members=3,
         width_calibration="pit_ks")
+variant("embed", "embed_x3_tempcal", "deep ensemble of 3 + temperature of the pooled weights", n_members=3,
+        width_calibration="temperature")
 
 # ----------------------------------------------------------------- peers: other RAIL estimators
 # Stage defaults throughout (the harness runs what users get); only the shared options are set.
