@@ -9,7 +9,9 @@ Two ways in:
     training table and run on the test table (both timed); the qp files go to ``outdir``.
 
 Either way the estimates are streamed chunk by chunk through
-:mod:`rail.evaluation.deepz_metrics`, and ``outdir`` receives
+:mod:`rail.evaluation.deepz_metrics`; a truth HDF5 file is read in slices alongside them
+(:mod:`rail.evaluation.deepz_truth`: memory flat in the number of objects, unless an estimate's
+ids are in another order, which needs the whole columns), and ``outdir`` receives
 
 * ``metrics.csv`` and ``metrics.hdf5``: one tidy table, columns
   ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
@@ -484,7 +486,8 @@ def compare(
         Mode (a): existing estimates, rows aligned with ``truth``.
     truth : path, numpyDict or DataFrame
         Mode (a): the table with the true redshifts (``redshift_col``) and, for the
-        magnitude bins, ``mag_col``.
+        magnitude bins, ``mag_col``. An HDF5 file is read in slices (bounded memory; see
+        :mod:`rail.evaluation.deepz_truth`); other tables are held whole.
     data : str or Dataset, optional
         Mode (b): a preset name of :mod:`rail.deepz.datasets` (``dc2``, ``boss``, ``zcosmos``)
         or a :class:`~rail.deepz.datasets.Dataset` built from your files

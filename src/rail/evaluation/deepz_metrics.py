@@ -25,8 +25,8 @@ arrays are kept only on request (``per_object=True``: :meth:`MetricAccumulator.p
 66 bytes per object) for callers that resample or subset objects; :func:`summarize_group`
 computes the metrics of such arrays exactly (numpy, scipy's statistics as qp calls them) and
 is the reference of the tests. PDFs are evaluated in blocks of ``_BLOCK`` rows and never all
-held at once. The truth table (``ztrue``, ``mag``: 16 bytes per object) is still read whole
-by the callers (ids are matched on it).
+held at once. The truth columns come whole (arrays) or, from an HDF5 file whose ids follow the
+estimate's rows, slice by slice with its chunks (:mod:`rail.evaluation.deepz_truth`).
 
 Direct paths: ``qp.hist``, ``qp.interp`` and ``qp.mixmod`` estimates are read and evaluated
 from their stored parameters by :mod:`rail.evaluation.deepz_pdfblock` (equal to qp's values
