@@ -159,9 +159,14 @@ def main(argv=None) -> int:
     out = Path(a.out + ("_quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()  # the code that runs: read at the start
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    ds = datasets.load_boss(n_max=4000 if a.quick else None)
+    try:
+        ds = datasets.load_boss(n_max=4000 if a.quick else None)
+    except FileNotFoundError as err:
+        print(f"[depth] needs the SDSS BOSS DR10 files: {err}", flush=True)
+        return 1
     ds.train = datasets.subsample(ds.train, a.n_train or None, seed=3)
     n_tr, n_te = len(ds.train[ds.redshift_col]), len(ds.test[ds.redshift_col])
     m5_train = depth_from_errors(measured(ds, ds.train))
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
     summary = {c: seed_summary(metrics[c], seeds) for c in COPIES}
     wall = time.perf_counter() - t_start
     report = {
-        "benchmark": "depth_augment", "date": when, "git_commit": git_commit(), "machine": machine_info(),
+        "benchmark": "depth_augment", "date": when, "git_commit": commit, "machine": machine_info(),
         "load_note": a.load_note, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "wall_time_s": wall, "data": "boss", "quick": a.quick, "n_train": n_tr, "n_test": n_te, "seeds": seeds,
         "shallower_mag": a.shallower, "depth_split_mag": a.depth_split, "m5_train": m5_train,
