@@ -32,9 +32,9 @@ import qp
 from qp.utils.array import get_bin_indices
 from scipy.special import ndtr
 
-from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.pdf import ensemble_pit, mixture_pdf_on_grid
-from rail.deepz.pdf import representation as _kind
+from rail.deepz.gmm import gmm_crps_numpy, mixture_cdf_on_grid, mixture_pdf_on_grid
+from rail.deepz.qputils import ensemble_pit
+from rail.deepz.qputils import representation as _kind
 
 _BLOCK = 2048  # rows per block of grid evaluations (memory: a few x _BLOCK x grid floats)
 DIRECT_KINDS = ("hist", "interp", "mixmod")
@@ -133,13 +133,8 @@ def crps_qp(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.
 
 
 def _cumsum_rows(m: np.ndarray) -> np.ndarray:
-    """``np.cumsum(m, axis=1)`` computed in place in ``m`` (a float64 C-contiguous array) by
-    torch's cumsum: the same additions in the same order (equal bit for bit,
-    ``tests/test_metrics_fast.py``), about twice as fast as NumPy's along rows."""
-    import torch
-
-    torch.from_numpy(m).cumsum_(1)
-    return m
+    """``np.cumsum(m, axis=1)`` computed in place in ``m`` (a float64 C-contiguous array)."""
+    return np.cumsum(m, axis=1, out=m)
 
 
 def _interp_weights(x: np.ndarray, grid: np.ndarray):
@@ -328,7 +323,7 @@ class PDFBlock:
         """CDFs on one ``grid`` (G,) -> (n, G) float64, ``_BLOCK`` rows at a time: hist/interp
         linear between the nodes of the CDF built by cumulative sums (0 below the first node,
         1 from the last: :meth:`cdf_at`'s rule), Gaussian mixtures in closed form
-        (``rail.deepz.pdf._mixture_at``, float64), qp's ``cdf`` otherwise. Rows that cannot be
+        (:func:`rail.deepz.gmm.mixture_cdf_on_grid`, float64), qp's ``cdf`` otherwise. Rows that cannot be
         normalised (``bad``) are NaN."""
         grid = np.asarray(grid, dtype=np.float64).reshape(-1)
         out = np.empty((self.n, grid.size))
@@ -345,15 +340,8 @@ class PDFBlock:
                 c[b.bad] = np.nan
                 out[s:e] = c
             elif self.kind == "mixmod":
-                import torch
-
-                from rail.deepz.pdf import _mixture_at
-
-                w, mu, sd = (torch.as_tensor(a, dtype=torch.float64) for a in b.mix)
-                with torch.no_grad(), np.errstate(invalid="ignore"):
-                    x = torch.as_tensor(grid).expand(e - s, -1)
-                    out[s:e] = _mixture_at(w, mu, torch.where(torch.as_tensor(b.bad)[:, None], 1.0, sd), x,
-                                           pdf=False)[1].numpy()
+                w, mu, sd = b.mix
+                out[s:e] = mixture_cdf_on_grid(w, mu, np.where(b.bad[:, None], 1.0, sd), grid)
                 out[s:e][b.bad] = np.nan
             else:
                 out[s:e] = np.asarray(b.ens.cdf(grid), dtype=np.float64).reshape(e - s, -1)
@@ -393,12 +381,10 @@ class PDFBlock:
 
 
 def _mixture_grid(w, mu, s, grid, float32: bool) -> np.ndarray:
-    """Mixture densities on a grid: :func:`rail.deepz.pdf.mixture_pdf_on_grid`, in float32 if
+    """Mixture densities on a grid: :func:`rail.deepz.gmm.mixture_pdf_on_grid`, in float32 if
     asked (faster), densities within ~2e-6 of the object's largest density (float32
     rounding of (z - mu)/sigma), 0 instead of densities below ~1e-35."""
-    import torch
-
-    return mixture_pdf_on_grid(w, mu, s, grid, dtype=torch.float32 if float32 else torch.float64)
+    return mixture_pdf_on_grid(w, mu, s, grid, dtype=np.float32 if float32 else np.float64)
 
 
 def ensemble_pdf(ens: qp.Ensemble, grid) -> np.ndarray:
