@@ -66,7 +66,8 @@ def run_seed(seed: int, estimators: str, quick: bool, out_root: Path) -> dict:
     # the paper's convention: the PDF mean as point estimate, on the same qp files
     paper_res = compare(estimates=dict(res.estimates), truth=ds.test, redshift_col=ds.redshift_col, mag_col=ds.ref_band,
                         zmin=ds.zmin, zmax=ds.zmax, id_col=ds.extra.get("id_col"), point_estimate="zmean",
-                        outdir=outdir / "zmean", plots=False, print_table=False, progress=False)
+                        outdir=outdir / "zmean", plots=False, print_table=False, progress=False,
+                        per_object=True)
     paper = _rows(paper_res.table, PAPER)
     for est, po in paper_res.per_object.items():
         paper.setdefault(est, {}).update(paper_metrics(po))

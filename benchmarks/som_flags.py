@@ -229,7 +229,8 @@ def run(data, quick, out_root, results):
     overall, subsets = {}, {}
     for key, path in estimates.items():
         _log(f"metrics {key}")
-        po = dm.accumulate_estimate(path, ztrue, config=cfg, chunk_size=5000, label=key).per_object()
+        po = dm.accumulate_estimate(path, ztrue, config=cfg, chunk_size=5000, label=key,
+                                     per_object=True).per_object()
         allm = dm.summarize_group(po)
         overall[key] = {m: float(allm[m]) for m in OVERALL_METRICS}
         subsets[key] = _subset_table(po, flags[key])

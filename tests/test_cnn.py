@@ -22,8 +22,10 @@ from rail.deepz.images import (
 )
 from rail.deepz.modelfile import load_model
 from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.photometry import BadPhotometryError
+from rail.deepz.pdf import MASS_TOL, pdf_ok
+from rail.deepz.photometry import BadPhotometryError, mag_err_to_flux_err, mag_to_flux
 from rail.deepz.pointmetrics import eta
+from rail.deepz.scaling import Standardizer
 from rail.deepz.stages import ModelFormatError
 from rail.estimation.algos.deepz_cnn import (
     DeepzCNNEstimator,
@@ -300,6 +302,121 @@ def test_default_config_is_the_seed_ensemble(trained):
     assert m["ensemble"] == "seeds" and "pool" not in m
     assert m["member_n_components"] == [3, 3] and m["member_losses"] == ["crps", "crps"]
     np.testing.assert_allclose(m["member_weights"], [0.5, 0.5])
+
+
+# ------------------------------------------------------------ error-aware augmentation
+
+AUG = dict(TINY, epochs=2, n_members=2, conv_channels=[4], augment=False)
+
+
+def test_augment_options_are_checked_and_say_what_the_stamps_get(dc2):
+    cat = _cat_config(dc2)
+    with pytest.raises(ValueError, match=r"augment_depth.*\['mag_Y'\].*not in 'bands'"):  # refused when made
+        DeepzCNNInformer.make_stage(name=_name("inf"), **cat, **AUG, augment_depth={"mag_Y": 24.0})
+    for bad in ("deep", float("nan"), 80.0, True):
+        with pytest.raises(ValueError, match="augment_depth.*mag_z_lsst"):
+            DeepzCNNInformer.make_stage(name=_name("inf"), **cat, **AUG, augment_depth={"mag_z_lsst": bad})
+    with pytest.raises(ValueError, match="augment_errors"):
+        DeepzCNNInformer.make_stage(name=_name("inf"), **cat, **AUG, augment_errors="yes")
+    opts = DeepzCNNInformer.config_options
+    for key in ("augment_errors", "augment_depth"):  # the decision about the images is in the help
+        assert "image stamps" in opts[key].msg and "extra_features" in opts[key].msg
+
+
+def _capture_epochs(monkeypatch, n_epochs):
+    """Replace deepz_cnn.train_model by a wrapper that records, per member, the training inputs
+    and ``n_epochs`` draws of its resampler (then trains as usual)."""
+    import rail.deepz.training
+    import rail.estimation.algos.deepz_cnn as mod
+
+    real, calls = rail.deepz.training.train_model, []
+
+    def spy(net, loss, train_inputs, *args, resample=None, **kw):
+        draws = [resample(e) for e in range(n_epochs)] if resample is not None else []
+        calls.append({"train": train_inputs, "draws": draws})
+        return real(net, loss, train_inputs, *args, resample=resample, **kw)
+
+    monkeypatch.setattr(mod, "train_model", spy)
+    return calls
+
+
+def test_augmentation_redraws_catalog_features_each_epoch_within_their_errors(dc2, monkeypatch):
+    """The catalog branch's magnitudes are redrawn each epoch as N(f, sigma_f) in flux (mean within
+    the errors); the stamps and the extra_features columns stay the measured ones; members draw
+    from their own seeds, and the draws repeat with the same seed."""
+    rng = np.random.default_rng(0)
+    table = {k: v[:1000] for k, v in dc2.train.items()}
+    table["extra_col"] = rng.normal(size=1000)
+    cfg = dict(AUG, epochs=1, extra_features=["extra_col"], augment_errors=True)
+    runs = []
+    for _ in range(2):
+        calls = _capture_epochs(monkeypatch, 6)
+        inf = DeepzCNNInformer.make_stage(name=_name("inf"), **_cat_config(dc2), **cfg)
+        inf.inform(table)
+        runs.append(calls)
+    calls = runs[0]
+    assert len(calls) == 2 and all(len(c["draws"]) == 6 for c in calls)
+    for a, b in zip(calls, runs[1]):  # seeded: the same draws again
+        for da, db in zip(a["draws"], b["draws"]):
+            np.testing.assert_array_equal(da[0], db[0])
+    assert not np.array_equal(calls[0]["draws"][0][0], calls[1]["draws"][0][0])  # members: own seeds
+    nb = len(dc2.bands)
+    scaler = Standardizer.from_dict(inf.model["scalers"]["x"])
+    measured = calls[0]["train"][0] * scaler.std + scaler.mean  # unscaled features of the training rows
+    m, err = measured[:, :nb].astype(np.float64), measured[:, 2 * nb - 1:3 * nb - 1].astype(np.float64)
+    draws = [d[0] * scaler.std + scaler.mean for d in calls[0]["draws"]]
+    for d in calls[0]["draws"]:
+        assert d[1] is calls[0]["train"][1]  # the measured (preprocessed) stamps, every epoch
+        np.testing.assert_array_equal(d[0][:, -1], calls[0]["train"][0][:, -1])  # extra column untouched
+    assert not np.allclose(draws[0][:, :nb], draws[1][:, :nb])  # a new realisation each epoch
+    # bright detections (S/N > 10): no draw is lost, flux offsets are N(0, sigma_f)
+    f = mag_to_flux(m)
+    sig = mag_err_to_flux_err(f, err)
+    sel = (err > 0.003) & (err < 0.1)
+    zs = np.stack([(mag_to_flux(d[:, :nb].astype(np.float64)) - f) / sig for d in draws])[:, sel]
+    n = zs.size
+    assert n > 5000
+    # (+0.01: the draws are read back from float32 standardised features)
+    assert abs(zs.mean()) < 6 / np.sqrt(n) and abs(zs.std() - 1) < 6 / np.sqrt(2 * n) + 0.01
+    # per object, the mean of the draws lies within its error of the measurement (6 standard errors)
+    assert np.all(np.abs(zs.mean(axis=0)) < 6 / np.sqrt(len(draws)))
+
+
+def test_augmented_cnn_trains_deterministically_and_estimates(dc2):
+    table = {k: v[:600] for k, v in dc2.train.items()}
+    aug = dict(AUG, augment_errors=True, augment_depth={"mag_z_lsst": 24.0})
+    models = []
+    for cfg in (aug, aug, AUG):
+        inf = DeepzCNNInformer.make_stage(name=_name("inf"), **_cat_config(dc2), **cfg)
+        inf.inform(table)
+        models.append(inf)
+    a, b, plain = (i.model["member_state_dicts"] for i in models)
+    for ma, mb in zip(a, b):  # seeded, one thread: bit for bit
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[0][k], plain[0][k]) for k in a[0] if a[0][k].is_floating_point())
+    test = {k: v[:150] for k, v in dc2.test.items()}
+    ens = _estimate(models[0].get_handle("model"), test)
+    assert ens.npdf == 150 and pdf_ok(ens, MASS_TOL, (0.0, 3.0)).all()
+    assert np.all(np.isfinite(ens.ancil["zmode"]))
+
+
+def test_augmented_pool_members_draw_with_their_own_seeds(dc2, monkeypatch):
+    import rail.estimation.algos.deepz_cnn as mod
+
+    real, seeds = mod.make_resampler, []
+
+    def spy(config, settings, phot, rows, seed, make_inputs):
+        seeds.append(seed)
+        return real(config, settings, phot, rows, seed, make_inputs)
+
+    monkeypatch.setattr(mod, "make_resampler", spy)
+    table = {k: v[:400] for k, v in dc2.train.items()}
+    inf = DeepzCNNInformer.make_stage(name=_name("inf"), **_cat_config(dc2), **dict(POOL, augment_errors=True))
+    inf.inform(table)
+    pool = inf.model["pool"]
+    assert seeds == [s["seed"] for s in pool["members"]] == list(range(5, 9))
+    assert len(pool["selected"]) == 2 and abs(sum(inf.model["member_weights"]) - 1) < 1e-9
 
 
 # ------------------------------------------------------------------ PICZL's pool recipe

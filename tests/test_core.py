@@ -21,7 +21,17 @@ from rail.deepz.mixtures import (
     gmm_nll,
 )
 from rail.deepz.pdf import binned_ensemble, grid_summaries, mixture_ensemble, mixture_summaries
-from rail.deepz.photometry import BadPhotometryError, check_model_bands, extract_photometry
+from rail.deepz.photometry import (
+    FLUX_ZEROPOINTS,
+    MAG_ERR_FACTOR,
+    BadPhotometryError,
+    check_model_bands,
+    extract_photometry,
+    flux_err_to_mag_err,
+    flux_to_mag,
+    mag_err_to_flux_err,
+    mag_to_flux,
+)
 from rail.deepz.scaling import Standardizer
 from rail.deepz.training import TrainConfig, fuse_linear_batchnorm, resolve_device, split_indices, train_model
 
@@ -123,6 +133,37 @@ def test_photometry_flux_units_roundtrip():
         assert not ph.valid[3, 0] and ph.mags[3, 0] == pytest.approx(27.0)  # flux <= 0
         f2, fe2 = ph.fluxes(unit)
         np.testing.assert_allclose(f2[:3, 0], flux, rtol=1e-4)
+
+
+def _bits(a):
+    return np.frombuffer(np.asarray(a).tobytes(), np.uint8), np.asarray(a).dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_mag_flux_helpers_are_the_formulas_they_replaced(dtype):
+    """One home for AB magnitude <-> flux: bit-for-bit the inline formulas of augment, photometry,
+    scenes, images and datasets (same dtype out), and each other's inverse."""
+    rng = np.random.default_rng(3)
+    m = rng.uniform(10, 30, 1000).astype(dtype)
+    e = rng.uniform(0.001, 2, 1000).astype(dtype)
+    f = rng.lognormal(2, 3, 1000).astype(dtype)
+    for zp in (0.0, *FLUX_ZEROPOINTS.values()):
+        pairs = [(mag_to_flux(m, zp), 10.0 ** (-0.4 * (m - zp))), (flux_to_mag(f, zp), -2.5 * np.log10(f) + zp),
+                 (flux_to_mag(f, zp), zp - 2.5 * np.log10(f))]  # datasets' former ordering
+        for got, want in pairs:
+            assert _bits(got)[1] == dtype
+            np.testing.assert_array_equal(*(b[0] for b in (_bits(got), _bits(want))))
+        np.testing.assert_allclose(flux_to_mag(mag_to_flux(m.astype(np.float64), zp), zp), m, rtol=1e-12)
+    np.testing.assert_array_equal(_bits(mag_to_flux(m))[0], _bits(10.0 ** (-0.4 * m))[0])  # augment's form
+    np.testing.assert_array_equal(_bits(mag_err_to_flux_err(f, e))[0], _bits(f * e / MAG_ERR_FACTOR)[0])
+    for factor in (MAG_ERR_FACTOR, 2.5 / np.log(10)):  # scenes wrote 2.5 / np.log(10)
+        np.testing.assert_array_equal(_bits(flux_err_to_mag_err(f, e))[0], _bits(factor * e / f)[0])
+    assert MAG_ERR_FACTOR == pytest.approx(1.0857362, abs=1e-7)
+    # a 5-sigma depth of m5 = a flux error of f(m5) / 5, on Python floats as augment computes it
+    assert isinstance(mag_to_flux(24.0), float) and mag_to_flux(24.0) / 5.0 == 10.0 ** (-0.4 * 24.0) / 5.0
+    # first-order error propagation: a 1% flux error is 0.01086 mag, and back
+    np.testing.assert_allclose(flux_err_to_mag_err(f, 0.01 * f), 0.01 * MAG_ERR_FACTOR, rtol=1e-6)
+    np.testing.assert_allclose(mag_err_to_flux_err(f, flux_err_to_mag_err(f, 0.01 * f)), 0.01 * f, rtol=1e-6)
 
 
 def test_features_and_colors():

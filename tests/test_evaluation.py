@@ -110,9 +110,9 @@ def test_chunked_equals_one_shot(tmp_path):
     path = tmp_path / "est.hdf5"
     hist.write_to(str(path))
     cfg = dm.MetricConfig.for_range(0.0, 3.0)
-    one = dm.MetricAccumulator(cfg)
+    one = dm.MetricAccumulator(cfg, per_object=True)
     one.add(hist, z, mag)
-    chunked = dm.accumulate_estimate(str(path), z, mag, config=cfg, chunk_size=137)
+    chunked = dm.accumulate_estimate(str(path), z, mag, config=cfg, chunk_size=137, per_object=True)
     a, b = one.per_object(), chunked.per_object()
     for k in dm.PER_OBJECT_KEYS:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12, err_msg=k)

@@ -71,7 +71,7 @@ def test_direct_path_equals_qp(kind):
     ens = MAKERS[kind](rng)
     z = _truth(rng)
     cfg = dm.MetricConfig.for_range(0.0, 3.0)
-    direct, ref = dm.MetricAccumulator(cfg), dm.MetricAccumulator(cfg)
+    direct, ref = dm.MetricAccumulator(cfg, per_object=True), dm.MetricAccumulator(cfg, per_object=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         direct.add(ens, z)
@@ -83,7 +83,7 @@ def test_direct_path_equals_qp(kind):
     for key in ("cde1", "cde2", "brier"):
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-12, err_msg=key)
     if kind == "mixmod":  # and exactly qp's values in float64
-        exact = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False))
+        exact = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False), per_object=True)
         exact.add(ens, z)
         for key in ("cde1", "cde2", "brier"):
             np.testing.assert_allclose(exact.per_object()[key], b[key], rtol=1e-10, atol=1e-12, err_msg=key)
@@ -131,8 +131,8 @@ def test_file_read_with_h5py_equals_ensemble(kind, tmp_path):
     cfg = dm.MetricConfig.for_range(0.0, 3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = dm.accumulate_estimate(str(path), z, config=cfg, chunk_size=123).per_object()
-        b = dm.accumulate_estimate(ens, z, config=cfg, chunk_size=10_000).per_object()
+        a = dm.accumulate_estimate(str(path), z, config=cfg, chunk_size=123, per_object=True).per_object()
+        b = dm.accumulate_estimate(ens, z, config=cfg, chunk_size=10_000, per_object=True).per_object()
     for key in dm.PER_OBJECT_KEYS:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-14, err_msg=key)
 
@@ -147,7 +147,7 @@ def test_other_representations_use_qp(tmp_path):
     z = rng.uniform(0.2, 2.5, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        po = dm.accumulate_estimate(str(path), z, config=dm.MetricConfig.for_range(0.0, 3.0)).per_object()
+        po = dm.accumulate_estimate(str(path), z, config=dm.MetricConfig.for_range(0.0, 3.0), per_object=True).per_object()
         ref = dm.pit_values(ens, z)
     np.testing.assert_allclose(po["pit"], ref, atol=1e-12)
     assert np.isfinite(po["crps"]).all()
@@ -189,7 +189,7 @@ def test_nan_pdfs_raise_by_default_and_are_counted_when_excluded(tmp_path):
     assert t.loc["n_bad_pdf", "value"] == 10 and t.loc["n_bad_truth", "value"] == 0
     assert t.loc["eta", "n"] == 390  # the metrics are of the 390 good rows, and say so
     good = np.setdiff1d(np.arange(400), bad)
-    po = dm.accumulate_estimate(str(path), z, exclude_bad=True).per_object()
+    po = dm.accumulate_estimate(str(path), z, exclude_bad=True, per_object=True).per_object()
     assert np.isnan(po["pit"][bad]).all() and np.isnan(po["zphot"][bad]).all()
     assert t.loc["rail_outlier_rate", "value"] == pytest.approx(
         dm.rail_point_metrics(po["zphot"][good], z[good])["rail_outlier_rate"])
@@ -221,7 +221,7 @@ def test_nan_truths_raise_by_default_and_are_counted_when_excluded(tmp_path):
     z[[3, 50, 199]] = np.nan
     with pytest.raises(ValueError, match=r"3 true redshifts are not finite \(rows 3, 50, 199\)"):
         dm.accumulate_estimate(ens, z)
-    po = dm.accumulate_estimate(ens, z, exclude_bad=True).per_object()
+    po = dm.accumulate_estimate(ens, z, exclude_bad=True, per_object=True).per_object()
     rows = {r["metric"]: r for r in dm.tidy_metrics(po, "x", np.linspace(0, 3, 4)) if r["bin_type"] == "all"}
     assert rows["n_bad_truth"]["value"] == 3 and rows["crps"]["n"] == 197
     assert np.isfinite(rows["crps"]["value"])
@@ -318,7 +318,7 @@ def test_point_estimates_computed_when_not_in_the_ancil():
     ens = _hist(rng, 40)
     z = rng.uniform(0.0, 3.0, 40)
     for key, ref in (("zmode", lambda: ens.mode(grid=np.linspace(0.0, 3.0, 301))), ("zmedian", ens.median)):
-        acc = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, point_estimate=key))
+        acc = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, point_estimate=key), per_object=True)
         acc.add(ens, z)
         np.testing.assert_allclose(acc.per_object()["zphot"], np.asarray(ref()).ravel(), rtol=1e-12)
     with pytest.raises(KeyError, match="zfoo"):
@@ -352,8 +352,9 @@ def test_mixture_closed_form_sums_equal_the_grid_sums():
     ens.set_ancil({"zmode": mu[:, 0]})
     z = _truth(rng, n)
     cfg = dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False)
-    closed = dm.MetricAccumulator(cfg)
-    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False, mixture_closed_form=False))
+    closed = dm.MetricAccumulator(cfg, per_object=True)
+    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False, mixture_closed_form=False),
+                                per_object=True)
     closed.add(ens, z)
     grid.add(ens, z)
     a, b = closed.per_object(), grid.per_object()
@@ -433,8 +434,8 @@ def test_tabulated_quadratic_sums_equal_the_grid_sums(kind):
     ens.set_ancil({"zmode": rng.uniform(0, 3, n)})
     z = _truth(rng, n)
     z[:5] = [0.0, 3.0, 0.05, 2.95, x[7]]  # grid ends, outside the support, on a node
-    quad = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0))
-    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, tabulated_quadratic=False))
+    quad = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0), per_object=True)
+    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, tabulated_quadratic=False), per_object=True)
     quad.add(ens, z)
     grid.add(ens, z)
     assert quad._quadratic(dm.PDFBlock.from_ensemble(ens)) and not grid._quadratic(dm.PDFBlock.from_ensemble(ens))

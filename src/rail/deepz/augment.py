@@ -31,7 +31,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .photometry import MAG_ERR_FACTOR, VALID_MAG_RANGE, Photometry
+from .photometry import (
+    VALID_MAG_RANGE,
+    Photometry,
+    flux_err_to_mag_err,
+    flux_to_mag,
+    mag_err_to_flux_err,
+    mag_to_flux,
+)
 from .stages import Option
 
 
@@ -57,6 +64,14 @@ AUGMENT_OPTIONS = dict(
 )
 
 
+def augment_options(note: str = "") -> dict:
+    """Fresh copies of :data:`AUGMENT_OPTIONS` for a stage's ``config_options``, with ``note``
+    appended to each option's help (e.g. what a method does with inputs that are not
+    photometry, such as the image CNN's stamps)."""
+    return {k: Option(o.dtype, o.default, fmt=o._format, required=o.required, msg=o.msg + note, check=o.check)
+            for k, o in AUGMENT_OPTIONS.items()}
+
+
 def check_augment_options(config, bands: Sequence[str]) -> bool:
     """Whether the stage augments; refuses an ``augment_depth`` band that is not in ``bands``."""
     depth = dict(config["augment_depth"] or {})
@@ -77,12 +92,12 @@ def resample_photometry(phot: Photometry, rng: np.random.Generator, settings: Ma
     mags = phot.mags.astype(np.float64)
     errs = phot.errs.astype(np.float64)
     valid = phot.valid.copy()
-    flux = 10.0 ** (-0.4 * mags)
-    sig = flux * errs / MAG_ERR_FACTOR
+    flux = mag_to_flux(mags)
+    sig = mag_err_to_flux_err(flux, errs)
     noise = rng.standard_normal(mags.shape) * sig if errors else np.zeros_like(mags)
     new_sig = sig
     if depth:
-        sig_t = np.array([10.0 ** (-0.4 * float(depth[b])) / 5.0 if b in depth else 0.0 for b in phot.bands])
+        sig_t = np.array([mag_to_flux(float(depth[b])) / 5.0 if b in depth else 0.0 for b in phot.bands])
         new_sig = np.maximum(sig, sig_t[None, :])
         extra = np.sqrt(np.maximum(new_sig ** 2 - sig ** 2, 0.0))
         noise = noise + rng.standard_normal(mags.shape) * extra
@@ -91,8 +106,8 @@ def resample_photometry(phot: Photometry, rng: np.random.Generator, settings: Ma
     limits = dict(settings.get("mag_limits", {}))
     lim = np.array([float(limits.get(b, np.inf)) for b in phot.bands])
     with np.errstate(divide="ignore", invalid="ignore"):
-        m_new = np.where(f_new > 0, -2.5 * np.log10(np.where(f_new > 0, f_new, 1.0)), np.inf)
-        e_new = np.minimum(MAG_ERR_FACTOR * new_sig / np.where(f_new > 0, f_new, 1.0),
+        m_new = np.where(f_new > 0, flux_to_mag(np.where(f_new > 0, f_new, 1.0)), np.inf)
+        e_new = np.minimum(flux_err_to_mag_err(np.where(f_new > 0, f_new, 1.0), new_sig),
                            float(settings.get("max_mag_err", np.inf)))
     drawn_bad = (f_new <= 0) | (m_new <= lo) | (m_new >= hi) | (m_new > lim[None, :])
     can_flag = settings.get("missing_policy", "limit") != "raise"

@@ -37,6 +37,8 @@ from typing import Callable
 
 import numpy as np
 
+from .photometry import FLUX_ZEROPOINTS, flux_to_mag
+
 LSST_BANDS = list("ugrizy")
 
 
@@ -681,7 +683,7 @@ PICZL_NO_COLOUR = -99.0
 
 def _nmgy_mag(flux):
     with np.errstate(divide="ignore", invalid="ignore"):
-        return 22.5 - 2.5 * np.log10(flux)
+        return flux_to_mag(flux, FLUX_ZEROPOINTS["nanomaggies"])
 
 
 def read_piczl_inputs(folder, planes=("observed",), catalog: str = PICZL_CATALOG, size: int = 23) -> tuple[dict, dict]:

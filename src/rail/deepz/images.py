@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .photometry import FLUX_ZEROPOINTS
+from .photometry import FLUX_ZEROPOINTS, mag_to_flux
 
 BAD_PIXEL_POLICIES = ("raise", "zero")
 # half-light radius of an exponential profile in units of its scale length
@@ -154,7 +154,7 @@ def mag_to_njy(mags: np.ndarray) -> np.ndarray:
     """AB magnitudes -> flux in nJy; non-finite or >= 50 mag (non-detections) -> 0."""
     m = np.asarray(mags, dtype=np.float64)
     ok = np.isfinite(m) & (m < 50.0)
-    return np.where(ok, 10.0 ** (-0.4 * (np.where(ok, m, 0.0) - FLUX_ZEROPOINTS["nJy"])), 0.0)
+    return np.where(ok, mag_to_flux(np.where(ok, m, 0.0), FLUX_ZEROPOINTS["nJy"]), 0.0)
 
 
 def pixel_noise_njy(mag_limit: float, psf_fwhm: float) -> float:

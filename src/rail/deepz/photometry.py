@@ -5,7 +5,8 @@ Everything that turns catalog columns into numbers a network may see goes throug
 
 * Inputs are magnitudes (AB) with magnitude errors, or fluxes with flux errors in
   ``nJy`` or ``nanomaggies`` (``input_units``). Fluxes are converted to AB magnitudes
-  (zero points 31.4 for nJy, 22.5 for nanomaggies); a flux <= 0 is a non-detection.
+  (zero points 31.4 for nJy, 22.5 for nanomaggies; every conversion in the package goes
+  through :func:`mag_to_flux`, :func:`flux_to_mag` and their error twins); a flux <= 0 is a non-detection.
 * A measurement is *bad* when its magnitude is NaN or +/-inf; lies outside the open
   interval ``valid_mag_range`` (default (0, 50): no astronomical source is brighter than
   magnitude 0 in a photometric survey, nor fainter than 50; -99, 0 and -1e30 are markers,
@@ -53,6 +54,34 @@ VALID_MAG_RANGE = (0.0, 50.0)
 BAD_BAND_WARN_FRACTION = 0.5
 #: tolerance (mag) of the comparison with the ``nondetect_val`` sentinels
 SENTINEL_ATOL = 0.01
+
+
+# ------------------------------------------------ AB magnitude <-> flux: the one home
+# Convention: m = -2.5 log10(f) + zeropoint, so a flux is in the unit whose AB zero point is
+# ``zeropoint``: 0 (the default) = units of 3631 Jy ("maggies", f = 10**(-0.4 m)), 22.5 =
+# nanomaggies, 31.4 = nJy (:data:`FLUX_ZEROPOINTS`). Errors are first order: sigma_m =
+# (2.5 / ln 10) sigma_f / f. The helpers are the bare formulas on whatever they are given
+# (arrays keep their dtype, Python floats stay Python floats); callers guard f <= 0 themselves.
+
+
+def mag_to_flux(mag, zeropoint: float = 0.0):
+    """Flux of AB magnitude ``mag``, ``10**(-0.4 (mag - zeropoint))``, in the unit of ``zeropoint``."""
+    return 10.0 ** (-0.4 * (mag - zeropoint))
+
+
+def flux_to_mag(flux, zeropoint: float = 0.0):
+    """AB magnitude ``-2.5 log10(flux) + zeropoint`` of a positive ``flux`` in the unit of ``zeropoint``."""
+    return -2.5 * np.log10(flux) + zeropoint
+
+
+def mag_err_to_flux_err(flux, mag_err):
+    """Flux error (unit of ``flux``) of a magnitude error (mag): ``flux x mag_err / (2.5 / ln 10)``."""
+    return flux * mag_err / MAG_ERR_FACTOR
+
+
+def flux_err_to_mag_err(flux, flux_err):
+    """Magnitude error (mag) of a flux error (unit of ``flux``): ``(2.5 / ln 10) x flux_err / flux``."""
+    return MAG_ERR_FACTOR * flux_err / flux
 
 
 class BadPhotometryError(ValueError):
@@ -118,9 +147,8 @@ class Photometry:
 
     def fluxes(self, unit: str = "nJy") -> tuple[np.ndarray, np.ndarray]:
         """Fluxes and flux errors in ``unit`` (``nJy`` or ``nanomaggies``), shape (N, B)."""
-        zp = FLUX_ZEROPOINTS[unit]
-        flux = 10.0 ** (-0.4 * (self.mags.astype(np.float64) - zp))
-        ferr = flux * self.errs / MAG_ERR_FACTOR
+        flux = mag_to_flux(self.mags.astype(np.float64), FLUX_ZEROPOINTS[unit])
+        ferr = mag_err_to_flux_err(flux, self.errs)
         return flux.astype(np.float32), ferr.astype(np.float32)
 
     def features(self, include: Sequence[str] = ("mags", "colors", "errors")) -> np.ndarray:
@@ -314,8 +342,8 @@ def extract_photometry(
             zp = FLUX_ZEROPOINTS[input_units]
             with np.errstate(divide="ignore", invalid="ignore"):
                 bad = ~np.isfinite(val) | ~np.isfinite(err) | (val <= 0) | (err <= 0)
-                mag = np.where(bad, np.nan, -2.5 * np.log10(np.where(bad, 1.0, val)) + zp)
-                magerr = np.where(bad, np.nan, MAG_ERR_FACTOR * err / np.where(bad, 1.0, val))
+                mag = np.where(bad, np.nan, flux_to_mag(np.where(bad, 1.0, val), zp))
+                magerr = np.where(bad, np.nan, flux_err_to_mag_err(np.where(bad, 1.0, val), err))
         limit = mag_limits.get(band)
         with np.errstate(invalid="ignore"):
             bad |= (mag <= lo) | (mag >= hi)

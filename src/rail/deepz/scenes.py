@@ -68,7 +68,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .images import mag_to_njy, pixel_noise_njy
-from .photometry import FLUX_ZEROPOINTS
+from .photometry import FLUX_ZEROPOINTS, flux_err_to_mag_err, flux_to_mag
 
 LSST_BANDS = "ugrizy"
 #: 5-sigma point-source depths, LSST 10-year (Ivezic et al. 2019, ApJ 873, 111, table 1), AB
@@ -526,8 +526,8 @@ def _add_magnitudes(cat: dict, flux: np.ndarray, ferr: np.ndarray, bands: str, m
     columns of (M, C) aperture fluxes, added to ``cat``."""
     good = (flux > ferr) & (ferr > 0)
     zp = FLUX_ZEROPOINTS["nJy"]
-    mag = np.where(good, -2.5 * np.log10(np.where(good, flux, 1.0)) + zp, nondetect_val)
-    err = np.where(good, 2.5 / np.log(10) * ferr / np.where(good, flux, 1.0), nondetect_val)
+    mag = np.where(good, flux_to_mag(np.where(good, flux, 1.0), zp), nondetect_val)
+    err = np.where(good, flux_err_to_mag_err(np.where(good, flux, 1.0), ferr), nondetect_val)
     for c, b in enumerate(bands):
         cat[mag_cols.format(band=b)] = mag[:, c]
         cat[err_cols.format(band=b)] = err[:, c]
@@ -594,4 +594,4 @@ def sep_mag_limits(config: SceneConfig, sep_config: SepConfig | None = None,
     area = np.pi * (sc.aperture_radius / config.pixel_scale) ** 2
     sig = config.noise_sigma() * np.sqrt(area)
     zp = FLUX_ZEROPOINTS["nJy"]
-    return {mag_cols.format(band=b): float(-2.5 * np.log10(s) + zp) for b, s in zip(config.bands, sig)}
+    return {mag_cols.format(band=b): float(flux_to_mag(s, zp)) for b, s in zip(config.bands, sig)}

@@ -58,7 +58,9 @@ class CompareResult:
     table : pandas.DataFrame
         The tidy metrics table (also written to ``metrics.csv``/``metrics.hdf5``).
     per_object : dict
-        estimator -> per-object arrays (``ztrue, zphot, pit, crps, ...``).
+        estimator -> per-object arrays (``ztrue, zphot, pit, crps, ...``) of the scored rows;
+        empty unless ``compare(per_object=True)`` (they grow with the number of objects; the
+        metrics and plots come from ``summaries``).
     estimates : dict
         estimator -> qp file (or ensemble) that was evaluated.
     timings : dict
@@ -74,6 +76,11 @@ class CompareResult:
     files: dict = field(default_factory=dict)
     example_pdfs: dict = field(default_factory=dict)
     zgrid: np.ndarray | None = None
+    #: estimator -> :class:`~rail.evaluation.deepz_metrics.MetricGroups` (bounded summaries:
+    #: the PIT sketch and zphot-ztrue histogram of the plots)
+    summaries: dict = field(default_factory=dict)
+    #: row index -> true redshift of the example PDFs
+    example_ztrue: dict = field(default_factory=dict)
 
     def overall(self):
         """Wide table: one row per estimator, the overall (``bin_type == 'all'``) metrics."""
@@ -481,6 +488,7 @@ def compare(
     plots: bool = True,
     print_table: bool = True,
     progress=True,
+    per_object: bool = False,
 ) -> CompareResult:
     """Compare estimators on one truth table; write the tidy table and plots to ``outdir``.
 
@@ -519,6 +527,9 @@ def compare(
     exclude_bad : leave rows with a non-finite PDF, point estimate or truth out of the metrics
         (their counts are the rows ``n_bad_pdf``/``n_bad_truth``); by default they are an error.
     progress : True (print), a callable, or False.
+    per_object : also return the per-object arrays (``CompareResult.per_object``; memory grows
+        with the number of objects). The metrics and plots never need them: they come from
+        bounded summaries (:mod:`rail.evaluation.deepz_sketch`).
     """
     import pandas as pd
 
@@ -601,18 +612,22 @@ def compare(
     if id_col is None and data is not None:
         id_col = ds.extra.get("id_col")
     tids = dm.truth_ids(truth, id_col, truth_groupname)
-    rows, per_object, examples = [], {}, {}
+    rows, per_objects, examples, summaries, example_z = [], {}, {}, {}, {}
     for j, (label, est) in enumerate(estimates.items()):
         if log:
             log(f"[compare] metrics ({j + 1}/{len(estimates)}) {label} ...")
         acc = dm.accumulate_estimate(est, ztrue, mag, config=cfg, chunk_size=chunk_size, keep_pdfs=keep,
                                      progress=log, label=label, truth_ids=tids,
-                                     id_col=id_col if tids is not None else None, exclude_bad=exclude_bad)
-        po = acc.per_object()
-        rows += dm.tidy_metrics(po, label, z_edges, mag_edges)  # counts the flagged rows
-        good = dm.good_rows(po)
-        per_object[label] = po if good.all() else {k: v[good] for k, v in po.items()}  # (--exclude-bad)
+                                     id_col=id_col if tids is not None else None, exclude_bad=exclude_bad,
+                                     z_edges=z_edges, mag_edges=mag_edges, per_object=per_object)
+        rows += acc.tidy(label)  # counts the flagged rows
+        summaries[label] = acc.groups
+        if per_object:
+            po = acc.per_object()
+            good = dm.good_rows(po)
+            per_objects[label] = po if good.all() else {k: v[good] for k, v in po.items()}  # (--exclude-bad)
         examples[label] = acc.kept_pdfs
+        example_z.update(acc.kept_ztrue)
         for tkey in TIME_METRICS:
             if label in timings:
                 n = timings[label]["n_train" if tkey == "inform_time_s" else "n_test"]
@@ -620,9 +635,10 @@ def compare(
                                  value=float(timings[label][tkey]), n=int(n)))
     table = pd.DataFrame(rows, columns=["estimator", "bin_type", "bin_lo", "bin_hi", "metric", "value", "n"])
     files.update(write_table(table, outdir))
-    result = CompareResult(table=table, per_object=per_object, estimates=estimates, timings=timings,
-                           files=files, example_pdfs=examples, zgrid=cfg.zgrid)
-    if plots and per_object:
+    result = CompareResult(table=table, per_object=per_objects, estimates=estimates, timings=timings,
+                           files=files, example_pdfs=examples, zgrid=cfg.zgrid, summaries=summaries,
+                           example_ztrue=example_z)
+    if plots and summaries:
         from . import deepz_plots
 
         if log:

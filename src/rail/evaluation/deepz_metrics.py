@@ -1,4 +1,4 @@
-"""Photo-z metrics for the comparison harness, accumulated chunk by chunk.
+"""Photo-z metrics for the comparison harness, accumulated chunk by chunk in bounded memory.
 
 Every metric is computed from a handful of *per-object* quantities, obtained in one pass
 over a qp file (or ensemble) chunk by chunk:
@@ -10,11 +10,23 @@ over a qp file (or ensemble) chunk by chunk:
 * ``brier``  the per-object Brier sum,
 * ``bad_pdf``, ``bad_truth``  flags of rows that cannot be scored (see below).
 
-Only these O(N) arrays are kept (8 float64 and 2 bool values per object: 66 bytes, 66 MB for
-1e6 objects, held once: :meth:`MetricAccumulator.per_object` joins the chunks in place); PDFs are
-evaluated in blocks of ``_BLOCK`` rows and never all held at once. Medians, quantiles and
-PIT statistics are then exact (no digest approximation), and every summary can be
-re-binned (by redshift, by magnitude) without another pass.
+These are not kept per object: each block is summarised at once into a
+:class:`GroupSummary` per group of the table (all rows, each redshift and magnitude bin;
+:class:`MetricGroups`), whose memory does not depend on the number of objects (~5 MB per
+group; a 1e8-object pass needs what a 1e5-object one does). Exact in the summaries: the means
+(CRPS, CDE loss, Brier, bias_mean, the inlier mean and std) and the counts at fixed thresholds
+(eta, PCO, PIT outlier rate, bad rows). Binned, with stated bounds
+(:mod:`rail.evaluation.deepz_sketch`; measured in ``tests/test_metric_sketch.py`` against
+numpy / scipy / qp on the exact values): the quantiles of dz (sigma_nmad, bias_median,
+sigma_IQR: 2e-4 relative at most, ~1e-6 measured; RAIL's outlier rate) and the PIT statistics
+(KS within 1/2^16, CvM 1e-4 relative, AD 1e-3 relative). Groups of up to a few thousand objects
+are reconstructed exactly (one code path; no exact twin for small runs). The per-object
+arrays are kept only on request (``per_object=True``: :meth:`MetricAccumulator.per_object`,
+66 bytes per object) for callers that resample or subset objects; :func:`summarize_group`
+computes the metrics of such arrays exactly (numpy, scipy's statistics as qp calls them) and
+is the reference of the tests. PDFs are evaluated in blocks of ``_BLOCK`` rows and never all
+held at once. The truth table (``ztrue``, ``mag``: 16 bytes per object) is still read whole
+by the callers (ids are matched on it).
 
 Direct paths: ``qp.hist``, ``qp.interp`` and ``qp.mixmod`` estimates are read and evaluated
 from their stored parameters by :mod:`rail.evaluation.deepz_pdfblock` (equal to qp's values
@@ -90,6 +102,7 @@ from rail.deepz import pointmetrics as pm
 from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
 from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
+from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
     _BLOCK,
     DIRECT_KINDS,
@@ -236,51 +249,121 @@ def pit_metrics(pit) -> dict:
 def pit_statistics(pit) -> dict:
     """``pit_ks``, ``pit_cvm``, ``pit_ad`` of PIT values (n >= 2) against U(0, 1), as scipy's
     ``kstest``, ``cramervonmises`` and ``anderson_ksamp`` (midrank variant, Scholz & Stephens
-    1987 eq. 7, normalised as scipy does) compute them on the arrays qp gives them, from one
-    sort, in slices of ``_STAT_CHUNK`` values (memory: the sorted PITs, the uniform sample and
-    their merge, 32 bytes per PIT). Raises ``ValueError`` as scipy does when the AD sample is degenerate."""
-    x = np.sort(np.asarray(pit, dtype=np.float64))
-    n = x.size
-    ks, cvm = 0.0, 1.0 / (12 * n)
-    for s in range(0, n, _STAT_CHUNK):  # in slices: temporaries of a slice, not of n values
-        u = np.clip(x[s:s + _STAT_CHUNK], 0.0, 1.0)  # scipy.stats.uniform.cdf
-        i = np.arange(s + 1.0, s + u.size + 1.0)
-        ks = max(ks, float(np.max(i / n - u)), float(np.max(u - (i - 1.0) / n)))
-        cvm += float(np.sum(((2.0 * i - 1.0) / (2.0 * n) - u) ** 2))
-    # AD: qp keeps the PITs in [0, 1] (a contiguous run of the sorted values) and compares them
-    # with np.linspace(0, 1, m) by scipy's k-sample test
-    lo, hi = np.searchsorted(x, 0.0, side="left"), np.searchsorted(x, 1.0, side="right")
-    m = int(hi - lo)
+    1987 eq. 7, normalised as scipy does) compute them on the arrays qp gives them: the exact
+    values' runs (:class:`~rail.evaluation.deepz_sketch.SortedRuns`) through
+    :func:`pit_statistics_runs`. Raises ``ValueError`` as scipy does when the AD sample is degenerate."""
+    return pit_statistics_runs(SortedRuns(pit))
+
+
+def _lin_value(i, m: int):
+    """``np.linspace(0, 1, m)[i]`` as numpy computes it (i * step, the last value exactly 1)."""
+    i = np.asarray(i, dtype=np.float64)
+    if m == 1:
+        return np.zeros_like(i)
+    return np.where(i == m - 1, 1.0, i * (1.0 / (m - 1)))
+
+
+def _lin_count_le(v: float, m: int) -> int:
+    """How many values of ``np.linspace(0, 1, m)`` are <= v."""
+    if v < 0.0:
+        return 0
+    if v >= 1.0:
+        return m
+    j0 = int(min(max(np.floor(v * max(m - 1, 1)) - 1, -1), m - 1))
+    cnt = j0 + 1
+    for d in (1, 2, 3):
+        if j0 + d <= m - 1 and float(_lin_value(j0 + d, m)) <= v:
+            cnt += 1
+    return cnt
+
+
+def _ad_h_g(big_n: int, chunk: int = _STAT_CHUNK) -> tuple[float, float]:
+    """scipy's h = sum_{i<N} 1/i and g of the AD variance, in slices of ``chunk`` terms (no
+    array of N values: ``hs_cs = cumsum(1/(N-1), ..., 1/2)``, g = sum(hs_cs / (2..N-1)))."""
+    carry, g = 0.0, 0.0
+    for s in range(0, big_n - 2, chunk):
+        e = min(s + chunk, big_n - 2)
+        hs = (1.0 / np.arange(big_n - 1 - s, big_n - 1 - e, -1)).cumsum() + carry
+        g += float((hs / np.arange(2 + s, 2 + e)).sum())
+        carry = float(hs[-1])
+    return carry + 1.0, g
+
+
+def pit_statistics_runs(src, chunk: int | None = None) -> dict:
+    """KS, CvM and AD statistics (see :func:`pit_statistics`) from sorted runs of PIT values.
+
+    ``src`` gives the values in [0, 1] as runs (distinct sorted values and their multiplicities:
+    ``n_entries``, ``entries(i0, i1)``, ``entry_value(i)``, ``entries_le(v)``, ``m`` values in all)
+    and ``below`` / ``above`` counts of values < 0 / > 1: :class:`~rail.evaluation.deepz_sketch.SortedRuns`
+    (exact values) or :class:`~rail.evaluation.deepz_sketch.PITSketch` (the bounded summary).
+    Everything is streamed in slices of ``chunk`` runs (default ``_STAT_CHUNK``); the memory is that
+    of a slice whatever the number of values. A run of c equal values u at ranks i0+1..i0+c adds
+    max((i0+c)/n - u, u - i0/n) to KS and c (abar - u)^2 + (c^3 - c)/(12 n^2) to CvM (abar: the mean
+    of (2i-1)/(2n) over the run), the same sums as value by value."""
+    chunk = _STAT_CHUNK if chunk is None else int(chunk)
+    m, below, above = int(src.m), int(src.below), int(src.above)
+    n = below + m + above
+    ks, cvm, done = 0.0, 1.0 / (12 * n), 0
+
+    def runs():
+        if below:
+            yield np.zeros(1), np.array([below])
+        for s in range(0, src.n_entries, chunk):
+            yield src.entries(s, min(s + chunk, src.n_entries))
+        if above:
+            yield np.ones(1), np.array([above])
+
+    for vals, cnts in runs():
+        u = np.clip(np.asarray(vals, dtype=np.float64), 0.0, 1.0)  # scipy.stats.uniform.cdf
+        c = np.asarray(cnts, dtype=np.float64)
+        i_end = done + np.cumsum(c)
+        i_start = i_end - c
+        ks = max(ks, float(np.max(i_end / n - u)), float(np.max(u - i_start / n)))
+        abar = (i_start + i_end) / (2.0 * n)
+        cvm += float(np.sum(c * (abar - u) ** 2 + (c**3 - c) / (12.0 * n * n)))
+        done = int(i_end[-1])
+    # AD: qp keeps the PITs in [0, 1] and compares them with np.linspace(0, 1, m) by scipy's
+    # k-sample test; the pooled sorted values are visited in value slices (a, b] holding at most
+    # ``chunk`` runs of each sample
     if m == 0:
         raise ValueError("anderson_ksamp encountered sample without observations (no PIT in [0, 1])")
-    samples = (x[lo:hi], np.linspace(0.0, 1.0, m))
-    z = np.sort(np.concatenate(samples), kind="stable")  # two sorted runs: a merge
-    big_n = z.size
-    sums, n_unique, a = [0.0, 0.0], 0, 0
-    while a < big_n:  # the distinct values in slices of z that end where a run of ties ends
-        b = min(a + _STAT_CHUNK, big_n)
-        if b < big_n:
-            b = int(z.searchsorted(z[b - 1], "right"))
-        zc = z[a:b]
-        zstar = zc[np.concatenate(([True], zc[1:] != zc[:-1]))]
-        n_unique += zstar.size
-        left = a + zc.searchsorted(zstar, "left")
-        lj = a + zc.searchsorted(zstar, "right") - left
-        bj = left + lj / 2.0
-        for q, smp in enumerate(samples):  # sorted already (scipy sorts each sample again)
-            right = smp.searchsorted(zstar, side="right")
-            mij = right.astype(float) - (right - smp.searchsorted(zstar, "left")) / 2.0
+    big_n = 2 * m
+    sums, n_unique = [0.0, 0.0], 0
+    pi = li = 0  # runs of the PITs / values of the linspace consumed
+    below1 = below2 = 0  # PIT / linspace values below the slice
+    while pi < src.n_entries or li < m:
+        bp = src.entry_value(min(pi + chunk, src.n_entries) - 1) if pi < src.n_entries else np.inf
+        bl = float(_lin_value(min(li + chunk, m) - 1, m)) if li < m else np.inf
+        b = min(bp, bl)
+        pj = src.entries_le(b) if np.isfinite(b) else src.n_entries
+        lj_ = _lin_count_le(b, m) if np.isfinite(b) else m
+        pv, pc = src.entries(pi, pj)
+        lv = _lin_value(np.arange(li, lj_), m)
+        vals = np.concatenate((np.asarray(pv, dtype=np.float64), lv))
+        zstar, inv = np.unique(vals, return_inverse=True)
+        n1 = np.bincount(inv, weights=np.concatenate((np.asarray(pc, dtype=np.float64), np.zeros(lv.size))),
+                         minlength=zstar.size)
+        n2 = np.bincount(inv, weights=np.concatenate((np.zeros(len(pv)), np.ones(lv.size))), minlength=zstar.size)
+        lj = n1 + n2
+        left1 = below1 + np.cumsum(n1) - n1
+        left2 = below2 + np.cumsum(n2) - n2
+        bj = left1 + left2 + lj / 2.0
+        for q, (left, cnt) in enumerate(((left1, n1), (left2, n2))):
+            mij = left + cnt / 2.0
             sums[q] += float((lj / float(big_n) * (big_n * mij - bj * m) ** 2
                               / (bj * (big_n - bj) - big_n * lj / 4.0)).sum())
-        a = b
+        n_unique += zstar.size
+        below1 += int(n1.sum())
+        below2 += int(lv.size)
+        if pj <= pi and lj_ <= li:  # (cannot happen: b is a value of one of the two samples)
+            raise RuntimeError("pit_statistics_runs made no progress at PIT value {b!r}")
+        pi, li = max(pj, pi), lj_
     if n_unique < 2:
         raise ValueError("anderson_ksamp needs more than one distinct observation")
     a2 = (sums[0] / m + sums[1] / m) * (big_n - 1.0) / big_n
     k = 2
     h_inv = 1.0 / m + 1.0 / m
-    hs_cs = (1.0 / np.arange(big_n - 1, 1, -1)).cumsum()
-    h = hs_cs[-1] + 1
-    g = (hs_cs / np.arange(2, big_n)).sum()
+    h, g = _ad_h_g(big_n)
     ca = (4 * g - 6) * (k - 1) + (10 - 6 * g) * h_inv
     cb = (2 * g - 4) * k**2 + 8 * h * k + (2 * g - 14 * h - 4) * h_inv - 8 * h + 4 * g - 6
     cc = (6 * h + 2 * g - 2) * k**2 + (4 * h - 4 * g + 6) * k + (2 * h - 6) * h_inv + 4 * h
@@ -476,29 +559,49 @@ class MetricConfig:
 
 
 class MetricAccumulator:
-    """Collects per-object quantities chunk by chunk; summaries come at the end.
+    """Scores PDFs chunk by chunk into bounded summaries; the metrics come at the end.
 
-    Memory: the per-object arrays (``PER_OBJECT_KEYS``) plus one block of ``_BLOCK`` PDFs on
-    the grids. ``keep_pdfs`` (global row indices) stores those objects' PDFs on ``zgrid``
-    for plotting.
+    Memory: fixed, whatever the number of objects: the :class:`MetricGroups` of the table
+    (``z_edges``/``mag_edges``: the redshift / magnitude bins; ~5 MB per group), one block of
+    ``_BLOCK`` PDFs on the grids, and ``keep_pdfs`` (global row indices) whose PDFs on ``zgrid``
+    (``kept_pdfs``) and true redshifts (``kept_ztrue``) are stored for plotting. With
+    ``per_object=True`` it also keeps the per-object arrays (``PER_OBJECT_KEYS``: 66 bytes per
+    object; :meth:`per_object`) for callers that resample or subset objects (bootstraps, flags).
     """
 
     def __init__(self, config: MetricConfig | None = None, keep_pdfs: Iterable[int] = (),
-                 workers: int | None = None, n_total: int | None = None):
+                 workers: int | None = None, n_total: int | None = None, *, per_object: bool = False,
+                 z_edges=None, mag_edges=None):
         self.config = config or MetricConfig()
         self.workers = default_workers() if workers is None else max(1, int(workers))
+        self.keep_per_object = bool(per_object)
         self._parts: dict[str, list] = {k: [] for k in PER_OBJECT_KEYS}
         # n_total known (accumulate_estimate): the per-object arrays are allocated once and
         # filled in place (no list of block arrays between the blocks' temporaries, no join)
-        self._full = None if n_total is None else {
+        self._full = None if (n_total is None or not per_object) else {
             k: np.empty(int(n_total), dtype=bool if k in ("bad_pdf", "bad_truth") else np.float64)
             for k in PER_OBJECT_KEYS}
+        zg = np.asarray(self.config.zgrid, dtype=np.float64)
+        self.groups = MetricGroups(z_edges, mag_edges, zz_range=(float(zg[0]), float(zg[-1])))
+        self.first_bad: dict[str, list] = {"bad_pdf": [], "bad_truth": []}  # first rows, for the error
         self.keep = np.sort(np.asarray(list(keep_pdfs), dtype=np.int64))
         self.kept_pdfs: dict[int, np.ndarray] = {}
+        self.kept_ztrue: dict[int, float] = {}
         self.n = 0
         self._brier_grid = brier_grid(self.config.brier_limits, self.config.brier_dx)
         steps = (even_step(self.config.zgrid), even_step(self._brier_grid))
         self._steps = None if None in steps else steps  # closed-form mixture sums need even grids
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the accumulated state (summaries, kept PDFs, per-object arrays if kept)."""
+        arrays = [v for v in (self._full or {}).values()] + [a for v in self._parts.values() for a in v]
+        return (self.groups.nbytes + sum(a.nbytes for a in arrays)
+                + sum(p.nbytes for p in self.kept_pdfs.values()))
+
+    def tidy(self, estimator: str) -> list[dict]:
+        """The tidy rows of everything added (:meth:`MetricGroups.tidy`)."""
+        return self.groups.tidy(estimator)
 
     def point_estimate(self, block, pdf_on_zgrid: np.ndarray | None = None) -> np.ndarray:
         """The point estimate of each PDF: the ancil column ``config.point_estimate``, or
@@ -538,12 +641,18 @@ class MetricAccumulator:
         else:
             results = [one(span) for span in spans]
         for (s, e), (parts, kept) in zip(spans, results):
-            for k, v in parts.items():
-                if self._full is not None and start + e <= self._full[k].size:
-                    self._full[k][start + s:start + e] = v
-                else:
-                    self._parts[k].append(v)
+            self.groups.add(parts)
+            for k, rows in self.first_bad.items():
+                if len(rows) <= 10 and parts[k].any():
+                    rows.extend((start + s + np.flatnonzero(parts[k])[:11 - len(rows)]).tolist())
+            if self.keep_per_object:
+                for k, v in parts.items():
+                    if self._full is not None and start + e <= self._full[k].size:
+                        self._full[k][start + s:start + e] = v
+                    else:
+                        self._parts[k].append(v)
             self.kept_pdfs.update(kept)
+            self.kept_ztrue.update({i: float(ztrue[i - start]) for i in kept})
         self.n += block.n
 
     def _block_parts(self, block: PDFBlock, ztrue, mag, start: int) -> tuple[dict, dict]:
@@ -658,7 +767,10 @@ class MetricAccumulator:
     def per_object(self) -> dict:
         """The per-object arrays (``PER_OBJECT_KEYS``), all chunks so far. The chunks are joined
         one key at a time and kept joined, so that memory holds each value once (no second
-        copy of the whole set; later calls return the same arrays)."""
+        copy of the whole set; later calls return the same arrays). Only with ``per_object=True``."""
+        if not self.keep_per_object:
+            raise ValueError("this MetricAccumulator keeps bounded summaries only: construct it (or call "
+                             "accumulate_estimate / compare) with per_object=True for the per-object arrays")
         if self._full is not None and not any(self._parts.values()):
             return {k: v[: self.n] for k, v in self._full.items()}
         if self._full is not None:  # (rows beyond n_total were added: join everything)
@@ -731,35 +843,263 @@ def _nan_metrics() -> dict:
     return {k: float("nan") for k in METRIC_INFO}
 
 
+def _metric_families(n: int, where: str, families) -> dict:
+    """Every metric of a group of ``n`` objects from ``families`` ((name, callable returning a
+    dict of metrics), ...): fewer than ``MIN_OBJECTS`` objects: NaN (and a :class:`MetricWarning`
+    naming ``where``); a family that fails: its metrics NaN and a warning, the others stay."""
+    if n < MIN_OBJECTS:
+        if n:
+            warnings.warn(f"{where}: {n} objects, fewer than {MIN_OBJECTS}: metrics set to NaN",
+                          MetricWarning, stacklevel=3)
+        return _nan_metrics()
+    out = _nan_metrics()
+    for name, fn in families:
+        try:
+            out.update(fn())
+        except Exception as err:  # noqa: BLE001 - one bad family must not cost the table
+            warnings.warn(f"{where}: {name} could not be computed on {n} objects "
+                          f"({type(err).__name__}: {err}); set to NaN", MetricWarning, stacklevel=3)
+    return out
+
+
 def summarize_group(po: Mapping, where: str = "") -> dict:
-    """All metrics (see module docstring) of one group of objects (per-object arrays).
+    """All metrics (see module docstring) of one group of objects, exactly, from per-object arrays
+    (numpy's medians and percentiles, scipy's PIT statistics as qp computes them): the reference
+    of the bounded summaries (:meth:`GroupSummary.metrics`), and the metrics of callers that
+    resample objects (bootstraps).
 
     Fewer than ``MIN_OBJECTS`` objects: every metric NaN (and a :class:`MetricWarning`
     naming ``where``); a metric family that fails on this group: NaN and a warning.
     """
-    n = len(po["ztrue"])
-    if n < MIN_OBJECTS:
-        if n:
-            warnings.warn(f"{where}: {n} objects, fewer than {MIN_OBJECTS}: metrics set to NaN",
-                          MetricWarning, stacklevel=2)
-        return _nan_metrics()
-    out = _nan_metrics()
     zp, zt = po["zphot"], po["ztrue"]
-    families = (
+    return _metric_families(len(zt), where, (
         ("point metrics", lambda: point_metrics(zp, zt)),
         ("crps", lambda: {"crps": float(np.mean(po["crps"]))}),
         ("pco", lambda: {"pco": pco(po["pit"])}),
         ("PIT statistics", lambda: pit_metrics(po["pit"])),
         ("cde_loss", lambda: {"cde_loss": float(np.mean(po["cde1"]) - 2.0 * np.mean(po["cde2"]))}),
         ("brier", lambda: {"brier": float(np.mean(po["brier"]))}),
-    )
-    for name, fn in families:
-        try:
-            out.update(fn())
-        except Exception as err:  # noqa: BLE001 - one bad family must not cost the table
-            warnings.warn(f"{where}: {name} could not be computed on {n} objects "
-                          f"({type(err).__name__}: {err}); set to NaN", MetricWarning, stacklevel=2)
-    return out
+    ))
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations of values added block by block (Chan, Golub &
+    LeVeque 1979's pairwise update): mean and (ddof 0) std as exact as numpy's on all values."""
+
+    __slots__ = ("n", "mean", "m2")
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        nb = int(x.size)
+        if nb == 0:
+            return
+        mb = float(np.mean(x))
+        m2b = float(np.sum((x - mb) ** 2))
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * nb / n
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.n = n
+
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.n)) if self.n else float("nan")
+
+
+class GroupSummary:
+    """Everything the metrics of one group (overall, one bin) need, in memory that does not grow
+    with its number of objects: exact sums and counts, and the PIT and dz sketches of
+    :mod:`rail.evaluation.deepz_sketch` (whose module docstring states what is binned and the
+    bounds). :meth:`metrics` gives the table's metrics (the keys of ``METRIC_INFO``)."""
+
+    SUM_KEYS = ("crps", "cde1", "cde2", "brier")
+
+    def __init__(self):
+        self.n = 0
+        self.sums = dict.fromkeys(self.SUM_KEYS, 0.0)
+        self.dz_all, self.dz_in = _Moments(), _Moments()
+        self.n_eta = self.n_pco = self.n_pit_out = self.n_pit_nan = 0
+        self.zmin, self.zmax = np.inf, -np.inf
+        self.pit = PITSketch()
+        self.dz = ResidualSketch()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state (fixed: the two sketches and a few scalars)."""
+        return self.pit.nbytes + self.dz.nbytes
+
+    def add(self, part: Mapping) -> None:
+        """Add objects (rows that can be scored only): arrays ``ztrue, zphot, pit, crps, cde1,
+        cde2, brier``."""
+        zt = np.asarray(part["ztrue"], dtype=np.float64)
+        if zt.size == 0:
+            return
+        self.n += int(zt.size)
+        self.zmin, self.zmax = min(self.zmin, float(zt.min())), max(self.zmax, float(zt.max()))
+        for k in self.SUM_KEYS:
+            self.sums[k] += float(np.sum(part[k]))
+        d = dz_norm(part["zphot"], zt)
+        inl = np.abs(d) <= pm.ETA_THRESHOLD
+        self.n_eta += int(np.sum(np.abs(d) > pm.ETA_THRESHOLD))
+        self.dz_all.add(d)
+        self.dz_in.add(d[inl])
+        self.dz.add(d)
+        pit = np.asarray(part["pit"], dtype=np.float64)
+        self.n_pco += int(np.sum(pm.pco_indicator(pit) > 0))
+        self.n_pit_out += int(np.sum((pit < PIT_OUTLIER_LIMITS[0]) | (pit > PIT_OUTLIER_LIMITS[1])))
+        self.n_pit_nan += int(np.sum(np.isnan(pit)))  # (not in the sketch: the PIT statistics become NaN)
+        self.pit.add(pit)
+
+    def point_metrics(self) -> dict:
+        """:func:`point_metrics` from the summary (quantiles of the dz sketch, exact counts/moments)."""
+        n, dz = self.n, self.dz
+        med = dz.median()
+        q75, q25 = dz.percentile([75.0, 25.0])
+        sig_iqr = float(q75 - q25) / 1.349
+        cut = max(0.06, 3.0 * sig_iqr)
+        n_rail = n - int(dz.count_le(cut)) + int(dz.count_le(-cut, strict=True))
+        return {
+            "sigma_nmad": pm.NMAD_FACTOR * dz.abs_dev_median(med),
+            "sigma_nmad_nomedian": pm.NMAD_FACTOR * dz.abs_dev_median(0.0),
+            "eta": self.n_eta / n,
+            "bias_median": med,
+            "bias_mean": self.dz_all.mean,
+            "bias_inlier_mean": self.dz_in.mean if self.dz_in.n else float("nan"),
+            "sigma_inlier_std": self.dz_in.std(),
+            "rail_sigma_iqr": sig_iqr,
+            "rail_outlier_rate": n_rail / n,
+        }
+
+    def pit_metrics(self) -> dict:
+        if self.n_pit_nan:
+            raise ValueError(f"{self.n_pit_nan} PIT values are NaN")
+        out = pit_statistics_runs(self.pit)
+        out["pit_outlier_rate"] = self.n_pit_out / self.n
+        return out
+
+    def metrics(self, where: str = "") -> dict:
+        """All metrics of the group, as :func:`summarize_group` gives them on per-object arrays:
+        fewer than ``MIN_OBJECTS`` objects: NaN (and a :class:`MetricWarning`); a family that fails:
+        NaN and a warning."""
+        n = self.n
+        return _metric_families(n, where, (
+            ("point metrics", self.point_metrics),
+            ("crps", lambda: {"crps": self.sums["crps"] / n}),
+            ("pco", lambda: {"pco": self.n_pco / n}),
+            ("PIT statistics", self.pit_metrics),
+            ("cde_loss", lambda: {"cde_loss": self.sums["cde1"] / n - 2.0 * self.sums["cde2"] / n}),
+            ("brier", lambda: {"brier": self.sums["brier"] / n}),
+        ))
+
+
+class MetricGroups:
+    """The groups of the tidy table (``all``; bins of the true redshift; bins of the reference
+    magnitude), each a :class:`GroupSummary`, filled block by block; plus the bad-row counts and,
+    for the plots, the zphot-ztrue 2-D histogram of all scored rows (``zz_bins`` x ``zz_bins`` over
+    ``zz_range``, as ``np.histogram2d``). Memory: fixed (~5 MB per group)."""
+
+    def __init__(self, z_edges=None, mag_edges=None, zz_range=None, zz_bins: int = 120):
+        self.groups = [("all", np.nan, np.nan, GroupSummary())]
+        self._bins = []
+        for bin_type, col, edges in (("redshift", "ztrue", z_edges), ("magnitude", "mag", mag_edges)):
+            if edges is None or len(edges) < 2:
+                continue
+            edges = np.asarray(edges, dtype=np.float64)
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                self._bins.append((col, float(lo), float(hi), len(self.groups)))
+                self.groups.append((bin_type, float(lo), float(hi), GroupSummary()))
+        self.total = self.n_bad_pdf = self.n_bad_truth = 0
+        self.zz_range = None if zz_range is None else (float(zz_range[0]), float(zz_range[1]))
+        self.zz_bins = int(zz_bins)
+        self.zz_hist = None if zz_range is None else np.zeros((self.zz_bins, self.zz_bins))
+        self._pending, self._pending_n = [], 0
+
+    @property
+    def all(self) -> GroupSummary:
+        """The summary of all scored rows (buffered rows summarised first)."""
+        self.flush()
+        return self.groups[0][3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the summaries (buffered rows summarised first)."""
+        self.flush()
+        return sum(g[3].nbytes for g in self.groups) + (0 if self.zz_hist is None else self.zz_hist.nbytes)
+
+    #: rows buffered before they are summarised (fewer, larger sorts; bounded: one batch plus one part)
+    BATCH = 1 << 16
+
+    def add(self, part: Mapping) -> None:
+        """Add rows: ``ztrue, zphot, pit, crps, cde1, cde2, brier, mag`` (mag may be absent) and the
+        ``bad_pdf`` / ``bad_truth`` flags (absent: none); flagged rows are only counted. Rows are
+        buffered up to ``BATCH`` and summarised a batch at a time; :meth:`flush` (called by
+        :meth:`tidy`) summarises the rest."""
+        part = {k: v for k, v in part.items() if v is not None}
+        self._pending.append(part)
+        self._pending_n += len(part["ztrue"])
+        if self._pending_n >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Summarise the buffered rows."""
+        if not self._pending:
+            return
+        parts, self._pending, self._pending_n = self._pending, [], 0
+        keys = set.intersection(*(set(p) for p in parts))
+        joined = {k: np.concatenate([np.asarray(p[k]).reshape(-1) for p in parts]) for k in keys}
+        del parts
+        self._add_now(joined)
+
+    def _add_now(self, part: Mapping) -> None:
+        zt = np.asarray(part["ztrue"], dtype=np.float64)
+        self.total += int(zt.size)
+        good = np.ones(zt.size, dtype=bool)
+        for k in ("bad_pdf", "bad_truth"):
+            if k in part:
+                flag = np.asarray(part[k], dtype=bool)
+                setattr(self, "n_" + k, getattr(self, "n_" + k) + int(flag.sum()))
+                good &= ~flag
+        keys = ("ztrue", "zphot", "pit") + GroupSummary.SUM_KEYS
+        sub = {k: np.asarray(part[k])[good] for k in keys}
+        self.groups[0][3].add(sub)
+        if self.zz_hist is not None:
+            ok = np.isfinite(sub["ztrue"]) & np.isfinite(sub["zphot"])
+            r = self.zz_range
+            self.zz_hist += np.histogram2d(sub["ztrue"][ok], sub["zphot"][ok], bins=self.zz_bins,
+                                           range=[list(r), list(r)])[0]
+        if self._bins:
+            cols = {"ztrue": sub["ztrue"]}
+            if "mag" in part and part["mag"] is not None:
+                cols["mag"] = np.asarray(part["mag"], dtype=np.float64)[good]
+            for col, lo, hi, gi in self._bins:
+                if col not in cols:
+                    continue
+                x = cols[col]
+                mask = (x >= lo) & (x < hi)
+                if mask.any():
+                    self.groups[gi][3].add({k: v[mask] for k, v in sub.items()})
+
+    def tidy(self, estimator: str) -> list[dict]:
+        """Tidy rows ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (see :func:`tidy_metrics`)."""
+        self.flush()
+        rows = []
+        for i, (bin_type, lo, hi, g) in enumerate(self.groups):
+            if bin_type == "all":
+                lo, hi = (g.zmin, g.zmax) if g.n else (np.nan, np.nan)
+                where = f"{estimator} (all)"
+            elif g.n == 0:
+                continue
+            else:
+                where = f"{estimator} {bin_type} [{lo:.4g}, {hi:.4g})"
+            for metric, value in g.metrics(where).items():
+                rows.append(dict(estimator=estimator, bin_type=bin_type, bin_lo=float(lo), bin_hi=float(hi),
+                                 metric=metric, value=value, n=g.n))
+            if i == 0:
+                for key in COUNT_METRICS:
+                    rows.append(dict(estimator=estimator, bin_type="all", bin_lo=np.nan, bin_hi=np.nan,
+                                     metric=key, value=float(getattr(self, key)), n=self.total))
+        return rows
 
 
 def default_z_edges(zmin: float, zmax: float, nbins: int = 6) -> np.ndarray:
@@ -787,43 +1127,22 @@ def good_rows(po: Mapping) -> np.ndarray:
 
 
 def tidy_metrics(po: Mapping, estimator: str, z_edges=None, mag_edges=None) -> list[dict]:
-    """Tidy rows ``estimator, bin_type, bin_lo, bin_hi, metric, value, n``.
+    """Tidy rows ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` of per-object arrays.
 
     ``bin_type`` is ``all`` (every object), ``redshift`` (bins of the *true* redshift,
     [lo, hi)) or ``magnitude`` (bins of the reference magnitude, [lo, hi)). Rows flagged
     ``bad_pdf``/``bad_truth`` are left out of every metric (``accumulate_estimate`` only
     lets them through with ``exclude_bad=True``) and counted in the ``all`` rows
     ``n_bad_pdf`` / ``n_bad_truth`` (value = count, n = all rows). A bin with fewer than
-    ``MIN_OBJECTS`` objects has NaN metrics and its count.
+    ``MIN_OBJECTS`` objects has NaN metrics and its count. Computed as the streaming pass does
+    (:class:`MetricGroups`, in slices of ``_STAT_CHUNK`` rows): the same values as
+    :meth:`MetricAccumulator.tidy`.
     """
-    rows = []
-    good = good_rows(po)
-    total = good.size
-
-    def emit(bin_type, lo, hi, mask):
-        # every row: the arrays themselves (no copy of the whole set)
-        sub = dict(po) if mask.all() else {k: np.asarray(v)[mask] for k, v in po.items()}
-        n = int(mask.sum())
-        where = f"{estimator} {bin_type} [{lo:.4g}, {hi:.4g})" if bin_type != "all" else f"{estimator} (all)"
-        for metric, value in summarize_group(sub, where).items():
-            rows.append(dict(estimator=estimator, bin_type=bin_type, bin_lo=float(lo), bin_hi=float(hi),
-                             metric=metric, value=value, n=n))
-
-    zt = np.asarray(po["ztrue"])[good]
-    emit("all", np.nan if zt.size == 0 else zt.min(), np.nan if zt.size == 0 else zt.max(), good)
-    for key in COUNT_METRICS:
-        count = int(np.sum(po[key[2:]])) if key[2:] in po else 0
-        rows.append(dict(estimator=estimator, bin_type="all", bin_lo=np.nan, bin_hi=np.nan, metric=key,
-                         value=float(count), n=total))
-    for bin_type, col, edges in (("redshift", "ztrue", z_edges), ("magnitude", "mag", mag_edges)):
-        if edges is None or len(edges) < 2:
-            continue
-        x = np.asarray(po[col], dtype=np.float64)
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            mask = (x >= lo) & (x < hi) & good
-            if mask.any():
-                emit(bin_type, lo, hi, mask)
-    return rows
+    groups = MetricGroups(z_edges, mag_edges)
+    n = len(po["ztrue"])
+    for s in range(0, max(n, 1), _STAT_CHUNK):
+        groups.add({k: (None if v is None else np.asarray(v)[s:s + _STAT_CHUNK]) for k, v in po.items()})
+    return groups.tidy(estimator)
 
 
 # ----------------------------------------------------------------- ids
@@ -943,6 +1262,9 @@ def accumulate_estimate(
     truth_ids=None,
     id_col: str | None = None,
     exclude_bad: bool = False,
+    z_edges=None,
+    mag_edges=None,
+    per_object: bool = False,
 ) -> MetricAccumulator:
     """One streaming pass over ``estimate`` (qp file path or ensemble) against the truth.
 
@@ -951,7 +1273,9 @@ def accumulate_estimate(
     the per-object arrays follow the estimate's row order). Rows whose PDF, point estimate or
     truth is not finite raise a ``ValueError`` naming their count and first rows, unless
     ``exclude_bad`` (then they are flagged and left out of the metrics).
-    ``progress`` is a callable receiving a message per chunk (or None).
+    ``progress`` is a callable receiving a message per chunk (or None). ``z_edges`` /
+    ``mag_edges``: the bins of :meth:`MetricAccumulator.tidy`; ``per_object``: also keep the
+    per-object arrays (memory growing with the number of objects; the metrics do not need them).
     """
     label = label or str(estimate)
     ztrue = np.asarray(ztrue, dtype=np.float64).reshape(-1)
@@ -973,7 +1297,8 @@ def accumulate_estimate(
         raise ValueError(
             f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
         )
-    acc = MetricAccumulator(config, keep_pdfs, n_total=n)
+    acc = MetricAccumulator(config, keep_pdfs, n_total=n, per_object=per_object, z_edges=z_edges,
+                            mag_edges=mag_edges)
     _keep_freed_memory()
     t0 = time.perf_counter()
     for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size, buffers=2)):
@@ -981,14 +1306,16 @@ def accumulate_estimate(
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)
             progress(f"  metrics {label}: {e}/{n} objects ({100 * e / max(n, 1):.0f}%, {rate:,.0f}/s)")
-    po = acc.per_object()
-    bad_pdf, bad_truth = np.flatnonzero(po["bad_pdf"]), np.flatnonzero(po["bad_truth"])
-    if (bad_pdf.size or bad_truth.size) and not exclude_bad:
+    acc.groups.flush()
+    n_pdf, n_truth = acc.groups.n_bad_pdf, acc.groups.n_bad_truth
+    if (n_pdf or n_truth) and not exclude_bad:
         parts = []
-        if bad_pdf.size:
-            parts.append(f"{bad_pdf.size} PDFs or point estimates are not finite (rows {_first(bad_pdf)})")
-        if bad_truth.size:
-            parts.append(f"{bad_truth.size} true redshifts are not finite (rows {_first(bad_truth)})")
+        if n_pdf:
+            rows = np.asarray(acc.first_bad["bad_pdf"], dtype=np.int64)
+            parts.append(f"{n_pdf} PDFs or point estimates are not finite (rows {_first(rows)})")
+        if n_truth:
+            rows = np.asarray(acc.first_bad["bad_truth"], dtype=np.int64)
+            parts.append(f"{n_truth} true redshifts are not finite (rows {_first(rows)})")
         raise ValueError(f"estimate {label}: {'; '.join(parts)} of {n}. Pass exclude_bad=True "
                          "(deepz-compare --exclude-bad) to leave them out of the metrics; "
                          "their counts are then reported as n_bad_pdf / n_bad_truth")

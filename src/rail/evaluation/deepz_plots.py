@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -35,17 +36,34 @@ def _overall(table, metric: str) -> dict:
     return dict(zip(sub.estimator, sub.value))
 
 
-def pit_qq(per_object: dict, path: Path, nbins: int = 50, table=None) -> Path:
+def _pit_hist_quantiles(sketch, nbins: int, q: np.ndarray):
+    """Density in ``nbins`` equal bins of [0, 1] and the quantiles ``q`` of the PIT values of a
+    :class:`~rail.evaluation.deepz_sketch.PITSketch` (counts at the bin edges read off its
+    reconstruction: exact where a fine bin holds <= 2 values, else within one fine bin)."""
+    n = sketch.n + sketch.below + sketch.above
+    if sketch.n == 0:
+        return np.zeros(nbins), q
+    edges = np.linspace(0.0, 1.0, nbins + 1)
+    below = sketch.count_le(edges[1:-1], strict=True)  # values in [0, 1) below each inner edge
+    cum = np.concatenate(([0], below, [sketch.n]))
+    dens = np.diff(cum) / (n * np.diff(edges))
+    rank = np.clip(np.round(q * (sketch.n - 1)).astype(np.int64), 0, sketch.n - 1)
+    return dens, sketch.value_at(rank)
+
+
+def pit_qq(summaries: dict, path: Path, nbins: int = 50, table=None) -> Path:
+    """PIT histogram and QQ plot per estimator from its summary (``MetricGroups``: the PIT
+    sketch of all scored rows) or, for arrays, a dict with ``pit``."""
     plt = _plt()
-    labels = list(per_object)
+    labels = list(summaries)
     fig, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.4), squeeze=False, sharey="row")
     q = np.linspace(0, 1, 101)
     ks = _overall(table, "pit_ks")
     for i, lab in enumerate(labels):
-        pit = np.asarray(per_object[lab]["pit"], dtype=np.float64)
-        pit = pit[np.isfinite(pit)]
+        sketch = _pit_sketch(summaries[lab])
+        dens, quant = _pit_hist_quantiles(sketch, nbins, q)
         ax = axes[0, i]
-        ax.hist(pit, bins=nbins, range=(0, 1), density=True, color="C0", alpha=0.8)
+        ax.stairs(dens, np.linspace(0, 1, nbins + 1), fill=True, color="C0", alpha=0.8)
         ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_title(lab)
         ax.set_xlabel("PIT")
@@ -55,7 +73,7 @@ def pit_qq(per_object: dict, path: Path, nbins: int = 50, table=None) -> Path:
         if i == 0:
             ax.set_ylabel("density")
         ax = axes[1, i]
-        ax.plot(q, np.quantile(pit, q) if pit.size else q, color="C1")
+        ax.plot(q, quant, color="C1")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlabel("uniform quantile")
         if i == 0:
@@ -67,21 +85,42 @@ def pit_qq(per_object: dict, path: Path, nbins: int = 50, table=None) -> Path:
     return path
 
 
-def zphot_zspec(per_object: dict, path: Path, zmin: float, zmax: float, nbins: int = 120,
+def _pit_sketch(summary):
+    from .deepz_sketch import PITSketch
+
+    if isinstance(summary, Mapping):  # per-object arrays
+        sk = PITSketch()
+        pit = np.asarray(summary["pit"], dtype=np.float64)
+        sk.add(pit[np.isfinite(pit)])
+        return sk
+    return summary.all.pit
+
+
+def _zz_hist(summary, zmin, zmax, nbins):
+    if isinstance(summary, Mapping):  # per-object arrays
+        ok = np.isfinite(summary["ztrue"]) & np.isfinite(summary["zphot"])
+        return np.histogram2d(summary["ztrue"][ok], summary["zphot"][ok], bins=nbins,
+                              range=[[zmin, zmax], [zmin, zmax]])[0]
+    if summary.zz_hist is None or summary.zz_range != (float(zmin), float(zmax)) or summary.zz_bins != nbins:
+        raise ValueError(f"the summary's zphot-ztrue histogram is {summary.zz_bins} bins over {summary.zz_range}, "
+                         f"not {nbins} over ({zmin}, {zmax})")
+    return summary.zz_hist
+
+
+def zphot_zspec(summaries: dict, path: Path, zmin: float, zmax: float, nbins: int = 120,
                 point_estimate: str = "zmode", z_label: str = "z true") -> Path:
+    """zphot against ztrue, a 2-D histogram per estimator (from its summary's histogram, or
+    per-object arrays ``ztrue``/``zphot``)."""
     plt = _plt()
     from matplotlib.colors import LogNorm
 
-    labels = list(per_object)
+    labels = list(summaries)
     fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels) + 1.0, 3.8), squeeze=False, sharey=True,
                              layout="constrained")
     x = np.linspace(zmin, zmax, 50)
     counts = []
     for i, lab in enumerate(labels):
-        po = per_object[lab]
-        ok = np.isfinite(po["ztrue"]) & np.isfinite(po["zphot"])
-        h, _, _ = np.histogram2d(po["ztrue"][ok], po["zphot"][ok], bins=nbins, range=[[zmin, zmax], [zmin, zmax]])
-        counts.append(h)
+        counts.append(_zz_hist(summaries[lab], zmin, zmax, nbins))
     vmax = max([h.max() for h in counts] + [1.0])
     image = None
     for i, lab in enumerate(labels):
@@ -147,7 +186,7 @@ def example_pdfs(result, path: Path, zmin: float | None = None, zmax: float | No
     idx = sorted({i for d in examples.values() for i in d})
     if not idx:
         return None
-    ztrue = next(iter(result.per_object.values()))["ztrue"]
+    ztrue = result.example_ztrue
     ncol = min(3, len(idx))
     nrow = int(np.ceil(len(idx) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
@@ -178,8 +217,8 @@ def make_all(result, outdir: Path, zmin: float, zmax: float, mag_label: str | No
     outdir = Path(outdir)
     zl = f"z true ({z_label})" if z_label else "z true"
     files = {
-        "pit_qq": pit_qq(result.per_object, outdir / "pit_qq.png", table=result.table),
-        "zphot_zspec": zphot_zspec(result.per_object, outdir / "zphot_zspec.png", zmin, zmax,
+        "pit_qq": pit_qq(result.summaries, outdir / "pit_qq.png", table=result.table),
+        "zphot_zspec": zphot_zspec(result.summaries, outdir / "zphot_zspec.png", zmin, zmax,
                                    point_estimate=point_estimate, z_label=zl),
         "metrics_vs_redshift": metrics_vs(result.table, "redshift", outdir / "metrics_vs_redshift.png", zl),
         "metrics_vs_magnitude": metrics_vs(result.table, "magnitude", outdir / "metrics_vs_magnitude.png",

@@ -73,7 +73,7 @@ def detection_metrics(truth: Mapping, det_to_truth, select=None, mag_col: str = 
 
 def per_object_quantities(ens: qp.Ensemble, ztrue, zmin: float, zmax: float) -> dict:
     """Per-object metric inputs (zphot = ancil zmode, PIT, CRPS, CDE terms, Brier)."""
-    acc = MetricAccumulator(MetricConfig.for_range(zmin, zmax))
+    acc = MetricAccumulator(MetricConfig.for_range(zmin, zmax), per_object=True)
     acc.add(ens, ztrue)
     return acc.per_object()
 

@@ -29,6 +29,17 @@ selects on its test sample); ``n_members`` is not used in this mode.
 source type, dchisq, S/N, flux fractions, colours; :data:`rail.deepz.datasets.PICZL_FEATURES`)
 to the catalog branch, standardised with the photometry features.
 
+Error-aware augmentation (``augment_errors``, ``augment_depth``; :mod:`rail.deepz.augment`,
+the block NNC, the LSTM and the embedding MDN use) applies to the catalog branch only: each
+epoch member m's training photometry (``bands``) is redrawn within its errors (and/or degraded
+to the test depth) from a generator seeded with the member's seed (``seed + m``, or ``seed + i``
+for pool member i), and its magnitudes, colours and errors are re-standardised with the
+scaler fitted on the measured training split. The image stamps and the ``extra_features``
+columns are the measured ones every epoch: the stamps carry no variance or inverse-variance
+plane to redraw pixels from, and the extra columns have no error model (PICZL's S/N and
+colours among them are not made consistent with a redrawn flux). The flips/rotations of
+``augment`` still apply to the stamps. The validation split is never augmented.
+
 Images: an array column ``image_col`` of shape (N, C, H, W) with C = len(``image_bands``)
 in linear flux units per pixel; they are scaled per band by the pixel noise measured at
 inform time and asinh-stretched (:mod:`rail.deepz.images`), optionally with C-1 colour
@@ -49,6 +60,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 from ceci.config import StageParameter as Param
 
+from rail.deepz.augment import augment_options, check_augment_options, make_resampler
 from rail.deepz.gmm import gmm_crps_numpy
 from rail.deepz.images import (
     BAD_PIXEL_POLICIES,
@@ -70,6 +82,7 @@ from rail.deepz.stages import (
     bound,
     each,
     one_of,
+    photometry_settings,
     positive_int_list,
     positive_int_list_or_empty,
     with_defaults,
@@ -80,6 +93,9 @@ if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or
 
 LOSSES = ("crps", "nll")  # gmm_crps, gmm_nll (rail.deepz.mixtures)
 FEATURES = ("mags", "colors", "errors")
+#: what the error-aware augmentation options do to the CNN's other inputs (appended to their help)
+AUGMENT_NOTE = ("; CNN: the catalog branch's photometry features only -- the image stamps (no variance plane to "
+                "redraw pixels from) and the extra_features columns are the measured ones every epoch")
 
 
 def random_flip_rot90(batch: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -323,9 +339,11 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
                               msg="pool mode: weights of the selected members: minimise the combined "
                               "mixture's validation CRPS on the simplex ('val_crps'), or 1/n_select"),
     )
+    config_options.update(augment_options(AUGMENT_NOTE))
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
+        check_augment_options(self.config, list(self.config.bands))
         if self.config.ensemble == "pool":
             size = len(pool_members(self.config))
             if self.config.n_select > size:
@@ -338,12 +356,20 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         cfg = self.config
         mask = cfg.missing_policy == "mask"
         blocks = list(FEATURES) + (["valid"] if mask else [])
-        x, fvalid = self._photometry(data).masked_features(blocks, mask)
+        phot = self._photometry(data)
         extra = list(cfg.extra_features)
-        if extra:
-            x = np.concatenate([x, catalog_columns(data, extra, self.name)], axis=1)
-            if fvalid is not None:
-                fvalid = np.concatenate([fvalid, np.ones((len(x), len(extra)), bool)], axis=1)
+        extra_x = catalog_columns(data, extra, self.name) if extra else None
+
+        def catalog_features(p, extra_rows):
+            """The catalog branch's unscaled features (and validity with 'mask') of photometry ``p``."""
+            xp, fv = p.masked_features(blocks, mask)
+            if extra:
+                xp = np.concatenate([xp, extra_rows], axis=1)
+                if fv is not None:
+                    fv = np.concatenate([fv, np.ones((len(xp), len(extra)), bool)], axis=1)
+            return xp, fv
+
+        x, fvalid = catalog_features(phot, extra_x)
         tr, va = split_indices(len(z), cfg.val_fraction, cfg.seed, val_mask)
         scaler = fit_standardizer(x, fvalid, tr)
         xs = scaler.transform(x, fvalid)
@@ -371,7 +397,18 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
                     use_images=bool(cfg.use_images), zrange=(float(cfg.zmin), float(cfg.zmax)))
         pool = cfg.ensemble == "pool"
         specs = pool_members(cfg) if pool else seed_members(cfg)
-        trained = [self._train_member(arch, spec, inputs, z, tr, va, m) for m, spec in enumerate(specs)]
+        settings = photometry_settings(cfg)
+        train_inputs = [a[tr] for a in inputs]  # sliced once, for every member and augmented epoch
+        extra_tr = extra_x[tr] if extra else None
+
+        def augmented(p):
+            """One epoch's inputs of the training rows: the redrawn photometry's features beside
+            the measured extra columns, and the measured stamps."""
+            return [scaler.transform(*catalog_features(p, extra_tr)), *train_inputs[1:]]
+
+        trained = [self._train_member(arch, spec, inputs, z, tr, va, m, train_inputs,
+                                      make_resampler(cfg, settings, phot, tr, spec.seed, augmented))
+                   for m, spec in enumerate(specs)]
         val_params = [t[2] for t in trained]
         val_crps = [float(np.mean(gmm_crps_numpy(*p, z[va]))) for p in val_params]
         record = {}
@@ -416,8 +453,11 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
             **record,
         )
 
-    def _train_member(self, arch: dict, spec: MemberSpec, inputs: list, z: np.ndarray, tr, va, m: int):
-        """Train one member -> (CPU state dict, training record, validation mixture (w, mu, sigma))."""
+    def _train_member(self, arch: dict, spec: MemberSpec, inputs: list, z: np.ndarray, tr, va, m: int,
+                      train_inputs: list, resample=None):
+        """Train one member -> (CPU state dict, training record, validation mixture (w, mu, sigma));
+        ``train_inputs``: ``inputs`` at the rows ``tr``; ``resample``: the member's
+        :class:`rail.deepz.augment.EpochResampler` (None: no augmentation)."""
         import torch
         from rail.deepz.nets.cnn import CNNMember
         from rail.deepz.training import concat_outputs, predict_batched, train_model
@@ -426,8 +466,9 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         net = CNNMember(**dict(arch, n_components=spec.n_components))
         tcfg = dataclasses.replace(self.train_config, seed=spec.seed, lr=spec.lr, batch_size=spec.batch_size)
         augment = random_flip_rot90 if (self.config.augment and self.config.use_images) else None
-        res = train_model(net, {"crps": gmm_crps, "nll": gmm_nll}[spec.loss], [a[tr] for a in inputs], z[tr], [a[va] for a in inputs], z[va],
-                          tcfg, augment=augment, keep_on_cpu=True)
+        loss = {"crps": gmm_crps, "nll": gmm_nll}[spec.loss]
+        res = train_model(net, loss, train_inputs, z[tr], [a[va] for a in inputs], z[va],
+                          tcfg, augment=augment, keep_on_cpu=True, resample=resample)
         net.to("cpu")
         val = concat_outputs(predict_batched(net, [a[va] for a in inputs], torch.device("cpu"),
                                              max(spec.batch_size, 1024))).detach_numpy()
