@@ -388,7 +388,7 @@ def test_ensemble_pdf_of_mixtures_is_qps_pdf():
     assert fast.shape == (n, grid.size)
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-290)
     # the row blocking does not matter (beyond the order of float64 sums)
-    from rail.deepz.pdf import mixture_pdf_on_grid
+    from rail.deepz.gmm import mixture_pdf_on_grid
 
     np.testing.assert_allclose(mixture_pdf_on_grid(w, mu, s, grid, chunk=7), fast, rtol=1e-13, atol=1e-290)
     # histograms are evaluated directly too (qp's bin lookup; re-normalised: equal to rounding)

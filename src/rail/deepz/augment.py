@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .photometry import (
+    MAG_ERR_FACTOR,
     VALID_MAG_RANGE,
     Photometry,
     flux_err_to_mag_err,
