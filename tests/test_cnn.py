@@ -324,18 +324,20 @@ def test_augment_options_are_checked_and_say_what_the_stamps_get(dc2):
 
 
 def _capture_epochs(monkeypatch, n_epochs):
-    """Replace deepz_cnn.train_model by a wrapper that records, per member, the training inputs
-    and ``n_epochs`` draws of its resampler (then trains as usual)."""
-    import rail.deepz.training
-    import rail.estimation.algos.deepz_cnn as mod
+    """Replace rail.deepz.training.train_model (which deepz_cnn imports when it trains) by a
+    wrapper that records, per member, the training inputs and ``n_epochs`` draws of its resampler
+    (then trains as usual)."""
+    import rail.deepz.training as mod
 
-    real, calls = rail.deepz.training.train_model, []
+    real = getattr(mod.train_model, "real", mod.train_model)  # not an earlier spy of this test
+    calls = []
 
     def spy(net, loss, train_inputs, *args, resample=None, **kw):
         draws = [resample(e) for e in range(n_epochs)] if resample is not None else []
         calls.append({"train": train_inputs, "draws": draws})
         return real(net, loss, train_inputs, *args, resample=resample, **kw)
 
+    spy.real = real
     monkeypatch.setattr(mod, "train_model", spy)
     return calls
 

@@ -28,7 +28,8 @@ from rail.deepz.pdf import (
     fixed_grid_ensemble,
     fixed_grid_summaries,
 )
-from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer, EmbedMDN
+from rail.deepz.nets.embed import EmbedMDN
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, DeepzEmbedInformer
 from rail.estimation.algos.deepz_somflag import DeepzSOMFlagger, DeepzSOMFlagInformer
 
 QUICK = dict(hdf5_groupname="", epochs=25, ae_epochs=15, hidden_layers=[64, 64, 64], ae_hidden=[32],

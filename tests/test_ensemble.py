@@ -11,7 +11,7 @@ import torch
 from rail.core.data import TableHandle
 from scipy.special import ndtr
 
-from rail.deepz.augment import EpochResampler, resample_photometry
+from rail.deepz.augment import EpochResampler, depth_from_errors, resample_photometry
 from rail.deepz.ensemble import ModelMembersError, member_rows, member_state_dicts, pool_mixtures
 from rail.deepz.photometry import MAG_ERR_FACTOR, Photometry
 from rail.deepz.pdf import MASS_TOL, pdf_ok
@@ -224,6 +224,33 @@ def test_depth_degradation_raises_the_flux_error_to_the_test_depth():
     zs = (f_new - f[ok]) / np.sqrt(sig_t ** 2 - sigma[ok] ** 2)
     assert abs(zs.mean()) < 6 / np.sqrt(ok.sum()) and abs(zs.std() - 1) < 6 / np.sqrt(2 * ok.sum())
     np.testing.assert_allclose(new.errs[ok, 1], MAG_ERR_FACTOR * sig_t / f_new, rtol=1e-5)
+
+
+def test_depth_from_errors_recovers_a_sky_limited_depth():
+    # sky-limited catalogue: one flux error per band, sigma_f = f(m5) / 5, errors from the measured flux
+    rng = np.random.default_rng(7)
+    n, m5 = 5000, np.array([22.0, 21.0, 23.5])
+    true = rng.uniform(18, 24, (n, 3))
+    sig = 10 ** (-0.4 * m5) / 5
+    f = 10 ** (-0.4 * true) + rng.standard_normal((n, 3)) * sig
+    valid = f > 0
+    mags = np.where(valid, -2.5 * np.log10(np.where(valid, f, 1.0)), 99.0)
+    errs = np.where(valid, MAG_ERR_FACTOR * sig / np.where(valid, f, 1.0), 1.0)
+    mags[:100, 1], errs[:100, 1], valid[:100, 1] = 15.0, 1e-4, False  # non-detections (absurd values) are ignored
+    phot = Photometry(bands=["a", "b", "c"], mags=mags.astype(np.float32), errs=errs.astype(np.float32), valid=valid)
+    got = depth_from_errors(phot)
+    np.testing.assert_allclose([got[b] for b in "abc"], m5, atol=1e-4)  # float32 magnitudes and errors
+    # the round trip the depth benchmark makes: degrade to a shallower depth, read the depth back
+    shallow = resample_photometry(phot, np.random.default_rng(8), SETTINGS, errors=False,
+                                  depth={"a": 21.0, "b": 20.0, "c": 22.5})
+    back = depth_from_errors(shallow)
+    np.testing.assert_allclose([back[b] for b in "abc"], [21.0, 20.0, 22.5], atol=1e-4)
+    # S/N window: only the measurements inside it count; too few raises naming the band
+    assert abs(depth_from_errors(phot, snr_range=(3, 10))["a"] - 22.0) < 1e-4
+    with pytest.raises(ValueError, match="Band 'a'.*min_count"):
+        depth_from_errors(phot, snr_range=(1e5, 1e6))
+    with pytest.raises(ValueError, match="snr_range"):
+        depth_from_errors(phot, snr_range=(5, 1))
 
 
 def test_epoch_resampler_is_seeded_and_new_each_epoch():

@@ -388,7 +388,7 @@ def test_ensemble_pdf_of_mixtures_is_qps_pdf():
     assert fast.shape == (n, grid.size)
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-290)
     # the row blocking does not matter (beyond the order of float64 sums)
-    from rail.deepz.pdf import mixture_pdf_on_grid
+    from rail.deepz.gmm import mixture_pdf_on_grid
 
     np.testing.assert_allclose(mixture_pdf_on_grid(w, mu, s, grid, chunk=7), fast, rtol=1e-13, atol=1e-290)
     # histograms are evaluated directly too (qp's bin lookup; re-normalised: equal to rounding)
@@ -427,3 +427,57 @@ def test_quasar_benchmark_says_when_the_data_is_absent(monkeypatch, capsys):
     monkeypatch.setattr(datasets, "require_shared", absent)
     assert quasars.main(["--seeds", "0"]) == 1
     assert "sdss_qso_stamps" in capsys.readouterr().out
+
+
+def _depth_benchmark():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import depth_augment
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return depth_augment
+
+
+def test_depth_benchmark_degrades_only_the_measured_test_photometry():
+    from types import SimpleNamespace
+
+    from rail.deepz.augment import depth_from_errors
+
+    bench = _depth_benchmark()
+    rng = np.random.default_rng(11)
+    n, bands = 4000, ["MAG_G", "MAG_R"]
+    table = {"Z": rng.uniform(0, 1, n), "object_id": np.arange(n)}
+    for b in bands:  # a deep catalogue: 5-sigma depth 24, objects at 19-21.5
+        f = 10 ** (-0.4 * rng.uniform(19, 21.5, n))
+        sig = 10 ** (-0.4 * 24.0) / 5
+        table[b] = -2.5 * np.log10(f)
+        table[b.replace("MAG", "MAGERR")] = 1.0857 * sig / f
+    table["MAG_G"][:50] = 99.0  # non-detections stay as they are
+    ds = SimpleNamespace(bands=bands, err_bands=[b.replace("MAG", "MAGERR") for b in bands], redshift_col="Z",
+                         mag_limits={"MAG_G": 23.0, "MAG_R": 23.0}, extra={"nondetect_val": 99.0}, test=table)
+    before = {k: v.copy() for k, v in table.items()}
+    copies = bench.make_test_copies(ds, {"MAG_G": 21.0, "MAG_R": 22.0}, split=0.3, seed=0)
+    for k in table:  # the input is not modified; redshifts and ids are copied
+        np.testing.assert_array_equal(table[k], before[k])
+        if k in ("Z", "object_id"):
+            np.testing.assert_array_equal(copies["shallow"][k], table[k])
+    shallow = copies["shallow"]
+    assert (shallow["MAG_G"][:50] == 99.0).all() and (shallow["MAGERR_G"][:50] == before["MAGERR_G"][:50]).all()
+    assert not np.array_equal(shallow["MAG_R"], table["MAG_R"])
+    lost = shallow["MAG_G"][50:] == 99.0  # draws past the 23.0 limit (or negative) become non-detections
+    assert lost.any() and (shallow["MAGERR_G"][50:][lost] == 1.0).all()
+    assert (shallow["MAG_G"][50:][~lost] <= 23.0).all()
+    m5 = depth_from_errors(bench.measured(ds, shallow))  # the depth the benchmark tells the models
+    assert abs(m5["MAG_G"] - 21.0) < 1e-3 and abs(m5["MAG_R"] - 22.0) < 1e-3
+    two = depth_from_errors(bench.measured(ds, copies["twodepth"]))  # between the two halves' depths
+    assert 21.0 - 0.3 - 1e-3 <= two["MAG_G"] <= 21.0 + 0.3 + 1e-3
+    assert depth_from_errors(bench.measured(ds, copies["deep"]))["MAG_R"] == pytest.approx(24.0, abs=1e-3)
+
+
+def test_depth_benchmark_seed_summary_needs_every_seed():
+    bench = _depth_benchmark()
+    row = lambda v: {m: v for m in bench.SUMMARY}  # noqa: E731
+    metrics = {"nnc_s42": row(1.0), "nnc_s1": row(3.0), "lstm_s42": row(2.0), "nnc_degraded_s42": row(5.0)}
+    out = bench.seed_summary(metrics, [42, 1])
+    assert set(out) == {"nnc"}  # lstm lacks seed 1; the degraded rows are single-seed
+    assert out["nnc"]["pit_ks"] == (2.0, 1.0)

@@ -9,7 +9,8 @@ from rail.deepz.mixtures import gmm_crps_numpy
 from rail.deepz.photometry import BadPhotometryError, Photometry, extract_photometry
 from rail.deepz.sequences import BandSequencer, band_order
 from rail.deepz.stages import ModelFormatError
-from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer, LSTMMDN
+from rail.deepz.nets.lstm import LSTMMDN
+from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator, DeepzLSTMInformer
 
 DC2_WAVELENGTHS = [3671.0, 4827.0, 6223.0, 7546.0, 8691.0, 9712.0]
 QUICK = dict(lstm_units=[32], dense_units=[32], n_components=5, epochs=40, batch_size=128, patience=10, lr=3e-3,

@@ -33,7 +33,8 @@ from rail.deepz.stages import (
     check_model_values,
 )
 from rail.estimation.algos.deepz_cnn import DeepzCNNEstimator
-from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator, fixed_grid_ensemble
+from rail.deepz.pdf import fixed_grid_ensemble
+from rail.estimation.algos.deepz_embed import DeepzEmbedEstimator
 from rail.estimation.algos.deepz_lstm import DeepzLSTMEstimator
 from rail.estimation.algos.deepz_nnc import DeepzNNCEstimator, DeepzNNCInformer
 

@@ -364,7 +364,7 @@ def test_aperture_features_of_the_redshift_head(tiny):
     """aperture_radius > 0: aperture S/N and colours join the z head's features; 0 keeps the old network."""
     import torch
 
-    from rail.estimation.algos.deepz_scene import SceneNet
+    from rail.deepz.nets.scene import SceneNet
 
     net = SceneNet(3, width=8, hidden=8, aperture_radius=2.0)
     img = torch.asinh(torch.ones(1, 3, 12, 12) * torch.tensor([1.0, 2.0, 4.0])[None, :, None, None])

@@ -23,6 +23,9 @@ stopping and calibration see the measured photometry).
 
 The draws come from a numpy generator seeded with the member's training seed, so seeded
 training stays deterministic.
+
+:func:`depth_from_errors` estimates the ``m5`` per band that ``augment_depth`` takes from a
+(test) catalogue's own magnitudes and errors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .photometry import (
+    MAG_ERR_FACTOR,
     VALID_MAG_RANGE,
     Photometry,
     flux_err_to_mag_err,
@@ -120,6 +124,38 @@ def resample_photometry(phot: Photometry, rng: np.random.Generator, settings: Ma
     valid &= ~to_nondetect
     return Photometry(bands=list(phot.bands), mags=out_m.astype(np.float32), errs=out_e.astype(np.float32),
                       valid=valid)
+
+
+def depth_from_errors(phot: Photometry, snr_range: Sequence[float] = (0.0, np.inf),
+                      min_count: int = 20) -> dict[str, float]:
+    """Each band's 5-sigma point-source limiting AB magnitude estimated from the catalogue's
+    own magnitudes and errors: the ``{band: m5}`` that ``augment_depth`` takes.
+
+    Under sky-dominated noise every object of a band has the same flux error ``sigma_f``
+    and ``m5 = -2.5 log10(5 sigma_f)``. Each valid measurement gives its flux error
+    ``sigma_f = f x err / 1.0857``, i.e. ``m5_i = m_i + 2.5 log10(SNR_i / 5)`` with
+    ``SNR_i = 1.0857 / err_i``; the band's estimate is the median of ``m5_i`` over its valid
+    measurements (``phot.valid``: non-detections are not used) whose S/N lies in the closed
+    ``snr_range``. Source photon noise makes bright objects report a brighter ``m5_i``, so a
+    catalogue that is not sky-limited at the bright end may want an S/N upper bound; a depth
+    that varies over the footprint gives its median. A band with fewer than ``min_count``
+    usable measurements raises ``ValueError`` naming it (no number is made up).
+    """
+    lo, hi = (float(v) for v in snr_range)
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"snr_range {tuple(snr_range)!r} must be (low, high) with 0 <= low < high")
+    errs = phot.errs.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = MAG_ERR_FACTOR / errs
+        m5 = phot.mags.astype(np.float64) + 2.5 * np.log10(snr / 5.0)
+    out = {}
+    for j, band in enumerate(phot.bands):
+        use = phot.valid[:, j] & np.isfinite(m5[:, j]) & (snr[:, j] >= lo) & (snr[:, j] <= hi)
+        if use.sum() < min_count:
+            raise ValueError(f"Band {band!r}: {int(use.sum())} valid measurement(s) with S/N in {(lo, hi)}, "
+                             f"fewer than min_count={min_count}; cannot estimate its 5-sigma depth")
+        out[band] = float(np.median(m5[use, j]))
+    return out
 
 
 class EpochResampler:

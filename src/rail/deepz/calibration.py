@@ -17,7 +17,6 @@ uniform in the Kolmogorov-Smirnov sense, which is the calibration criterion itse
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import ndtr
 
@@ -66,6 +65,7 @@ def fit_temperature(
     edges : ndarray (nbins + 1,)
         Bin edges.
     """
+    import torch
     lg = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
     nb = len(edges) - 1  # (the logits may hold several members' bins side by side, see probs_fn)
     lo, hi = np.log(bounds[0]), np.log(bounds[1])

@@ -34,17 +34,18 @@ import hashlib
 import importlib
 import os
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from .images import preprocess_images
 from .photometry import FEATURE_BLOCKS as PHOT_BLOCKS
 from .photometry import Photometry
 from .scaling import Standardizer, fit_standardizer
-from .training import TrainConfig, concat_outputs, predict_batched, resolve_device, train_model
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    from .nets.encoders import AutoencoderNet
+    from .training import TrainConfig
 
 ENCODER_KINDS = ("columns", "autoencoder", "foundation")
 
@@ -197,78 +198,6 @@ def read_images(data: Mapping, column: str, shape: tuple | None = None) -> np.nd
 # ----------------------------------------------------------------- autoencoder
 
 
-def _mlp(sizes: Sequence[int], final_act: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2 or final_act:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
-
-
-class _ConvEncoder(nn.Module):
-    """Two strided conv blocks + global average pooling -> ``out`` features."""
-
-    def __init__(self, channels: int, width: int, out: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, out),
-        )
-
-    def forward(self, img):
-        return self.net(img)
-
-
-class AutoencoderNet(nn.Module):
-    """MLP autoencoder over features, with an optional conv branch over images.
-
-    ``encode(x[, img])`` returns the latent (N, latent_dim (+ image_latent_dim)).
-    ``forward(x[, img])`` returns the per-object reconstruction loss (mean squared error
-    of the features, plus that of the images average-pooled to ``pool`` x ``pool``).
-    """
-
-    def __init__(self, n_features: int, hidden: Sequence[int], latent_dim: int,
-                 image_shape: tuple | None = None, image_latent_dim: int = 8, conv_width: int = 16,
-                 pool: int = 4):
-        super().__init__()
-        hidden = [int(h) for h in hidden]
-        self.encoder = _mlp([n_features, *hidden, latent_dim])
-        self.has_image = image_shape is not None
-        total = latent_dim
-        if self.has_image:
-            c = int(image_shape[0])
-            self.pool = int(pool)
-            self.img_encoder = _ConvEncoder(c, conv_width, image_latent_dim)
-            total += image_latent_dim
-            self.img_decoder = _mlp([total, *hidden[::-1], c * self.pool * self.pool])
-        self.decoder = _mlp([total, *hidden[::-1], n_features])
-
-    def encode(self, x, img=None):
-        h = self.encoder(x)
-        if self.has_image:
-            h = torch.cat([h, self.img_encoder(img)], dim=1)
-        return h
-
-    def forward(self, x, img=None):
-        h = self.encode(x, img)
-        loss = ((self.decoder(h) - x) ** 2).mean(-1)
-        if self.has_image:
-            target = nn.functional.adaptive_avg_pool2d(img, self.pool).flatten(1)
-            loss = loss + ((self.img_decoder(h) - target) ** 2).mean(-1)
-        return loss
-
-
-class _EncodeOnly(nn.Module):
-    def __init__(self, net: AutoencoderNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, *inputs):
-        return self.net.encode(*inputs)
-
-
 class AutoencoderEncoder(Encoder):
     """Small autoencoder trained at inform time on the input photometry (and cutouts).
 
@@ -333,6 +262,9 @@ class AutoencoderEncoder(Encoder):
         return inputs
 
     def fit(self, data, phot, train_idx, val_idx, train_config=None):
+        import torch
+        from .nets.encoders import AutoencoderNet
+        from .training import TrainConfig, train_model
         if phot is None:
             raise EncoderError("the autoencoder encoder needs photometry (options 'bands'/'err_bands')")
         x, fvalid = phot.masked_features(self.features, self.mask)
@@ -360,6 +292,8 @@ class AutoencoderEncoder(Encoder):
         return self
 
     def encode(self, data, phot, device="cpu", batch_size=65536):
+        from .nets.encoders import _EncodeOnly
+        from .training import concat_outputs, predict_batched, resolve_device
         if self.net is None:
             raise RuntimeError("AutoencoderEncoder.encode called before fit")
         dev = resolve_device(device) if isinstance(device, str) else device
@@ -381,6 +315,7 @@ class AutoencoderEncoder(Encoder):
 
     @classmethod
     def from_dict(cls, d):
+        from .nets.encoders import AutoencoderNet
         obj = cls(d["features"], d["hidden"], d["latent_dim"], d["image_column"], d["image_latent_dim"],
                   d["epochs"], d["lr"], d["batch_size"], d.get("mask", False))
         obj.scaler = Standardizer.from_dict(d["scaler"])
@@ -410,17 +345,6 @@ def file_sha256(path: str, block: int = 1 << 20) -> str:
             for chunk in iter(lambda: fh.read(block), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-class _CallableModule(nn.Module):
-    """Wrap a plain callable so predict_batched can run it."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *x):
-        return self.fn(*x)
 
 
 class FoundationModelEncoder(Encoder):
@@ -474,6 +398,9 @@ class FoundationModelEncoder(Encoder):
         self._model = None
 
     def _load(self):
+        import torch
+        from .nets.encoders import _CallableModule
+        from torch import nn
         if self._model is not None:
             return self._model
         if not self.path:
@@ -548,6 +475,8 @@ class FoundationModelEncoder(Encoder):
         return self
 
     def encode(self, data, phot, device="cpu", batch_size=65536):
+        from .nets.encoders import _FirstOutput
+        from .training import concat_outputs, predict_batched, resolve_device
         model = self._load()
         dev = resolve_device(device) if isinstance(device, str) else device
         model.to(dev)
@@ -584,20 +513,6 @@ class FoundationModelEncoder(Encoder):
         obj = cls(path or d["path"], d["format"], d["loader"], d["inputs"])
         obj.sha256, obj.out_dim = d["sha256"], int(d["out_dim"])
         return obj
-
-
-class _FirstOutput(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *x):
-        out = self.model(*x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if isinstance(out, Mapping):
-            out = next(iter(out.values()))
-        return out.float()
 
 
 # ----------------------------------------------------------------- factory

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .gmm import gmm_crps_numpy  # noqa: F401 - the NumPy CRPS lives in the torch-free rail.deepz.gmm
+
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 _INV_SQRTPI = 1.0 / math.sqrt(math.pi)
@@ -303,17 +305,6 @@ def binned_nll(probs: torch.Tensor, z: torch.Tensor, edges: torch.Tensor, eps: f
     idx = torch.clamp(((z - edges[0]) / dz).long(), 0, probs.shape[-1] - 1)
     p = probs.gather(-1, idx.reshape(-1, 1)).reshape(-1)
     return -torch.log(p.clamp_min(eps) / dz)
-
-
-def gmm_crps_numpy(weights: np.ndarray, means: np.ndarray, sigmas: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """NumPy version of :func:`gmm_crps` for evaluation (float64), shape (N,)."""
-    with torch.no_grad():
-        params = MixtureParams(
-            torch.as_tensor(weights, dtype=torch.float64),
-            torch.as_tensor(means, dtype=torch.float64),
-            torch.as_tensor(sigmas, dtype=torch.float64),
-        )
-        return gmm_crps(params, torch.as_tensor(z, dtype=torch.float64)).numpy()
 
 
 # ------------------------------------------------- fixed-grid mixtures (embedding MDN)

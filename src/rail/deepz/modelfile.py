@@ -22,7 +22,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 from rail.core.data import ModelHandle, default_model_read
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -41,6 +40,7 @@ def encode(obj: Any, where: str = "model") -> Any:
     """Model dict -> the same structure with numpy arrays wrapped as tensors and numpy
     scalars as python scalars; a type that ``torch.load(weights_only=True)`` could not read
     back is a TypeError naming its key path (so nothing is ever written that needs pickle)."""
+    import torch
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, np.ndarray):
@@ -68,6 +68,7 @@ def encode(obj: Any, where: str = "model") -> Any:
 
 def decode(obj: Any) -> Any:
     """Inverse of :func:`encode`."""
+    import torch
     if isinstance(obj, dict):
         if set(obj) == {_ND} and isinstance(obj[_ND], torch.Tensor):
             return obj[_ND].numpy()
@@ -83,6 +84,7 @@ def decode(obj: Any) -> Any:
 
 def save_model(model: dict, path: str) -> None:
     """Write ``model`` to ``path`` with ``torch.save`` (readable with ``weights_only=True``)."""
+    import torch
     torch.save(encode(model), os.path.expandvars(str(path)))
 
 
@@ -104,6 +106,7 @@ def load_model(path: str, allow_pickle: bool = False) -> Any:
     is refused with :class:`UnsafeModelFileError` unless ``allow_pickle`` (then it is read
     by RAIL's ``pickle.load``, with a warning). Anything else is a ValueError.
     """
+    import torch
     path = os.path.expandvars(str(path))
     kind = file_kind(path)
     if kind == "zip":

@@ -33,6 +33,12 @@ from scipy.special import ndtr
 
 from rail.deepz.calibration import mixture_pit
 from rail.deepz.mixtures import exp_floored_, gaussian_basis
+from rail.deepz.qputils import (  # noqa: F401 - their home is torch-free; importable from here as before
+    ensemble_pit,
+    ensemble_point_and_pit,
+    ensemble_point_estimate,
+    representation,
+)
 
 DEFAULT_QUANTILES = (0.025, 0.16, 0.84, 0.975)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -133,7 +139,9 @@ def _log_coef(w: torch.Tensor, s: torch.Tensor, power: int = 1) -> torch.Tensor:
 
 def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
     """(N, K) mixtures at grid z (G,) -> (N, G): one component at a time over row chunks
-    small enough to stay in cache (about twice the cost of the exponentials alone)."""
+    small enough to stay in cache (about twice the cost of the exponentials alone). The torch
+    form, on the estimator's device, of :func:`rail.deepz.gmm.mixture_pdf_on_grid` (NumPy,
+    for the metrics)."""
     out = torch.zeros((w.shape[0], z.numel()), dtype=w.dtype, device=w.device)
     logc = _log_coef(w, s)
     inv_s = 1.0 / s
@@ -143,22 +151,6 @@ def _mixture_pdf(w, mu, s, z, chunk: int = 1024) -> torch.Tensor:
             t = z[None, :] - m[:, k, None]
             o.add_(exp_floored_(t.mul_(iv[:, k, None]).square_().mul_(-0.5).add_(c[:, k, None])))
     return out
-
-
-def mixture_pdf_on_grid(weights, means, sigmas, grid, chunk: int = 1024,
-                        dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Densities of Gaussian mixtures (N, K) on one grid (G,) -> (N, G) float64 array:
-    sum_k w_k N(x | mu_k, sigma_k), the formula of ``qp.mixmod``'s pdf (sigmas must be > 0),
-    by :func:`_mixture_pdf` in float64 (exponents floored at ``EXP_FLOOR``: a term below
-    ~1e-304 counts as 1e-304). qp evaluates the same sum through ``scipy.stats.norm`` on
-    (N, G, K) arrays, much slower for the same result
-    (benchmarks/results/implementation_notes.md). ``dtype=torch.float32`` computes the sum
-    in float32 (faster; the metrics' option ``MetricConfig.mixture_float32``)."""
-    w = _tensor(weights, dtype)
-    mu, s = (_tensor(a, dtype, w.device) for a in (means, sigmas))
-    z = _tensor(np.asarray(grid, dtype=np.float64).reshape(-1), dtype, w.device)
-    with torch.no_grad():
-        return _numpy64(_mixture_pdf(w, mu, s, z, chunk))
 
 
 def _mixture_at(w, mu, s, x, pdf: bool = True, cdf: bool = True):
@@ -449,61 +441,6 @@ def fixed_grid_ensemble(weights, centers, sigma, zmin, zmax, nzbins: int = 301,
 
 
 # ---------------------------------------------------------------- any qp ensemble
-
-
-def representation(ens: qp.Ensemble) -> str:
-    """The qp parameterisation of ``ens`` (``"hist"``, ``"interp"``, ``"mixmod"``, ...; ``""`` if unnamed)."""
-    return str(getattr(ens.gen_class, "name", ""))
-
-
-def ensemble_point_estimate(ens: qp.Ensemble, key: str, zgrid) -> np.ndarray:
-    """Point estimate ``key`` of every PDF of any qp ensemble -> (N,) float64.
-
-    The ancil column ``key`` when the ensemble has one; otherwise computed from the PDFs:
-    ``zmode``/``mode`` = the grid point of highest density on ``zgrid`` (as ``qp``'s
-    ``mode``), ``zmedian``/``median`` and ``zmean``/``mean`` by qp. Any other key absent
-    from the ancil is an error (no silent substitute).
-    """
-    if ens.ancil is not None and key in ens.ancil:
-        return np.asarray(ens.ancil[key], dtype=np.float64).reshape(-1)
-    if key in ("zmode", "mode"):
-        grid = np.asarray(zgrid, dtype=np.float64).reshape(-1)
-        return grid[np.argmax(np.asarray(ens.pdf(grid)).reshape(ens.npdf, -1), axis=1)]
-    if key in ("zmedian", "median"):
-        return np.asarray(ens.median(), dtype=np.float64).reshape(-1)
-    if key in ("zmean", "mean"):
-        return np.asarray(ens.mean(), dtype=np.float64).reshape(-1)
-    raise KeyError(f"point estimate {key!r} is neither in the ensemble's ancil nor zmode/zmean/zmedian")
-
-
-def ensemble_pit(ens: qp.Ensemble, z) -> np.ndarray:
-    """PIT_i = CDF_i(z_i) of any qp ensemble (N PDFs, N redshifts) -> (N,) float64, as
-    ``qp.metrics.pit.PIT`` samples it (``ens.cdf`` at each object's own redshift; a
-    non-finite value becomes 0, qp's convention)."""
-    z = np.atleast_1d(np.asarray(z, dtype=np.float64)).reshape(-1)
-    if len(z) != ens.npdf:
-        raise ValueError(f"The ensemble has {ens.npdf} PDFs but {len(z)} redshifts were given")
-    with np.errstate(invalid="ignore"):
-        pit = np.asarray(ens.cdf(z[:, None]), dtype=np.float64).reshape(-1)
-    pit[~np.isfinite(pit)] = 0.0
-    return pit
-
-
-def ensemble_point_and_pit(ens: qp.Ensemble, z, point: str, zmin: float, zmax: float,
-                           chunk: int = 10000) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`ensemble_point_estimate` (a missing ``zmode`` from a 1201-point grid over
-    [zmin, zmax]) and :func:`ensemble_pit` of any qp ensemble, ``chunk`` PDFs at a time."""
-    z = np.asarray(z, dtype=np.float64).reshape(-1)
-    n = ens.npdf
-    if len(z) != n:
-        raise ValueError(f"The ensemble has {n} PDFs but the truth table has {len(z)} rows")
-    grid = np.linspace(zmin, zmax, 1201)
-    points, pits = [], []
-    for s in range(0, max(n, 1), chunk):
-        part = ens if n <= chunk else ens[s : min(s + chunk, n)]
-        points.append(ensemble_point_estimate(part, point, grid))
-        pits.append(ensemble_pit(part, z[s : s + chunk]))
-    return np.concatenate(points), np.concatenate(pits)
 
 
 # ---------------------------------------------------------------- histograms

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .photometry import Photometry
 from .scaling import Standardizer
@@ -150,6 +149,7 @@ class BandSequencer:
 def make_band_dropout(p: float):
     """Training augmentation of sequence batches (N, B, N_CHANNELS): mask each band of each
     object with probability ``p`` (validity flag and values set to 0, as a masked step)."""
+    import torch
 
     def augment(batch):
         x = batch[0]

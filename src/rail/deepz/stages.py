@@ -22,11 +22,10 @@ import difflib
 import inspect
 import numbers
 import os
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import tables_io
-import torch
 from ceci.config import StageParameter as Param
 from rail.core.common_params import SharedParams
 from rail.core.data import DataHandle, TableHandle
@@ -35,7 +34,6 @@ from rail.estimation.informer import CatInformer
 
 from ._version import __version__
 from .modelfile import DeepzModelHandle, load_model
-from .pdf import MASS_TOL, MASS_TOL_BF16, flag_bad_pdfs, pdf_ok
 from .photometry import (
     INPUT_UNITS,
     MISSING_POLICIES,
@@ -46,7 +44,9 @@ from .photometry import (
     sentinel_values,
     validate_photometry_options,
 )
-from .training import DEVICES, TrainConfig, resolve_device, thread_policy, warn_if_joblib_pool_alive
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    from .training import TrainConfig
 
 FORMAT = "rail.deepz"
 #: 2: the file is a torch zip archive read with ``torch.load(weights_only=True)``; the dict
@@ -258,6 +258,7 @@ def check_training_stage(stage) -> TrainConfig:
     values checked are ones the stage can train with (``_fit`` resolves them from the data). Shared by :class:`DeepzInformer` and informers that do not
     read photometry (the scene informer).
     """
+    from .training import TrainConfig
     validate_config_keys(stage)
     validate_options(stage)
     train_config = TrainConfig.from_config(stage.config)
@@ -429,6 +430,7 @@ _POSITIVE_KEYS = (("temperature",), ("sigma_scale",), ("arch", "sigma"))
 
 def _nonfinite(obj, where: str):
     """Key paths of non-finite floats in tensors, arrays and floats nested in ``obj``."""
+    import torch
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             yield f"{where} ({int((~torch.isfinite(obj)).sum())} value(s))"
@@ -647,6 +649,7 @@ class DeepzInformer(CheckedOptions, CatInformer):
         return model
 
     def run(self):
+        from .training import thread_policy
         check_output_paths(self)
         with thread_policy(self.config.num_threads, self.name):
             self._run()
@@ -684,6 +687,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
     config_options.update(ESTIMATION_OPTIONS)
 
     def __init__(self, args, **kwargs):
+        from .training import DEVICES
         super().__init__(args, **kwargs)
         validate_config_keys(self)
         validate_options(self)
@@ -699,6 +703,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
         self.torch_device = None
 
     def run(self):
+        from .training import thread_policy
         check_output_paths(self)
         with thread_policy(self.config.num_threads, self.name):
             super().run()
@@ -727,6 +732,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
             self.config[key] = float(model[key])
 
     def open_model(self, **kwargs):
+        from .training import resolve_device, warn_if_joblib_pool_alive
         given = kwargs.get("model")
         if isinstance(given, str) and given not in ("", "None", "none"):
             kwargs["model"] = self._read_model_file(given)
@@ -804,6 +810,7 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
         """Every PDF finite with total mass 1 (:func:`rail.deepz.pdf.pdf_ok`), else an error
         naming the input rows, or with ``bad_pdf_policy='flag'`` the ancil ``pdf_ok`` and NaN
         point estimates for those rows."""
+        from .pdf import MASS_TOL, MASS_TOL_BF16, flag_bad_pdfs, pdf_ok
         zrange = (self.model["zmin"], self.model["zmax"]) if "zmin" in self.model else None
         ok = pdf_ok(ens, MASS_TOL_BF16 if self.config.mixed_precision else MASS_TOL, zrange)
         if self.config.bad_pdf_policy == "flag":

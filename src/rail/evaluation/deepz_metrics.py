@@ -99,7 +99,7 @@ from qp.metrics.pit import DEFAULT_QUANTS, PIT
 from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaIQR
 
 from rail.deepz import pointmetrics as pm
-from rail.deepz.pdf import ensemble_pit, ensemble_point_estimate
+from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
 from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
 from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
@@ -621,9 +621,8 @@ class MetricAccumulator:
     def add(self, ens, ztrue, mag=None, start: int | None = None) -> None:
         """Add one chunk: ``ens`` (a ``qp.Ensemble`` or :class:`PDFBlock` of n PDFs) with true
         redshifts ``ztrue`` (n,) and magnitudes (n,) or None. Evaluated in row blocks of
-        ``_BLOCK``, on ``workers`` Python threads (NumPy and torch release the GIL; torch's
-        own intra-op threads are set to 1 meanwhile, so that the two do not multiply; CHANGELOG
-        has the measurement)."""
+        ``_BLOCK``, on ``workers`` Python threads (NumPy releases the GIL; the metric path
+        does not use torch, so no other thread pool multiplies them)."""
         block = PDFBlock.from_ensemble(ens, prepare=False) if isinstance(ens, qp.Ensemble) else ens
         block.float32 = self.config.mixture_float32
         ztrue = np.atleast_1d(np.asarray(ztrue, dtype=np.float64))
@@ -638,11 +637,7 @@ class MetricAccumulator:
             return self._block_parts(block.rows(s, e), ztrue[s:e], mag[s:e], start + s)
 
         if self.workers > 1 and len(spans) > 1 and block.kind in DIRECT_KINDS:
-            with _torch_single_thread():
-                results = list(_pool(self.workers).map(one, spans))
-        elif block.kind == "mixmod":
-            with _torch_single_thread():
-                results = [one(span) for span in spans]
+            results = list(_pool(self.workers).map(one, spans))
         else:
             results = [one(span) for span in spans]
         for (s, e), (parts, kept) in zip(spans, results):
@@ -833,23 +828,6 @@ def default_workers() -> int:
 
 
 _POOLS: dict = {}
-
-
-class _torch_single_thread:
-    """Context: torch's intra-op threads set to 1, restored on exit (torch imported lazily)."""
-
-    def __enter__(self):
-        import torch
-
-        self._torch, self._n = torch, torch.get_num_threads()
-        if self._n != 1:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self._n != 1:
-            self._torch.set_num_threads(self._n)
-        return False
 
 
 def _pool(workers: int):

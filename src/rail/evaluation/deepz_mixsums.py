@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
+from scipy.special import erf, ndtr
 
 MIN_SIGMA_STEPS = 2.0  # closed form for objects whose narrowest component is >= this many grid steps
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -49,12 +49,14 @@ def even_step(grid) -> float | None:
     return float(h) if h > 0 and np.all(np.abs(d - h) <= 1e-9 * h) else None
 
 
-def _t(a) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)
+def _t(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _exp(a: torch.Tensor) -> torch.Tensor:
-    return a.clamp_(min=_EXP_FLOOR).exp_()
+def _exp(a: np.ndarray) -> np.ndarray:
+    """exp(a) floored at ``_EXP_FLOOR``, in place in ``a`` (a temporary)."""
+    np.maximum(a, _EXP_FLOOR, out=a)
+    return np.exp(a, out=a)
 
 
 class MixturePairs:
@@ -69,15 +71,14 @@ class MixturePairs:
         self.w, self.mu, self.s = _t(w), _t(mu), _t(s)
         k = self.w.shape[1]
         iu, ju = np.triu_indices(k, 1)
-        s2 = self.s * self.s
 
         def pair(a):  # (n, K) -> its columns iu and ju, (n, P) each (np.take: the fast gather)
-            a = a.numpy()
-            return torch.from_numpy(np.take(a, iu, axis=1)), torch.from_numpy(np.take(a, ju, axis=1))
+            return np.take(a, iu, axis=1), np.take(a, ju, axis=1)
 
-        (mi, mj), (vi, vj), (wi, wj), (si, sj) = pair(self.mu), pair(s2), pair(self.w), pair(self.s)
+        (mi, mj), (wi, wj), (si, sj) = pair(self.mu), pair(self.w), pair(self.s)
+        vi, vj = si * si, sj * sj  # the pairs of s^2 (squaring after the gather: two gathers fewer)
         self.v = vi + vj  # (n, P) variances of mu_i - mu_j
-        self.sd = self.v.sqrt()
+        self.sd = np.sqrt(self.v)
         self.dm = mi - mj
         self.t = self.dm / self.sd
         self.phi = _exp(-0.5 * self.t * self.t) * _INV_SQRT2PI  # standard normal density at t
@@ -93,17 +94,17 @@ class MixturePairs:
         z = _t(z).reshape(-1, 1)
         d = z - self.mu
         t = d / self.s
-        a1 = 2.0 * self.s * _exp(-0.5 * t * t) * _INV_SQRT2PI + d * torch.erf(t * _INV_SQRT2)
+        a1 = 2.0 * self.s * _exp(-0.5 * t * t) * _INV_SQRT2PI + d * erf(t * _INV_SQRT2)
         term1 = (self.w * a1).sum(1)
-        pair = 2.0 * self.sd * self.phi + self.dm * torch.erf(self.t * _INV_SQRT2)
+        pair = 2.0 * self.sd * self.phi + self.dm * erf(self.t * _INV_SQRT2)
         diag = (self.w * self.w * 2.0 * self.s * _INV_SQRTPI).sum(1)  # A(0, 2 s^2) = 2 s / sqrt(pi)
-        return (term1 - 0.5 * diag - (self.ww * pair).sum(1)).numpy()
+        return term1 - 0.5 * diag - (self.ww * pair).sum(1)
 
-    def sq_integral(self, lo: float, hi: float) -> torch.Tensor:
+    def sq_integral(self, lo: float, hi: float) -> np.ndarray:
         """int_lo^hi p(z)^2 dz, exactly (n,)."""
         key = (float(lo), float(hi))
         if key not in self._sq:
-            nd = torch.special.ndtr
+            nd = ndtr
             off = self.ww * self.phi / self.sd * (nd((hi - self.m) / self.sp) - nd((lo - self.m) / self.sp))
             sd = self.s * _INV_SQRT2  # the width of N(mu_i, s_i)^2 / its integral
             diag = self.w * self.w * (0.5 * _INV_SQRTPI) / self.s * (nd((hi - self.mu) / sd) - nd((lo - self.mu) / sd))
@@ -115,7 +116,7 @@ class MixturePairs:
         t = (x - self.mu) / self.s
         phi = self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s
         t2 = t * t
-        he = (torch.ones_like(t), t, t2 - 1.0, t * (t2 - 3.0), t2 * (t2 - 6.0) + 3.0, t * (t2 * (t2 - 10.0) + 15.0))
+        he = (np.ones_like(t), t, t2 - 1.0, t * (t2 - 3.0), t2 * (t2 - 6.0) + 3.0, t * (t2 * (t2 - 10.0) + 15.0))
         out, scale = [], phi
         for k in range(6):  # d^k/dx^k N(x; mu, s) = (-1)^k He_k(t) N / s^k
             out.append(((-1) ** k * he[k] * scale).sum(1))
@@ -130,16 +131,16 @@ class MixturePairs:
 
     def trapezoid_sq(self, lo: float, hi: float, h: float) -> np.ndarray:
         """Trapezoid rule of p^2 on the grid lo, lo + h, ..., hi (Euler-Maclaurin, see module)."""
-        return self._trap(lo, hi, h)[0].numpy()
+        return self._trap(lo, hi, h)[0]
 
     def grid_sum_sq(self, lo: float, hi: float, h: float) -> np.ndarray:
         """sum_j p(z_j)^2 over the grid lo, lo + h, ..., hi."""
         trap, g_lo, g_hi = self._trap(lo, hi, h)
-        return (trap / h + 0.5 * (g_lo + g_hi)).numpy()
+        return trap / h + 0.5 * (g_lo + g_hi)
 
     def _trap(self, lo, hi, h):
         a, b = self._g_derivs(self.derivatives(lo)), self._g_derivs(self.derivatives(hi))
-        trap = self.sq_integral(lo, hi).clone()
+        trap = self.sq_integral(lo, hi).copy()
         for k, p, c in _EM:
             trap += c * h**p * (b[k] - a[k])
         return trap, a[0], b[0]
@@ -148,7 +149,7 @@ class MixturePairs:
         """p(x_i) for one point per row (n,)."""
         x = _t(x).reshape(-1, 1)
         t = (x - self.mu) / self.s
-        return (self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1).numpy()
+        return (self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)
 
 
 def closed_form_rows(sigmas, steps) -> np.ndarray:

@@ -32,9 +32,11 @@ import qp
 from qp.utils.array import get_bin_indices
 from scipy.special import ndtr
 
-from rail.deepz.mixtures import gmm_crps_numpy
-from rail.deepz.pdf import ensemble_pit, mixture_pdf_on_grid
-from rail.deepz.pdf import representation as _kind
+from rail.deepz.gmm import gmm_crps_numpy, mixture_cdf_on_grid, mixture_pdf_on_grid
+from rail.deepz.qputils import ensemble_pit
+from rail.deepz.qputils import representation as _kind
+
+from .deepz_mixsums import even_step
 
 _BLOCK = 2048  # rows per block of grid evaluations (memory: a few x _BLOCK x grid floats)
 DIRECT_KINDS = ("hist", "interp", "mixmod")
@@ -67,27 +69,35 @@ def crps_grid(cdf: np.ndarray, grid: np.ndarray, ztrue, clip: bool = True) -> np
     cdf = np.asarray(cdf, dtype=np.float64)
     if clip:
         cdf = np.clip(cdf, 0.0, 1.0)
+    cdf = np.ascontiguousarray(cdf)
     grid = np.asarray(grid, dtype=np.float64)
     z = np.asarray(ztrue, dtype=np.float64)
+    n, g = cdf.shape
     lo, hi = grid[0], grid[-1]
     dx = np.diff(grid)
-    f0, f1 = cdf[:, :-1], cdf[:, 1:]
-    # F linear on each interval: int F^2 = dx (f0^2 + f0 f1 + f1^2) / 3 = dx ((f0 + f1)^2 + f0^2 + f1^2) / 6,
-    # summed as (f0 + f1)^2 . dx + F^2 . w with node weights w = the widths of the adjacent intervals
-    sums = f0 + f1
-    w = np.zeros(grid.size)
+    w = np.zeros(grid.size)  # node weights: the widths of the adjacent intervals
     w[:-1] += dx
     w[1:] += dx
-    int_f2 = (np.einsum("ij,ij,j->i", sums, sums, dx) + np.einsum("ij,ij,j->i", cdf, cdf, w)) / 6.0
+    # F linear on each interval: int F^2 = sum dx (f0^2 + f0 f1 + f1^2) / 3 = (F^2 . w + f0 f1 . dx) / 3
+    int_f2 = (np.einsum("ij,ij,j->i", cdf, cdf, w) + np.einsum("ij,ij,j->i", cdf[:, :-1], cdf[:, 1:], dx)) / 3.0
     zc = np.clip(z, lo, hi)
     j = np.clip(np.searchsorted(grid, zc, side="right") - 1, 0, grid.size - 2)
-    rows = np.arange(cdf.shape[0])
-    # int_{grid[j+1]}^{hi} F: the trapezoids of the intervals after j (total less the prefix sum)
-    sums *= 0.5 * dx
-    _cumsum_rows(sums)
-    after = sums[:, -1] - sums[rows, j]
-    # exact integral of the linear CDF piece from zc to grid[j+1]
+    rows = np.arange(n)
+    # int_{grid[j+1]}^{hi} F = sum_{i > j} dx_i (F_i + F_(i+1)) / 2 = (sum_{k > j} F_k w_k - F_(j+1) dx_j) / 2;
+    # the suffix sums of F w in one pass (np.add.reduceat over each row's [j + 1, end), no cumulative sum)
+    starts = np.empty(2 * n, dtype=np.intp)
+    starts[0::2] = rows * g
+    starts[1::2] = rows * g + j + 1
+    step = even_step(grid)
+    if step is not None and n:  # even grid: w = 2 h inside, h at the last node
+        suffix = 2.0 * step * np.add.reduceat(cdf.reshape(-1), starts)[1::2] - step * cdf[:, -1]
+    elif n:
+        suffix = np.add.reduceat((cdf * w).reshape(-1), starts)[1::2]
+    else:
+        suffix = np.zeros(0)
     f0j, f1j, dxj = cdf[rows, j], cdf[rows, j + 1], dx[j]
+    after = 0.5 * (suffix - f1j * dxj)
+    # exact integral of the linear CDF piece from zc to grid[j+1]
     with np.errstate(invalid="ignore", divide="ignore"):
         slope = np.where(dxj > 0, (f1j - f0j) / np.where(dxj > 0, dxj, 1.0), 0.0)
     t = zc - grid[j]
@@ -133,13 +143,8 @@ def crps_qp(ens: qp.Ensemble, ztrue, limits=(0.0, 3.0), npts: int = 3001) -> np.
 
 
 def _cumsum_rows(m: np.ndarray) -> np.ndarray:
-    """``np.cumsum(m, axis=1)`` computed in place in ``m`` (a float64 C-contiguous array) by
-    torch's cumsum: the same additions in the same order (equal bit for bit,
-    ``tests/test_metrics_fast.py``), about twice as fast as NumPy's along rows."""
-    import torch
-
-    torch.from_numpy(m).cumsum_(1)
-    return m
+    """``np.cumsum(m, axis=1)`` computed in place in ``m`` (float64; rows contiguous)."""
+    return np.cumsum(m, axis=1, out=m)
 
 
 def _interp_weights(x: np.ndarray, grid: np.ndarray):
@@ -151,6 +156,24 @@ def _interp_weights(x: np.ndarray, grid: np.ndarray):
         t = np.where(dx > 0, (grid - x[j]) / np.where(dx > 0, dx, 1.0), 0.0)
     inside = (grid >= x[0]) & (grid <= x[-1])
     return j, np.clip(t, 0.0, 1.0), inside
+
+
+_LOOKUPS: dict = {}  # (kind, nodes, grid) -> the grid's lookup in the nodes (see _grid_lookup)
+
+
+def _grid_lookup(kind: str, x: np.ndarray, grid: np.ndarray):
+    """The lookup of ``grid`` in a tabulated PDF's nodes ``x``, computed once per (kind, x,
+    grid) and kept (a few small arrays per grid; every block of a file has the same nodes
+    and the metric grids are fixed): ``hist``: qp's bin index and inside-mask
+    (``get_bin_indices``), ``interp``: :func:`_interp_weights`."""
+    key = (kind, x.tobytes(), grid.tobytes())
+    hit = _LOOKUPS.get(key)
+    if hit is None:
+        hit = get_bin_indices(x, grid) if kind == "hist" else _interp_weights(x, grid)
+        if len(_LOOKUPS) >= 64:
+            _LOOKUPS.clear()
+        _LOOKUPS[key] = hit
+    return hit
 
 
 @dataclass
@@ -211,17 +234,30 @@ class PDFBlock:
             # hist / interp: normalised as qp does; the CDF on the nodes is the cumulative mass
             # divided by the total, so that it ends at exactly 1 (qp's PIT statistics drop PITs
             # of exactly 0 or 1: 1 - 1e-16 would count). Not clipped: qp's CDF is not either.
+            # The cumulative sums are taken in place in the CDF array (no mass temporary); on an
+            # evenly spaced grid (step h) the constant factor (h for hist, h / 2 for interp) is
+            # left out of them and put into the total instead.
             x, y = self.x, self.y
             dx = np.diff(x)
-            mass = y * dx if self.kind == "hist" else (y[:, 1:] + y[:, :-1]) * (0.5 * dx)
-            cum = _cumsum_rows(mass)  # (n, G - 1), in place
-            total = cum[:, -1].copy()
-            bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
-            total = np.where(bad, np.nan, total)[:, None]
-            y = y / total
+            h = even_step(x)
             cdf = np.empty((y.shape[0], x.size))
             cdf[:, 0] = 0.0
-            np.divide(cum, total, out=cdf[:, 1:])
+            cum = cdf[:, 1:]
+            if self.kind == "hist" and h is not None:
+                np.cumsum(y, axis=1, out=cum)
+            else:
+                if self.kind == "hist":
+                    np.multiply(y, dx, out=cum)
+                else:
+                    np.add(y[:, 1:], y[:, :-1], out=cum)
+                    if h is None:
+                        cum *= 0.5 * dx
+                _cumsum_rows(cum)
+            last = cum[:, -1].copy()
+            total = last if h is None else last * (h if self.kind == "hist" else 0.5 * h)
+            bad = ~(np.isfinite(total) & (total > 0))  # (a non-finite value makes the total so)
+            cum /= np.where(bad, np.nan, last)[:, None]
+            y = y * (1.0 / np.where(bad, np.nan, total))[:, None]
             return replace(self, y=y, bad=bad, _cdf=cdf)
 
     @classmethod
@@ -261,10 +297,10 @@ class PDFBlock:
         grid = np.asarray(grid, dtype=np.float64).reshape(-1)
         with np.errstate(invalid="ignore", over="ignore"):
             if self.kind == "hist":
-                idx, mask = get_bin_indices(self.x, grid)  # qp's own bin lookup (edges included)
+                idx, mask = _grid_lookup("hist", self.x, grid)  # qp's own bin lookup (edges included)
                 return self.y[:, idx] * mask
             if self.kind == "interp":
-                j, t, inside = _interp_weights(self.x, grid)
+                j, t, inside = _grid_lookup("interp", self.x, grid)
                 return (self.y[:, j] * (1.0 - t) + self.y[:, j + 1] * t) * inside
             if self.kind == "mixmod":
                 w, mu, s = self.mix
@@ -294,10 +330,10 @@ class PDFBlock:
             grid = np.asarray(grid, dtype=np.float64).reshape(-1)
             w = np.broadcast_to(np.asarray(w, dtype=np.float64), grid.shape)
             if self.kind == "hist":
-                idx, mask = get_bin_indices(self.x, grid)
+                idx, mask = _grid_lookup("hist", self.x, grid)
                 np.add.at(diag[:, c], idx[mask], w[mask])
             else:
-                j, t, inside = _interp_weights(self.x, grid)
+                j, t, inside = _grid_lookup("interp", self.x, grid)
                 wi = np.where(inside, w, 0.0)
                 np.add.at(diag[:, c], j, wi * (1.0 - t) ** 2)
                 np.add.at(diag[:, c], j + 1, wi * t * t)
@@ -316,10 +352,10 @@ class PDFBlock:
         rows = np.arange(self.n)
         with np.errstate(invalid="ignore", over="ignore"):
             if self.kind == "hist":
-                idx, mask = get_bin_indices(self.x, grid)
+                idx, mask = _grid_lookup("hist", self.x, grid)
                 return self.y[rows, idx[gidx]] * mask[gidx]
             if self.kind == "interp":
-                j, t, inside = _interp_weights(self.x, grid)
+                j, t, inside = _grid_lookup("interp", self.x, grid)
                 jj, tt = j[gidx], t[gidx]
                 return (self.y[rows, jj] * (1.0 - tt) + self.y[rows, jj + 1] * tt) * inside[gidx]
         raise ValueError(f"at_grid is for hist/interp blocks, not {self.kind!r}")
@@ -328,12 +364,12 @@ class PDFBlock:
         """CDFs on one ``grid`` (G,) -> (n, G) float64, ``_BLOCK`` rows at a time: hist/interp
         linear between the nodes of the CDF built by cumulative sums (0 below the first node,
         1 from the last: :meth:`cdf_at`'s rule), Gaussian mixtures in closed form
-        (``rail.deepz.pdf._mixture_at``, float64), qp's ``cdf`` otherwise. Rows that cannot be
+        (:func:`rail.deepz.gmm.mixture_cdf_on_grid`, float64), qp's ``cdf`` otherwise. Rows that cannot be
         normalised (``bad``) are NaN."""
         grid = np.asarray(grid, dtype=np.float64).reshape(-1)
         out = np.empty((self.n, grid.size))
         if self.kind in ("hist", "interp"):
-            j, t, _ = _interp_weights(self.x, grid)
+            j, t, _ = _grid_lookup("interp", self.x, grid)
             below, above = grid < self.x[0], grid >= self.x[-1]
         for s in range(0, self.n, _BLOCK):
             e = min(s + _BLOCK, self.n)
@@ -345,15 +381,8 @@ class PDFBlock:
                 c[b.bad] = np.nan
                 out[s:e] = c
             elif self.kind == "mixmod":
-                import torch
-
-                from rail.deepz.pdf import _mixture_at
-
-                w, mu, sd = (torch.as_tensor(a, dtype=torch.float64) for a in b.mix)
-                with torch.no_grad(), np.errstate(invalid="ignore"):
-                    x = torch.as_tensor(grid).expand(e - s, -1)
-                    out[s:e] = _mixture_at(w, mu, torch.where(torch.as_tensor(b.bad)[:, None], 1.0, sd), x,
-                                           pdf=False)[1].numpy()
+                w, mu, sd = b.mix
+                out[s:e] = mixture_cdf_on_grid(w, mu, np.where(b.bad[:, None], 1.0, sd), grid)
                 out[s:e][b.bad] = np.nan
             else:
                 out[s:e] = np.asarray(b.ens.cdf(grid), dtype=np.float64).reshape(e - s, -1)
@@ -393,12 +422,10 @@ class PDFBlock:
 
 
 def _mixture_grid(w, mu, s, grid, float32: bool) -> np.ndarray:
-    """Mixture densities on a grid: :func:`rail.deepz.pdf.mixture_pdf_on_grid`, in float32 if
+    """Mixture densities on a grid: :func:`rail.deepz.gmm.mixture_pdf_on_grid`, in float32 if
     asked (faster), densities within ~2e-6 of the object's largest density (float32
     rounding of (z - mu)/sigma), 0 instead of densities below ~1e-35."""
-    import torch
-
-    return mixture_pdf_on_grid(w, mu, s, grid, dtype=torch.float32 if float32 else torch.float64)
+    return mixture_pdf_on_grid(w, mu, s, grid, dtype=np.float32 if float32 else np.float64)
 
 
 def ensemble_pdf(ens: qp.Ensemble, grid) -> np.ndarray:

@@ -55,15 +55,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import torch
 from ceci.config import StageParameter as Param
-from torch import nn
 
 from rail.deepz.augment import augment_options, check_augment_options, make_resampler
-from rail.deepz.ensemble import MixtureEnsemble
+from rail.deepz.gmm import gmm_crps_numpy
 from rail.deepz.images import (
     BAD_PIXEL_POLICIES,
     BadImageError,
@@ -72,8 +70,6 @@ from rail.deepz.images import (
     preprocess_images,
     validate_images,
 )
-from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps, gmm_crps_numpy, gmm_nll
-from rail.deepz.pdf import mixture_ensemble, mixture_summaries
 from rail.deepz.photometry import check_model_bands
 from rail.deepz.pointmetrics import eta as outlier_rate
 from rail.deepz.scaling import Standardizer, fit_standardizer
@@ -91,50 +87,15 @@ from rail.deepz.stages import (
     positive_int_list_or_empty,
     with_defaults,
 )
-from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
 
-LOSSES = {"crps": gmm_crps, "nll": gmm_nll}
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    import torch
+
+LOSSES = ("crps", "nll")  # gmm_crps, gmm_nll (rail.deepz.mixtures)
 FEATURES = ("mags", "colors", "errors")
 #: what the error-aware augmentation options do to the CNN's other inputs (appended to their help)
 AUGMENT_NOTE = ("; CNN: the catalog branch's photometry features only -- the image stamps (no variance plane to "
                 "redraw pixels from) and the extra_features columns are the measured ones every epoch")
-
-
-class CNNMember(nn.Module):
-    """One ensemble member: conv branch (optional) + dense catalog branch -> mixture head.
-
-    ``forward(x_cat[, x_img])`` returns :class:`MixtureParams` (N, K).
-    """
-
-    def __init__(self, n_features: int, in_channels: int, conv_channels: list[int],
-                 dense_units: list[int], n_components: int, use_images: bool,
-                 zrange: tuple[float, float]):
-        super().__init__()
-        self.use_images = bool(use_images)
-        width = 0
-        if self.use_images:
-            layers, prev = [], in_channels
-            for c in conv_channels:
-                layers += [nn.Conv2d(prev, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
-                prev = c
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            self.conv = nn.Sequential(*layers)
-            width += prev
-        dense, prev = [], n_features
-        for u in dense_units:
-            dense += [nn.Linear(prev, u), nn.ReLU()]
-            prev = u
-        self.dense = nn.Sequential(*dense)
-        width += prev
-        hidden = dense_units[-1] if dense_units else width
-        self.merge = nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
-        self.head = GaussianMixtureHead(hidden, n_components, mean_init=zrange)
-
-    def forward(self, x_cat: torch.Tensor, x_img: torch.Tensor | None = None) -> MixtureParams:
-        h = self.dense(x_cat)
-        if self.use_images:
-            h = torch.cat([h, self.conv(x_img)], dim=1)
-        return self.head(self.merge(h))
 
 
 def random_flip_rot90(batch: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -143,6 +104,7 @@ def random_flip_rot90(batch: list[torch.Tensor]) -> list[torch.Tensor]:
     One of the 8 symmetries of the square per batch (the catalog features are unchanged);
     drawn from torch's global generator, which ``train_model`` seeds.
     """
+    import torch
     if len(batch) < 2:
         return batch
     img = batch[1]
@@ -202,6 +164,7 @@ def _combine(params: Sequence[tuple], weights) -> tuple[np.ndarray, np.ndarray, 
 
 def ensemble_scores(params: Sequence[tuple], weights, z: np.ndarray, zmin: float, zmax: float) -> tuple[float, float]:
     """Outlier rate eta of the combined mixture's mode (PICZL's point estimate) and its mean CRPS."""
+    from rail.deepz.pdf import mixture_summaries
     w, mu, sig = _combine(params, weights)
     zmode = mixture_summaries(w, mu, sig, zmin, zmax)["zmode"]
     return float(outlier_rate(zmode, z)), float(np.mean(gmm_crps_numpy(w, mu, sig, z)))
@@ -389,6 +352,7 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
                                  "pool_batch_sizes)")
 
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
+        from rail.deepz.training import split_indices
         cfg = self.config
         mask = cfg.missing_policy == "mask"
         blocks = list(FEATURES) + (["valid"] if mask else [])
@@ -494,11 +458,16 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         """Train one member -> (CPU state dict, training record, validation mixture (w, mu, sigma));
         ``train_inputs``: ``inputs`` at the rows ``tr``; ``resample``: the member's
         :class:`rail.deepz.augment.EpochResampler` (None: no augmentation)."""
+        import torch
+        from rail.deepz.nets.cnn import CNNMember
+        from rail.deepz.training import concat_outputs, predict_batched, train_model
+        from rail.deepz.mixtures import gmm_crps, gmm_nll
         torch.manual_seed(spec.seed)
         net = CNNMember(**dict(arch, n_components=spec.n_components))
         tcfg = dataclasses.replace(self.train_config, seed=spec.seed, lr=spec.lr, batch_size=spec.batch_size)
         augment = random_flip_rot90 if (self.config.augment and self.config.use_images) else None
-        res = train_model(net, LOSSES[spec.loss], train_inputs, z[tr], [a[va] for a in inputs], z[va],
+        loss = {"crps": gmm_crps, "nll": gmm_nll}[spec.loss]
+        res = train_model(net, loss, train_inputs, z[tr], [a[va] for a in inputs], z[va],
                           tcfg, augment=augment, keep_on_cpu=True, resample=resample)
         net.to("cpu")
         val = concat_outputs(predict_batched(net, [a[va] for a in inputs], torch.device("cpu"),
@@ -532,6 +501,8 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
         check_members(model, self.name)
 
     def _build_network(self, model):
+        from rail.deepz.nets.cnn import CNNMember
+        from rail.deepz.nets.pooling import MixtureEnsemble
         arch = dict(model["arch"])
         arch["zrange"] = tuple(arch["zrange"])
         ks = model.get("member_n_components") or [arch["n_components"]] * len(model["member_state_dicts"])
@@ -549,6 +520,8 @@ class DeepzCNNEstimator(_ImageMixin, DeepzEstimator):
         return MixtureEnsemble(members, model["member_weights"])
 
     def _estimate_chunk(self, data: Mapping):
+        from rail.deepz.training import concat_outputs, predict_batched
+        from rail.deepz.pdf import mixture_ensemble
         m = self.model
         x, fvalid = self._photometry(data).masked_features(m["feature_blocks"], m.get("mask_features", False))
         extra = list(m.get("extra_features", []))

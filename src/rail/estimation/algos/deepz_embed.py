@@ -48,31 +48,17 @@ from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
-import torch
 from ceci.config import StageParameter as Param
-from torch import nn
 
 from rail.deepz.augment import AUGMENT_OPTIONS, check_augment_options, make_resampler
 from rail.deepz.calibration import fit_sigma_scale, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
-    ProbabilityPool,
     build_members,
     fit_members,
     members_payload,
 )
 from rail.deepz.encoders import ENCODER_KINDS, encoder_from_dict, make_encoder
-from rail.deepz.mixtures import (
-    FixedGridMixtureHead,
-    MixtureParams,
-    fixed_grid_centers,
-    fixed_grid_crps,
-    fixed_grid_pair_matrix,
-    fixed_grid_size,
-    fixed_grid_spacing,
-    gmm_nll,
-)
-from rail.deepz.pdf import RepeatedRows, fixed_grid_ensemble, fixed_grid_pit, fixed_grid_summaries
 from rail.deepz.scaling import Standardizer
 from rail.deepz.som import SOMFlagModel, needs_photometry, som_feature_matrix
 from rail.deepz.som_options import SOM_OPTIONS, read_reference, som_settings
@@ -87,7 +73,6 @@ from rail.deepz.stages import (
     photometry_settings,
     with_defaults,
 )
-from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
 
 # ----------------------------------------------------------------- options
 
@@ -136,26 +121,6 @@ ENCODER_OPTIONS = dict(
 # ----------------------------------------------------------------- network
 
 
-class EmbedMDN(nn.Module):
-    """Dense network -> weights of a fixed grid of Gaussians (``forward`` returns (N, K) weights)."""
-
-    def __init__(self, in_features: int, hidden: list[int], zmin: float, zmax: float, n_components: int,
-                 sigma: float, dropout: float = 0.0):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(h)
-        self.body = nn.Sequential(*layers)
-        self.head = FixedGridMixtureHead(width, zmin, zmax, n_components, sigma)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.weights(self.body(x))
-
-
 # ----------------------------------------------------------------- calibration on the fixed grid
 
 
@@ -185,6 +150,8 @@ def fit_weight_temperature(member_weights, centers, z) -> tuple[float, np.ndarra
     edges = np.concatenate([centers - d / 2, [centers[-1] + d / 2]])
     logits = np.log(np.clip(np.concatenate([np.asarray(w, np.float32) for w in member_weights], axis=1),
                             1e-30, None))
+
+    import torch
 
     def pool(lg):
         return torch.softmax(lg.reshape(lg.shape[0], n_members, k), dim=-1).mean(dim=1)
@@ -266,6 +233,7 @@ class DeepzEmbedInformer(DeepzInformer):
 
     def basis(self) -> tuple[int, float]:
         """(number of Gaussians, their width) from ``n_components``, ``component_sigma`` and ``basis_spacing``."""
+        from rail.deepz.mixtures import fixed_grid_size, fixed_grid_spacing
         cfg = self.config
         n, sigma, ratio = cfg.n_components, cfg.component_sigma, cfg.basis_spacing
         if not (np.isfinite(ratio) and ratio > 0):
@@ -310,6 +278,17 @@ class DeepzEmbedInformer(DeepzInformer):
         return super().inform(training_data, **kwargs)
 
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
+        import torch
+        from rail.deepz.nets.embed import EmbedMDN
+        from rail.deepz.mixtures import (
+            MixtureParams,
+            fixed_grid_centers,
+            fixed_grid_crps,
+            fixed_grid_pair_matrix,
+            gmm_nll,
+        )
+        from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
+        from rail.deepz.pdf import fixed_grid_pit, fixed_grid_summaries
         cfg = self.config
         if cfg.nll_weight < 0:
             raise ValueError(f"Option 'nll_weight' must be >= 0, got {cfg.nll_weight}")
@@ -439,6 +418,11 @@ class DeepzEmbedEstimator(DeepzEstimator):
         check_option_choice(self.config, "qp_representation", MIXTURE_REPRESENTATIONS)
 
     def _build_network(self, model):
+        import torch
+
+        from rail.deepz.nets.embed import EmbedMDN
+        from rail.deepz.nets.pooling import ProbabilityPool
+        from rail.deepz.pdf import RepeatedRows
         enc = model["encoder"]
         if enc["kind"] == "foundation":
             if enc.get("loader") and enc["loader"] != self.config.foundation_loader:
@@ -473,6 +457,9 @@ class DeepzEmbedEstimator(DeepzEstimator):
         return nets[0] if len(nets) == 1 else ProbabilityPool(nets, lambda net, w: w)
 
     def _estimate_chunk(self, data: Mapping):
+        from rail.deepz.training import concat_outputs, predict_batched
+        from rail.deepz.mixtures import fixed_grid_centers
+        from rail.deepz.pdf import fixed_grid_ensemble
         phot = self._photometry(data) if self._needs_phot else None
         emb = self.encoder.encode(data, phot, device=self.torch_device, batch_size=self.inference_batch_size)
         x = self.scaler.transform(emb)

@@ -37,24 +37,19 @@ Departures from the paper, each measured in ``benchmarks/results/ablations_nnc.m
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 from ceci.config import StageParameter as Param
-from torch import nn
 
 from rail.deepz.augment import AUGMENT_OPTIONS, make_resampler
 from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
-    ProbabilityPool,
     build_members,
     fit_members,
     members_payload,
 )
-from rail.deepz.mixtures import BinnedHead, BinSmoother, binned_crps, binned_nll
-from rail.deepz.pdf import binned_ensemble
 from rail.deepz.scaling import Standardizer, fit_standardizer
 from rail.deepz.stages import (
     NON_NEGATIVE,
@@ -69,78 +64,19 @@ from rail.deepz.stages import (
     positive_int_list,
     with_defaults,
 )
-from rail.deepz.training import (
-    TrainConfig,
-    concat_outputs,
-    fuse_linear_batchnorm,
-    predict_batched,
-    split_indices,
-    train_model,
-)
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    from torch import nn
+
+    from rail.deepz.training import TrainConfig
 
 FEATURE_BLOCKS = ("mags", "colors", "errors", "color_errors", "valid")
-
-
-class ResidualMLP(nn.Module):
-    """MLP with batch norm, ReLU, dropout and a (projected) residual connection per layer.
-
-    Parameters
-    ----------
-    in_features : int
-        Number of input features.
-    hidden : list of int
-        Widths of the hidden layers.
-    dropout : float
-        Dropout probability after each hidden layer.
-    """
-
-    def __init__(self, in_features: int, hidden: list[int], dropout: float = 0.1):
-        super().__init__()
-        self.layers = nn.ModuleList()
-        self.skips = nn.ModuleList()
-        width = in_features
-        for h in hidden:
-            self.layers.append(
-                nn.Sequential(nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Dropout(dropout))
-            )
-            self.skips.append(nn.Identity() if h == width else nn.Linear(width, h, bias=False))
-            width = h
-        self.out_features = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer, skip in zip(self.layers, self.skips):
-            x = layer(x) + skip(x)
-        return x
-
-
-class NNCNetwork(nn.Module):
-    """Residual MLP + binned softmax head; ``forward`` returns bin logits.
-
-    :meth:`probs` turns (tempered) logits into the emitted bin probabilities: softmax,
-    then the fixed mass-preserving Gaussian smoothing of ``smoothing_bins`` bins.
-    """
-
-    def __init__(self, in_features: int, hidden: list[int], n_bins: int, dropout: float,
-                 smoothing_bins: float = 0.0):
-        super().__init__()
-        self.body = ResidualMLP(in_features, hidden, dropout)
-        self.head = BinnedHead(self.body.out_features, n_bins)
-        self.smoother = BinSmoother(n_bins, smoothing_bins)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(x)
-        # the head stays in float32 under autocast: with bf16 logits too, zmode moved by
-        # more than 0.03 for 1% of DC2 test objects (0.005 with this float32 head)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.head(h.float())
-
-    def probs(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        return self.smoother(torch.softmax(logits / temperature, dim=-1))
 
 
 def pooled_probs(smoother: nn.Module, n_members: int, n_bins: int):
     """Logits of M members side by side (N, M x nbins) -> the pooled, smoothed bin probabilities
     (N, nbins): the average of the members' softmax, then the fixed smoothing."""
+    import torch
     def probs(logits: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(logits.reshape(logits.shape[0], n_members, n_bins), dim=-1).mean(dim=1)
         return smoother(p)
@@ -264,6 +200,10 @@ class DeepzNNCInformer(DeepzInformer):
                        lr=float(self.config.lr) or lr)
 
     def _fit(self, data: Mapping, z: np.ndarray, val_mask):
+        import torch
+        from rail.deepz.nets.nnc import NNCNetwork
+        from rail.deepz.mixtures import binned_crps, binned_nll
+        from rail.deepz.training import concat_outputs, predict_batched, split_indices, train_model
         cfg = self.config
         train_config = self.automatic_training(self.train_config, len(z))
         auto = [k for k in ("batch_size", "lr") if not getattr(cfg, k)]
@@ -368,6 +308,11 @@ class DeepzNNCEstimator(DeepzEstimator):
     )
 
     def _build_network(self, model):
+        import torch
+        from rail.deepz.mixtures import BinSmoother
+        from rail.deepz.nets.nnc import NNCNetwork
+        from rail.deepz.nets.pooling import ProbabilityPool
+        from rail.deepz.training import fuse_linear_batchnorm
         arch = model["arch"]
 
         def make(state_dict):
@@ -392,6 +337,9 @@ class DeepzNNCEstimator(DeepzEstimator):
         return ProbabilityPool(nets, lambda net, logits: torch.softmax(logits, dim=-1)) if self.pooled else nets[0]
 
     def _estimate_chunk(self, data: Mapping):
+        import torch
+        from rail.deepz.pdf import binned_ensemble
+        from rail.deepz.training import concat_outputs, predict_batched
         arch = self.model["arch"]
         x = self.scaler.transform(*self._photometry(data).masked_features(
             arch["features"], arch.get("mask_features", False)))

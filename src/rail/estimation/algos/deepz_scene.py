@@ -42,19 +42,14 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 from ceci.config import StageParameter as Param
 from rail.core.data import TableHandle
 from rail.estimation.informer import CatInformer
-from torch import nn
-from torch.nn import functional as F
 
 from rail.deepz.images import fit_image_scale, preprocess_images
-from rail.deepz.mixtures import GaussianMixtureHead, MixtureParams, gmm_crps
-from rail.deepz.pdf import mixture_ensemble
 from rail.deepz.scenes import (
     SceneInputError,
     check_scene_sizes,
@@ -79,94 +74,19 @@ from rail.deepz.stages import (
     table_to_numpy_dict,
     with_defaults,
 )
-from rail.deepz.training import resolve_device, seed_everything, split_indices, thread_policy
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    import torch
+
+    from rail.deepz.nets.scene import SceneNet
 
 MODES = ("detect", "positions")
 TRUTH_TRAIN_COLUMNS = ("scene_id", "x", "y", "box", "footprint")
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    groups = 8 if cout % 8 == 0 else 1
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(),
-    )
-
-
-def normalised_grid(x: torch.Tensor, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Pixel-centre coordinates (B, K) -> grid_sample coordinates (B, K, 1, 2), align_corners=False."""
-    gx = (x + 0.5) / w * 2.0 - 1.0
-    gy = (y + 0.5) / h * 2.0 - 1.0
-    return torch.stack([gx, gy], dim=-1).unsqueeze(2)
-
-
-class SceneNet(nn.Module):
-    """U-Net backbone + heat-map / offset / size / mask heads + pooled mixture head.
-
-    ``forward(images)`` returns the dense maps; ``mixture(maps, x, y)`` the redshift mixture
-    of objects at pixel positions (B, K).
-    """
-
-    def __init__(self, in_channels: int, width: int = 32, hidden: int = 64, n_components: int = 5,
-                 zrange: tuple[float, float] = (0.0, 3.0), aperture_radius: float = 0.0):
-        super().__init__()
-        w = int(width)
-        self.aperture_radius = float(aperture_radius)
-        n_ap = 0
-        if self.aperture_radius > 0:
-            r = int(np.ceil(self.aperture_radius))
-            yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-            disk = torch.as_tensor((xx**2 + yy**2 <= self.aperture_radius**2).astype(np.float32))
-            self.register_buffer("disk", disk[None, None].repeat(in_channels, 1, 1, 1), persistent=False)
-            n_ap = 2 * in_channels - 1
-        self.enc1 = _block(in_channels, w)
-        self.enc2 = _block(w, 2 * w)
-        self.enc3 = _block(2 * w, 2 * w)
-        self.dec2 = _block(4 * w, 2 * w)
-        self.dec1 = _block(3 * w, w)
-        self.heat = nn.Conv2d(w, 1, 1)
-        self.offset = nn.Conv2d(w, 2, 1)
-        self.size = nn.Conv2d(w, 2, 1)
-        self.mask = nn.Conv2d(w, 1, 1)
-        with torch.no_grad():
-            self.heat.bias.fill_(-2.19)  # prior 0.1 (CenterNet)
-            self.size.bias.fill_(2.0)  # boxes of ~7 pixels
-        n_feat = w + 2 * w + 2 * in_channels + n_ap
-        self.mlp = nn.Sequential(nn.Linear(n_feat, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = GaussianMixtureHead(hidden, n_components, mean_init=zrange)
-
-    def forward(self, img: torch.Tensor) -> dict:
-        e1 = self.enc1(img)
-        e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
-        e3 = self.enc3(F.avg_pool2d(e2, 2, ceil_mode=True))
-        d2 = self.dec2(torch.cat([e2, F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False)], 1))
-        d1 = self.dec1(torch.cat([e1, F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False)], 1))
-        feats = [d1, e3, img, F.avg_pool2d(img, 5, stride=1, padding=2, count_include_pad=False)]
-        if self.aperture_radius > 0:
-            feats.append(self.aperture_features(img))
-        return {"heat": self.heat(d1), "offset": self.offset(d1), "size": self.size(d1), "mask": self.mask(d1),
-                "features": feats}
-
-    def aperture_features(self, img: torch.Tensor) -> torch.Tensor:
-        """Per-band aperture sums of the linear pixels (in units of each band's noise scale) around
-        every pixel, as ``asinh(sum / sqrt(n_pixels))`` (the aperture S/N), and the C-1 differences
-        of adjacent bands (log flux ratios, i.e. colours, for bright objects): (B, 2C-1, H, W)."""
-        lin = torch.sinh(img.clamp(max=30.0))
-        ap = F.conv2d(lin, self.disk, padding=self.disk.shape[-1] // 2, groups=img.shape[1])
-        ap = torch.asinh(ap / float(np.sqrt(float(self.disk[0, 0].sum()))))
-        return torch.cat([ap, ap[:, :-1] - ap[:, 1:]], dim=1)
-
-    def mixture(self, maps: dict, x: torch.Tensor, y: torch.Tensor) -> MixtureParams:
-        """Mixtures (B*K, n_components) of objects at pixel positions ``x``, ``y`` (B, K)."""
-        h, w = maps["heat"].shape[-2:]
-        grid = normalised_grid(x, y, h, w)
-        feats = [F.grid_sample(f, grid, mode="bilinear", align_corners=False).squeeze(-1) for f in maps["features"]]
-        f = torch.cat(feats, dim=1).permute(0, 2, 1).reshape(-1, sum(t.shape[1] for t in feats))
-        return self.head(self.mlp(f))
-
-
 def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0):
     """CenterNet's penalty-reduced focal loss, summed and divided by the number of centres."""
+    import torch
     p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
     pos = target >= 1.0 - 1e-6
     pos_loss = (torch.log(p) * (1 - p) ** alpha)[pos].sum()
@@ -217,6 +137,7 @@ class _SceneTargets:
         self.mask = mask[:, None].astype(np.float32)
 
     def batch(self, idx: np.ndarray, device) -> dict:
+        import torch
         return {k: torch.as_tensor(getattr(self, k)[idx]).to(device)
                 for k in ("x", "y", "obj", "zok", "z", "logwh", "mask")}
 
@@ -229,6 +150,7 @@ def augment_scenes(x: torch.Tensor, t: dict, k: int, flip: bool) -> tuple[torch.
     height swap at each rotation. Padded (invalid) object slots are transformed too and stay
     masked.
     """
+    import torch
     n = x.shape[-1]
     t = dict(t)
     for _ in range(k % 4):
@@ -243,6 +165,9 @@ def augment_scenes(x: torch.Tensor, t: dict, k: int, flip: bool) -> tuple[torch.
 
 def scene_loss(net: SceneNet, img: torch.Tensor, t: dict, sigma: float, weights: dict) -> tuple[torch.Tensor, dict]:
     """Total multi-task loss of a batch of scenes and its parts (floats)."""
+    import torch
+    from torch.nn import functional as F
+    from rail.deepz.mixtures import MixtureParams, gmm_crps
     maps = net(img)
     b, _, h, w = img.shape
     yy = torch.arange(h, device=img.device, dtype=torch.float32)[None, None, :, None]
@@ -348,11 +273,13 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
         return self.get_handle("model")
 
     def run(self):
+        from rail.deepz.training import thread_policy
         check_output_paths(self)
         with thread_policy(self.config.num_threads, self.name):
             self._run()
 
     def _run(self):
+        from rail.deepz.training import split_indices
         cfg = self.config
         scenes = self.get_data("input")
         if isinstance(scenes, Mapping) and cfg.image_col in scenes:
@@ -394,6 +321,10 @@ class DeepzSceneInformer(CheckedOptions, CatInformer):
         against one redshift each, while a scene carries a variable number of objects and
         dense targets.
         """
+        import torch
+        from rail.deepz.nets.scene import SceneNet
+        from torch import nn
+        from rail.deepz.training import resolve_device, seed_everything
         tc = self.train_config
         device = resolve_device(tc.device)
         gen = seed_everything(tc.seed)
@@ -455,6 +386,8 @@ def decode_detections(maps: dict, score_threshold: float, max_detections: int, m
     Returns a dict: ``valid`` (bool), ``x``, ``y`` (peak pixel + predicted offset), ``score``,
     ``box`` (B, K, 4: x0, y0, x1, y1), ``area`` (footprint pixels, see the module docstring).
     """
+    import torch
+    from torch.nn import functional as F
     heat = torch.sigmoid(maps["heat"])
     b, _, h, w = heat.shape
     peak = heat == F.max_pool2d(heat, 3, stride=1, padding=1)
@@ -573,6 +506,7 @@ class DeepzSceneEstimator(DeepzEstimator):
             yield s, e, table_to_numpy_dict(self, chunk, group)
 
     def _build_network(self, model):
+        from rail.deepz.nets.scene import SceneNet
         arch = dict(model["arch"])
         arch["zrange"] = tuple(arch["zrange"])
         net = SceneNet(**arch)
@@ -580,11 +514,14 @@ class DeepzSceneEstimator(DeepzEstimator):
         return net
 
     def run(self):
+        from rail.deepz.training import thread_policy
         check_output_paths(self)
         with thread_policy(self.config.num_threads, self.name):
             self._run()
 
     def _run(self):
+        import torch
+        from rail.deepz.pdf import mixture_ensemble
         self.open_model(**self.config)
         m, cfg = self.model, self.config
         if self._given is not None:
@@ -655,6 +592,7 @@ class DeepzSceneEstimator(DeepzEstimator):
         self.add_data("output", ens)
 
     def _detect_batch(self, maps, sids, parts):
+        import torch
         cfg = self.config
         det = decode_detections(maps, cfg.score_threshold, cfg.max_detections, cfg.mask_threshold)
         v = det["valid"]
@@ -672,6 +610,7 @@ class DeepzSceneEstimator(DeepzEstimator):
             parts.setdefault(key, []).append(val)
 
     def _positions_batch(self, maps, sids, pos_sid, pos_x, pos_y, out, done):
+        import torch
         rows = np.flatnonzero(np.isin(pos_sid, sids))
         if rows.size == 0:
             return

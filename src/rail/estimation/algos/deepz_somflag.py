@@ -23,7 +23,7 @@ from rail.core.data import QPHandle, TableHandle
 from rail.estimation.informer import CatInformer
 
 from rail.deepz.modelfile import DeepzModelHandle
-from rail.deepz.pdf import ensemble_point_and_pit
+from rail.deepz.qputils import ensemble_point_and_pit
 from rail.deepz.som import SOMFlagModel, needs_photometry, som_feature_matrix
 from rail.deepz.som_options import SOM_OPTIONS, read_reference, som_settings
 from rail.deepz.stages import (

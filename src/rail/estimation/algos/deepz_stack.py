@@ -49,11 +49,10 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import qp
-import torch
 from scipy import stats
 from ceci.config import StageParameter as Param
 from rail.core.common_params import SharedParams
@@ -63,8 +62,7 @@ from rail.estimation.informer import CatInformer
 
 from rail.deepz._version import __version__
 from rail.deepz.modelfile import DeepzModelHandle
-from rail.deepz.pdf import binned_ensemble
-from rail.deepz.pdf import representation as _kind
+from rail.deepz.qputils import representation as _kind
 from rail.deepz.stages import (
     FORMAT,
     FORMAT_VERSION,
@@ -75,6 +73,9 @@ from rail.deepz.stages import (
     validate_config_keys,
     validate_options,
 )
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
+    import torch
 
 METHOD = "stack"
 SCORES = ("crps", "logscore")
@@ -142,6 +143,7 @@ def beta_table(a: torch.Tensor, b: torch.Tensor):
     (u^a / (a B) and (1-u)^b / (b B)). Differentiable in a, b (torch autograd). Returns
     ``(T, h)``, each (len(a), _NELL).
     """
+    import torch
     a, b = a.reshape(-1, 1), b.reshape(-1, 1)
     ell = torch.linspace(-_ELL, _ELL, _NELL, dtype=a.dtype)
     lu, l1u = torch.nn.functional.logsigmoid(ell), torch.nn.functional.logsigmoid(-ell)
@@ -158,6 +160,7 @@ def beta_table(a: torch.Tensor, b: torch.Tensor):
 def beta_transform(u: torch.Tensor, table, rows: torch.Tensor | None = None) -> torch.Tensor:
     """B(u; a, b) for u (N, G) in [0, 1], from :func:`beta_table` (cubic Hermite in logit(u));
     ``rows`` (N,) selects each row's table (per-bin parameters), default the first."""
+    import torch
     t_tab, h_tab = table
     step = 2 * _ELL / (_NELL - 1)
     # one (4,) row per interval: T_i, T_i+1 and the slopes times the step (one gather)
@@ -187,6 +190,7 @@ def pool(cdfs: torch.Tensor, has: torch.Tensor, weights: torch.Tensor, table=Non
     ``cdfs`` (N, M, G), ``has`` (N, M) bool, ``weights`` (M,) or per row (N, M); ``table``
     from :func:`beta_table` (None: the plain linear pool).
     """
+    import torch
     w = weights.expand(cdfs.shape[0], -1) if weights.dim() == 1 else weights
     we = w * has.to(w.dtype)
     s = we.sum(1, keepdim=True)
@@ -200,6 +204,7 @@ def pool(cdfs: torch.Tensor, has: torch.Tensor, weights: torch.Tensor, table=Non
 
 
 def _cells(edges: torch.Tensor, z: torch.Tensor):
+    import torch
     j = (torch.searchsorted(edges, z, right=True) - 1).clamp(0, edges.numel() - 2)
     return j, z - edges[j]
 
@@ -207,6 +212,7 @@ def _cells(edges: torch.Tensor, z: torch.Tensor):
 def scores(g: torch.Tensor, edges: torch.Tensor, z: torch.Tensor) -> dict:
     """Per-object CRPS, log score and PIT of stacked CDFs ``g`` (N, G), linear between the
     nodes (the output histogram), at true redshifts ``z`` inside [edges[0], edges[-1]]."""
+    import torch
     edges, z = edges.to(g.dtype), z.to(g.dtype)
     j, t = _cells(edges, z)
     dx = edges[1:] - edges[:-1]
@@ -236,6 +242,7 @@ def pit_ks(pit) -> float:
 
 
 def _params(theta: torch.Tensor, m: int):
+    import torch
     w = torch.softmax(theta[:m], dim=0)
     lo, hi = math.log(BETA_BOUNDS[0]), math.log(BETA_BOUNDS[1])
     return w, torch.exp(theta[m].clamp(lo, hi)), torch.exp(theta[m + 1].clamp(lo, hi))
@@ -246,6 +253,7 @@ def fit_pool(cdfs: torch.Tensor, has: torch.Tensor, z: torch.Tensor, edges: torc
              init: tuple | None = None) -> tuple[np.ndarray, float, float]:
     """Fit weights (softmax) and, with ``recalibrate``, the beta transform's (a, b) by
     minimising the mean ``score`` (full-batch L-BFGS, float64). Returns ``(w, a, b)``."""
+    import torch
     m = cdfs.shape[1]
     theta = torch.zeros(m + 2, dtype=torch.float64)
     if init is not None:
@@ -283,6 +291,7 @@ def fit_pool(cdfs: torch.Tensor, has: torch.Tensor, z: torch.Tensor, edges: torc
 
 def evaluate_pool(cdfs, has, z, edges, w, a=1.0, b=1.0) -> dict:
     """Mean CRPS, mean log score and PIT KS of one pool on some rows."""
+    import torch
     with torch.no_grad():
         wt = torch.as_tensor(np.asarray(w, dtype=np.float64))
         table = None if (a == 1.0 and b == 1.0) else beta_table(
@@ -311,6 +320,7 @@ def fit_stack(cdfs: np.ndarray, has: np.ndarray, z: np.ndarray, edges: np.ndarra
     model's ``diagnostics``); the returned parameters are then fitted on all rows.
     ``bin_values`` (N,) of column ``bin_col`` with inner ``bin_edges``: one fit per bin.
     """
+    import torch
     if score not in SCORES:
         raise ValueError(f"Option 'score'={score!r} is not one of {SCORES}")
     c = torch.as_tensor(cdfs)
@@ -381,6 +391,7 @@ def fit_stack(cdfs: np.ndarray, has: np.ndarray, z: np.ndarray, edges: np.ndarra
 
 def stack_cdfs(model: Mapping, cdfs: np.ndarray, has: np.ndarray, bin_values=None, block: int = 4096) -> np.ndarray:
     """Stacked CDFs (N, G) float32 at the model's grid nodes, in row blocks."""
+    import torch
     W = torch.as_tensor(np.asarray(model["weights"], dtype=np.float64))
     nb = W.shape[0] - 1
     if model.get("bin_col"):
@@ -404,6 +415,7 @@ def stack_cdfs(model: Mapping, cdfs: np.ndarray, has: np.ndarray, bin_values=Non
 def stack_ensemble(model: Mapping, cdfs: np.ndarray, has: np.ndarray, p_outside: np.ndarray,
                    bin_values=None, representation: str = "hist", mode_window: float = 0.0) -> qp.Ensemble:
     """qp ensemble of the stacked PDFs with the usual ancil (see the module docstring)."""
+    from rail.deepz.pdf import binned_ensemble
     edges = grid_edges(model["zmin"], model["zmax"], model["nzbins"])
     g = stack_cdfs(model, cdfs, has, bin_values)
     probs = np.clip(np.diff(g, axis=1), 0.0, None)
