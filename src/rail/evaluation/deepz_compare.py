@@ -9,7 +9,9 @@ Two ways in:
     training table and run on the test table (both timed); the qp files go to ``outdir``.
 
 Either way the estimates are streamed chunk by chunk through
-:mod:`rail.evaluation.deepz_metrics`, and ``outdir`` receives
+:mod:`rail.evaluation.deepz_metrics`; a truth HDF5 file is read in slices alongside them
+(:mod:`rail.evaluation.deepz_truth`: memory flat in the number of objects, unless an estimate's
+ids are in another order, which needs the whole columns), and ``outdir`` receives
 
 * ``metrics.csv`` and ``metrics.hdf5``: one tidy table, columns
   ``estimator, bin_type, bin_lo, bin_hi, metric, value, n`` (``bin_type`` = ``all``,
@@ -113,25 +115,11 @@ def read_truth(truth, redshift_col: str = "redshift", mag_col: str | None = None
         if not path.exists():
             raise FileNotFoundError(f"truth table {path} not found")
         if path.suffix in (".hdf5", ".h5", ".hdf", ".hd5"):
-            import h5py
+            from .deepz_truth import TruthFile
 
-            with h5py.File(path, "r") as f:
-                grp = f
-                if groupname:
-                    grp = f[groupname]
-                elif redshift_col not in f:
-                    cands = [k for k in f if isinstance(f[k], h5py.Group) and redshift_col in f[k]]
-                    if len(cands) == 1:
-                        grp = f[cands[0]]
-                if redshift_col not in grp:
-                    raise KeyError(f"truth file {path} has no column {redshift_col!r} (option redshift_col)")
-                z = np.asarray(grp[redshift_col][()], dtype=np.float64)
-                mag = None
-                if mag_col:
-                    if mag_col not in grp:
-                        raise KeyError(f"truth file {path} has no column {mag_col!r} (option mag_col)")
-                    mag = np.asarray(grp[mag_col][()], dtype=np.float64)
-            return z.reshape(-1), None if mag is None else mag.reshape(-1)
+            tf = TruthFile(path, redshift_col, mag_col, groupname)
+            with tf.open() as f:
+                return tf.slice(f, 0, tf.n)
         import tables_io
 
         truth = tables_io.read(str(path))
@@ -498,7 +486,8 @@ def compare(
         Mode (a): existing estimates, rows aligned with ``truth``.
     truth : path, numpyDict or DataFrame
         Mode (a): the table with the true redshifts (``redshift_col``) and, for the
-        magnitude bins, ``mag_col``.
+        magnitude bins, ``mag_col``. An HDF5 file is read in slices (bounded memory; see
+        :mod:`rail.evaluation.deepz_truth`); other tables are held whole.
     data : str or Dataset, optional
         Mode (b): a preset name of :mod:`rail.deepz.datasets` (``dc2``, ``boss``, ``zcosmos``)
         or a :class:`~rail.deepz.datasets.Dataset` built from your files
@@ -592,33 +581,51 @@ def compare(
         if log:
             log(f"[compare] magnitude bins: {'i-band column ' + mag_col if mag_col else 'none'} "
                 f"({'--mag-col to change' if mag_col else 'no i-band column found: give --mag-col'})")
-    ztrue, mag = read_truth(truth, redshift_col, mag_col, truth_groupname)
+    if id_col is None and data is not None:
+        id_col = ds.extra.get("id_col")
+    from .deepz_truth import TruthFile, example_rows, is_hdf5_path
+
+    if is_hdf5_path(truth):
+        # streamed: a pre-pass with fixed-size state, then the columns slice by slice per estimate
+        tpath = truth.path if hasattr(truth, "path") and not isinstance(truth, (str, Path)) else truth
+        stream = TruthFile(tpath, redshift_col, mag_col, truth_groupname, id_col)
+        top, edges_seen = stream.summarize()
+        ztop = np.zeros(0) if top is None else np.array([top])
+        if log:
+            log(f"[compare] truth {stream.path}: {stream.n} rows, read in slices with each estimate's chunks")
+    else:
+        stream = None
+        ztrue, mag = read_truth(truth, redshift_col, mag_col, truth_groupname)
+        ztop = ztrue
+        edges_seen = None if mag is None else dm.default_mag_edges(mag)
+        if log:
+            log("[compare] truth table held in memory (not an HDF5 file)")
     if zmin is None or zmax is None:
-        lo, hi = metric_zrange(estimates, ztrue)
+        lo, hi = metric_zrange(estimates, ztop)
         zmin = lo if zmin is None else zmin
         zmax = hi if zmax is None else zmax
     zmin, zmax = float(zmin), float(zmax)
     _check_settings(zmin, zmax, chunk_size)
     cfg = dm.MetricConfig.for_range(zmin, zmax, point_estimate=point_estimate)
     z_edges = dm.default_z_edges(zmin, zmax, z_nbins) if z_edges is None else np.asarray(z_edges, dtype=float)
-    if mag_edges is None and mag is not None:
-        mag_edges = dm.default_mag_edges(mag)
+    if mag_edges is None:
+        mag_edges = edges_seen
     # example objects: spread over the true-redshift range, the same for every estimator
     # (only objects whose true redshift is inside the plotted range [zmin, zmax])
-    inside = np.flatnonzero(np.isfinite(ztrue) & (ztrue >= zmin) & (ztrue <= zmax))
-    order = inside[np.argsort(ztrue[inside])]
-    keep = order[np.linspace(0, order.size - 1, min(n_example_pdfs, order.size)).astype(int)] if order.size else []
-
-    if id_col is None and data is not None:
-        id_col = ds.extra.get("id_col")
-    tids = dm.truth_ids(truth, id_col, truth_groupname)
+    if stream is not None:
+        keep = stream.example_rows(zmin, zmax, n_example_pdfs)
+        truth_arg, tids = stream, None
+    else:
+        keep = example_rows(ztrue, zmin, zmax, n_example_pdfs)
+        truth_arg, tids = ztrue, dm.truth_ids(truth, id_col, truth_groupname)
     rows, per_objects, examples, summaries, example_z = [], {}, {}, {}, {}
     for j, (label, est) in enumerate(estimates.items()):
         if log:
             log(f"[compare] metrics ({j + 1}/{len(estimates)}) {label} ...")
-        acc = dm.accumulate_estimate(est, ztrue, mag, config=cfg, chunk_size=chunk_size, keep_pdfs=keep,
-                                     progress=log, label=label, truth_ids=tids,
-                                     id_col=id_col if tids is not None else None, exclude_bad=exclude_bad,
+        acc = dm.accumulate_estimate(est, truth_arg, None if stream is not None else mag, config=cfg,
+                                     chunk_size=chunk_size, keep_pdfs=keep, progress=log, label=label,
+                                     truth_ids=tids, id_col=id_col if stream is not None or tids is not None
+                                     else None, exclude_bad=exclude_bad,
                                      z_edges=z_edges, mag_edges=mag_edges, per_object=per_object)
         rows += acc.tidy(label)  # counts the flagged rows
         summaries[label] = acc.groups

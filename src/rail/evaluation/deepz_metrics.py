@@ -25,8 +25,8 @@ arrays are kept only on request (``per_object=True``: :meth:`MetricAccumulator.p
 66 bytes per object) for callers that resample or subset objects; :func:`summarize_group`
 computes the metrics of such arrays exactly (numpy, scipy's statistics as qp calls them) and
 is the reference of the tests. PDFs are evaluated in blocks of ``_BLOCK`` rows and never all
-held at once. The truth table (``ztrue``, ``mag``: 16 bytes per object) is still read whole
-by the callers (ids are matched on it).
+held at once. The truth columns come whole (arrays) or, from an HDF5 file whose ids follow the
+estimate's rows, slice by slice with its chunks (:mod:`rail.evaluation.deepz_truth`).
 
 Direct paths: ``qp.hist``, ``qp.interp`` and ``qp.mixmod`` estimates are read and evaluated
 from their stored parameters by :mod:`rail.evaluation.deepz_pdfblock` (equal to qp's values
@@ -1106,13 +1106,21 @@ def default_z_edges(zmin: float, zmax: float, nbins: int = 6) -> np.ndarray:
     return np.linspace(zmin, zmax, nbins + 1)
 
 
-def default_mag_edges(mag: np.ndarray, width: float = 1.0) -> np.ndarray:
-    """Edges every ``width`` mag between the 1st and 99th percentiles of finite, < 90 mags."""
-    m = np.asarray(mag, dtype=np.float64)
-    m = m[np.isfinite(m) & (m < 90)]
-    if m.size == 0:
+def default_mag_edges(mag=None, width: float = 1.0, *, sketch=None) -> np.ndarray:
+    """Edges every ``width`` mag from the floor of the 1st to the ceiling of the 99th percentile
+    (numpy's linear method) of the finite magnitudes below 90, from the magnitudes ``mag`` or a
+    :class:`~rail.evaluation.deepz_sketch.MagnitudeSketch` of them (``sketch``: a chunked pass
+    over a file); the two give the same edges (the sketch is exact in what the edges read, see
+    its docstring)."""
+    from .deepz_sketch import MagnitudeSketch
+
+    if sketch is None:
+        sketch = MagnitudeSketch()
+        sketch.add(mag)
+    if sketch.n == 0:
         return np.zeros(0)
-    lo, hi = np.floor(np.percentile(m, 1)), np.ceil(np.percentile(m, 99))
+    p1, p99 = sketch.percentile([1.0, 99.0])
+    lo, hi = np.floor(p1), np.ceil(p99)
     return np.arange(lo, hi + 0.5 * width, width)
 
 
@@ -1148,24 +1156,32 @@ def tidy_metrics(po: Mapping, estimator: str, z_edges=None, mag_edges=None) -> l
 # ----------------------------------------------------------------- ids
 
 
-def estimate_ids(estimate, id_col: str | None = None):
-    """The estimate's id column, or None: ancil ``id_col``, else ``id`` (where RAIL's
-    estimators put the input's ``id_col``), else the first of ``ID_COLUMNS``."""
+def estimate_id_column(estimate, id_col: str | None = None) -> str | None:
+    """The estimate's ancil id column: ``id_col``, else ``id`` (where RAIL's estimators put the
+    input's ``id_col``), else the first of ``ID_COLUMNS``; None when it has none."""
     cands = tuple(dict.fromkeys(((id_col,) if id_col else ()) + ID_COLUMNS))
     if isinstance(estimate, qp.Ensemble):
         anc = estimate.ancil or {}
-        for c in cands:
-            if c in anc:
-                return np.asarray(anc[c]).reshape(-1)
-        return None
+        return next((c for c in cands if c in anc), None)
     import h5py
 
     with h5py.File(str(estimate), "r") as f:
         if "ancil" in f:
-            for c in cands:
-                if c in f["ancil"]:
-                    return np.asarray(f["ancil"][c][()]).reshape(-1)
+            return next((c for c in cands if c in f["ancil"]), None)
     return None
+
+
+def estimate_ids(estimate, id_col: str | None = None, start: int = 0, stop: int | None = None):
+    """The estimate's ids (:func:`estimate_id_column`), rows ``start:stop``, or None."""
+    col = estimate_id_column(estimate, id_col)
+    if col is None:
+        return None
+    if isinstance(estimate, qp.Ensemble):
+        return np.asarray(estimate.ancil[col])[start:stop].reshape(-1)
+    import h5py
+
+    with h5py.File(str(estimate), "r") as f:
+        return np.asarray(f["ancil"][col][start:stop]).reshape(-1)
 
 
 def truth_ids(truth, id_col: str | None = None, groupname: str | None = None):
@@ -1183,13 +1199,11 @@ def truth_ids(truth, id_col: str | None = None, groupname: str | None = None):
         if path.endswith((".hdf5", ".h5", ".hdf", ".hd5")):
             import h5py
 
+            from .deepz_truth import h5_id_dataset
+
             with h5py.File(path, "r") as f:
-                groups = [f[groupname]] if groupname else [f] + [f[k] for k in f if isinstance(f[k], h5py.Group)]
-                for g in groups:
-                    for c in cands:
-                        if c in g and isinstance(g[c], h5py.Dataset):
-                            return np.asarray(g[c][()]).reshape(-1)
-            return None
+                name = h5_id_dataset(f, cands, groupname)
+                return None if name is None else np.asarray(f[name][()]).reshape(-1)
         import tables_io
 
         truth = tables_io.read(path)
@@ -1270,7 +1284,11 @@ def accumulate_estimate(
 
     ``ztrue``/``mag`` are full-length arrays, aligned with the ensemble rows unless both
     ``truth_ids`` and the estimate's ancil id column (:func:`estimate_ids`) are there: then rows are matched by id (:func:`align_to_truth`;
-    the per-object arrays follow the estimate's row order). Rows whose PDF, point estimate or
+    the per-object arrays follow the estimate's row order). ``ztrue`` may instead be a
+    :class:`~rail.evaluation.deepz_truth.TruthFile` (``mag``/``truth_ids`` unused): its columns
+    are read chunk by chunk with the estimate's when its ids equal the estimate's row by row
+    (checked slice by slice) or either side has none; otherwise they are read whole and matched
+    as above (the progress line says so). Rows whose PDF, point estimate or
     truth is not finite raise a ``ValueError`` naming their count and first rows, unless
     ``exclude_bad`` (then they are flagged and left out of the metrics).
     ``progress`` is a callable receiving a message per chunk (or None). ``z_edges`` /
@@ -1278,8 +1296,25 @@ def accumulate_estimate(
     per-object arrays (memory growing with the number of objects; the metrics do not need them).
     """
     label = label or str(estimate)
-    ztrue = np.asarray(ztrue, dtype=np.float64).reshape(-1)
     n = ensemble_length(estimate)
+    stream = ztrue if hasattr(ztrue, "id_mismatch") else None  # a deepz_truth.TruthFile
+    if stream is not None and stream.has_ids and estimate_id_column(estimate, id_col) is not None:
+        row = stream.id_mismatch(lambda s, e: estimate_ids(estimate, id_col, s, e), n)
+        if row is not None:
+            if progress is not None:
+                progress(f"  metrics {label}: ids differ from the truth table's from row {row} on: the truth "
+                         "columns are read whole into memory to match rows by id")
+            ztrue, mag, truth_ids = stream.whole()
+            stream = None
+    elif stream is not None and stream.has_ids and progress is not None:
+        progress(f"  metrics {label}: the estimate has no id column; rows matched by position")
+    if stream is not None:
+        if n != stream.n:
+            raise ValueError(f"estimate {label} has {n} PDFs but the truth table has {stream.n} rows")
+        with stream.open() as f:
+            return _accumulate(estimate, lambda s, e: stream.slice(f, s, e), n, config, chunk_size, keep_pdfs,
+                               progress, label, exclude_bad, z_edges, mag_edges, per_object)
+    ztrue = np.asarray(ztrue, dtype=np.float64).reshape(-1)
     if truth_ids is not None:
         eids = estimate_ids(estimate, id_col)
         if eids is not None:
@@ -1297,12 +1332,19 @@ def accumulate_estimate(
         raise ValueError(
             f"estimate {label} has {n} PDFs but the truth table has {ztrue.size} rows"
         )
+    return _accumulate(estimate, lambda s, e: (ztrue[s:e], None if mag is None else np.asarray(mag)[s:e]), n,
+                       config, chunk_size, keep_pdfs, progress, label, exclude_bad, z_edges, mag_edges, per_object)
+
+
+def _accumulate(estimate, truth_rows, n, config, chunk_size, keep_pdfs, progress, label, exclude_bad, z_edges,
+                mag_edges, per_object) -> MetricAccumulator:
+    """The pass of :func:`accumulate_estimate`; ``truth_rows(s, e)``: (ztrue, mag or None) of rows s:e."""
     acc = MetricAccumulator(config, keep_pdfs, n_total=n, per_object=per_object, z_edges=z_edges,
                             mag_edges=mag_edges)
     _keep_freed_memory()
     t0 = time.perf_counter()
     for s, e, block in _prefetched(iterate_blocks(estimate, chunk_size, buffers=2)):
-        acc.add(block, ztrue[s:e], None if mag is None else np.asarray(mag)[s:e], start=s)
+        acc.add(block, *truth_rows(s, e), start=s)
         if progress is not None:
             rate = e / max(time.perf_counter() - t0, 1e-9)
             progress(f"  metrics {label}: {e}/{n} objects ({100 * e / max(n, 1):.0f}%, {rate:,.0f}/s)")

@@ -290,3 +290,85 @@ class SortedRuns:
 
     def entries_le(self, v: float) -> int:
         return int(np.searchsorted(self.values, v, side="right"))
+
+
+MAG_LOW = -1000  # magnitudes below this share one slot (ordered, not located)
+MAG_HIGH = 90  # magnitudes >= 90 are non-detection markers: never added (default_mag_edges' rule)
+
+
+class MagnitudeSketch(SlotSketch):
+    """Count, smallest and largest magnitude per slot: one slot per integer value k and one per open
+    interval (k, k + 1), k in [``MAG_LOW``, ``MAG_HIGH``): 2,180 slots, 52 kB, whatever the number of
+    objects. Its :meth:`percentile` (numpy's linear method) is therefore *exact* in what
+    :func:`~rail.evaluation.deepz_metrics.default_mag_edges` reads off it, the floor of the 1st and
+    the ceiling of the 99th percentile: when the two order statistics it interpolates lie in one slot
+    the result lies in that slot (exactly k, or strictly between k and k + 1, which fixes floor and
+    ceiling); when they lie in two slots they are the last value of one and the first of the next,
+    which a slot holds exactly (its maximum and minimum), and the interpolation is numpy's formula on
+    the same two numbers. (Below ``MAG_LOW``: one slot, exact only when its values are equal.)"""
+
+    def __init__(self):
+        super().__init__(2 * (MAG_HIGH - MAG_LOW) + 1)
+
+    def slot(self, v):
+        v = np.asarray(v, dtype=np.float64)
+        k = np.floor(v)
+        s = 2 * (k - MAG_LOW) + 1 + (v > k)
+        return np.clip(np.where(np.isfinite(s), s, 0), 0, self.count.size - 1).astype(np.int64)
+
+    def add(self, v) -> None:
+        """Add magnitudes; only finite values below ``MAG_HIGH`` are kept (the others are markers)."""
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        super().add(v[np.isfinite(v) & (v < MAG_HIGH)])
+
+    def value_at(self, rank) -> np.ndarray:
+        """Order statistics: exact for the first and last value of a slot, reconstructed within
+        the slot otherwise (see the class docstring for why that is exact enough)."""
+        r = np.asarray(rank, dtype=np.int64)
+        cum = self.cum()
+        k = np.searchsorted(cum, r, side="right") - 1
+        j, c = r - cum[k], self.count[k]
+        inner = _recon(self.lo[k], self.hi[k], j, c)
+        return np.where(j == 0, self.lo[k], np.where(j == c - 1, self.hi[k], inner))
+
+
+class QuantileRows:
+    """Rows whose value sits at given quantiles of the values in [lo, hi], from one chunked pass.
+
+    ``nbins`` equal bins on [lo, hi] (the last one closed, as ``np.histogram``) hold a count and the
+    first row (in the order rows were added) of their values: 16 bytes per bin, whatever the number
+    of rows. :meth:`rows` returns, for each requested rank of the sorted values, the first row of the
+    bin holding that rank: a row whose value is within one bin width, (hi - lo) / nbins, of the value
+    at that rank (the exact choice would need every value). Non-finite values and values outside
+    [lo, hi] are not counted."""
+
+    def __init__(self, lo: float, hi: float, nbins: int = 4096):
+        self.lo, self.hi, self.nbins = float(lo), float(hi), int(nbins)
+        self.count = np.zeros(self.nbins, dtype=np.int64)
+        self.first = np.full(self.nbins, np.iinfo(np.int64).max, dtype=np.int64)
+
+    @property
+    def n(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def bin_width(self) -> float:
+        return (self.hi - self.lo) / self.nbins
+
+    def add(self, v, start: int) -> None:
+        """Add the values of rows ``start``, ``start + 1``, ..."""
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        ok = np.flatnonzero(np.isfinite(v) & (v >= self.lo) & (v <= self.hi))
+        if ok.size == 0:
+            return
+        k = np.floor((v[ok] - self.lo) / max(self.hi - self.lo, 1e-300) * self.nbins).astype(np.int64)
+        k = np.clip(k, 0, self.nbins - 1)
+        self.count += np.bincount(k, minlength=self.nbins)
+        ks, first = np.unique(k, return_index=True)  # first occurrence in this chunk, in row order
+        np.minimum.at(self.first, ks, start + ok[first])
+
+    def rows(self, ranks) -> np.ndarray:
+        """The chosen row for each 0-based rank (< :attr:`n`) of the sorted counted values."""
+        cum = np.cumsum(self.count)
+        k = np.searchsorted(cum, np.asarray(ranks, dtype=np.int64), side="right")
+        return self.first[k]
