@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import deepz_metrics as dm
+from .deepz_truth import HDF5_SUFFIXES
 
 # columns of the overall printed table, in order
 SUMMARY_METRICS = [
@@ -114,7 +115,7 @@ def read_truth(truth, redshift_col: str = "redshift", mag_col: str | None = None
         path = Path(truth)
         if not path.exists():
             raise FileNotFoundError(f"truth table {path} not found")
-        if path.suffix in (".hdf5", ".h5", ".hdf", ".hd5"):
+        if path.suffix in HDF5_SUFFIXES:
             from .deepz_truth import TruthFile
 
             tf = TruthFile(path, redshift_col, mag_col, groupname)
@@ -414,7 +415,7 @@ def metric_zrange(estimates: Mapping, ztrue) -> tuple[float, float]:
 def _truth_columns(truth, groupname) -> list:
     if isinstance(truth, (str, Path)):
         path = Path(truth)
-        if path.suffix in (".hdf5", ".h5", ".hdf", ".hd5") and path.is_file():
+        if path.suffix in HDF5_SUFFIXES and path.is_file():
             import h5py
 
             with h5py.File(path, "r") as f:
