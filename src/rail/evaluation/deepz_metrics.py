@@ -16,10 +16,10 @@ These are not kept per object: each block is summarised at once into a
 group; a 1e8-object pass needs what a 1e5-object one does). Exact in the summaries: the means
 (CRPS, CDE loss, Brier, bias_mean, the inlier mean and std) and the counts at fixed thresholds
 (eta, PCO, PIT outlier rate, bad rows). Binned, with stated bounds
-(:mod:`rail.evaluation.deepz_sketch`; measured in ``tests/test_metric_sketch.py`` against
-numpy / scipy / qp on the exact values): the quantiles of dz (sigma_nmad, bias_median,
-sigma_IQR: 2e-4 relative at most, ~1e-6 measured; RAIL's outlier rate) and the PIT statistics
-(KS within 1/2^16, CvM 1e-4 relative, AD 1e-3 relative). Groups of up to a few thousand objects
+(:mod:`rail.evaluation.deepz_sketch`; asserted in ``tests/test_metric_sketch.py`` against
+numpy / scipy / qp on the exact values, measured errors in CHANGELOG.md): the quantiles of dz
+(sigma_nmad, bias_median, sigma_IQR: 2e-4 relative at most; RAIL's outlier rate) and the PIT
+statistics (KS within 1/2^16, CvM 1e-4 relative, AD 1e-3 relative). Groups of up to a few thousand objects
 are reconstructed exactly (one code path; no exact twin for small runs). The per-object
 arrays are kept only on request (``per_object=True``: :meth:`MetricAccumulator.per_object`,
 66 bytes per object) for callers that resample or subset objects; :func:`summarize_group`
