@@ -103,6 +103,7 @@ from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
 from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
 from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
+from .deepz_truth import HDF5_SUFFIXES
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
     _BLOCK,
     DIRECT_KINDS,
@@ -1196,7 +1197,7 @@ def truth_ids(truth, id_col: str | None = None, groupname: str | None = None):
         truth = truth.data if truth.data is not None else truth.path
     if isinstance(truth, (str, bytes)) or hasattr(truth, "__fspath__"):
         path = str(truth)
-        if path.endswith((".hdf5", ".h5", ".hdf", ".hd5")):
+        if path.endswith(HDF5_SUFFIXES):
             import h5py
 
             from .deepz_truth import h5_id_dataset
