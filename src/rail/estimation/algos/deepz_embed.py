@@ -50,7 +50,7 @@ from typing import Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import AUGMENT_OPTIONS, check_augment_options, make_resampler
+from rail.deepz.augment import augment_options, check_augment_options, make_resampler
 from rail.deepz.calibration import fit_sigma_scale, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -218,7 +218,7 @@ class DeepzEmbedInformer(DeepzInformer):
     )
     config_options.update(SOM_OPTIONS)
     config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
-    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
+    config_options.update(augment_options())
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)

@@ -53,7 +53,7 @@ from typing import Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import AUGMENT_OPTIONS, make_resampler
+from rail.deepz.augment import augment_options, make_resampler
 from rail.deepz.calibration import fit_sigma_scale, ks_uniform, mixture_pit
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -158,7 +158,7 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         ),
     )
     config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
-    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
+    config_options.update(augment_options())
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)

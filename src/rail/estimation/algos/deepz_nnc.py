@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import AUGMENT_OPTIONS, make_resampler
+from rail.deepz.augment import augment_options, make_resampler
 from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -190,7 +190,7 @@ class DeepzNNCInformer(DeepzInformer):
         ),
     )
     config_options.update({k: v.copy() for k, v in ENSEMBLE_OPTIONS.items()})
-    config_options.update({k: v.copy() for k, v in AUGMENT_OPTIONS.items()})
+    config_options.update(augment_options())
 
     def automatic_training(self, train_config: TrainConfig, n_train: int | None) -> TrainConfig:
         """``train_config`` with ``batch_size`` / ``lr`` left at 0 set by :func:`automatic_batch_lr`
