@@ -82,3 +82,39 @@ def test_validation_options_go_together(pe, tmp_path):
         pe.main(["--truth", "t.hdf5", "--estimate", "x=t.hdf5", "--validation-truth", "v.hdf5"])
     with pytest.raises(SystemExit):
         pe.main(["--truth", "t.hdf5", "--estimate", "x=t.hdf5", "--select-by", "crps"])
+
+
+def test_stack_applied_to_its_own_validation_rows(tmp_path):
+    """benchmarks/stack_validation_pdfs.py: the fitted stack on the <key>_val.hdf5 files it was fitted on,
+    the same PDFs as the stack of the ensembles in memory."""
+    import h5py
+    import torch
+    from test_stack import make_inputs
+
+    from rail.core.data import TableHandle
+    from rail.estimation.algos import deepz_stack as ds
+
+    torch.set_num_threads(1)
+    z, ens = make_inputs(600, seed=3)
+    paths = {}
+    for k, e in ens.items():
+        paths[k] = str(tmp_path / f"{k}_val.hdf5")
+        e.write_to(paths[k])
+    with h5py.File(tmp_path / "val_table.hdf5", "w") as f:
+        f.create_dataset("redshift", data=z)
+    inf = ds.DeepzStackInformer.make_stage(name="stack_inform_pe", model=str(tmp_path / "s.pkl"), inputs=paths,
+                                           nzbins=150, hdf5_groupname="", holdout_fraction=0.0, max_iter=20)
+    inf.inform(TableHandle("input", data={"redshift": z}))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import stack_validation_pdfs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert stack_validation_pdfs.main(["--out", str(tmp_path), "--labels", "s"]) == 0
+    import qp
+
+    out = qp.read(str(tmp_path / "s_val.hdf5"))
+    c, h, p, _ = ds.read_inputs(ens, ds.grid_edges(0, 3, 150), 0, z.size)
+    direct = ds.stack_ensemble(inf.model, c, h, p)
+    assert out.npdf == z.size
+    assert np.allclose(out.objdata["pdfs"], direct.objdata["pdfs"], atol=1e-5)
