@@ -35,3 +35,23 @@ def _fixed_torch_threads():
     if not os.environ.get("DEEPZ_NUM_THREADS"):
         os.environ["DEEPZ_NUM_THREADS"] = str(torch.get_num_threads())
     yield
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``load(name)``: import the script ``benchmarks/<name>.py`` (the scripts import each other as
+    top-level modules, so their folder is on ``sys.path`` while one is imported)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def pe():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import point_estimates
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return point_estimates
+def pe(benchmark_module):
+    return benchmark_module("point_estimates")
 
 
 def _m(s, e):
@@ -84,7 +76,7 @@ def test_validation_options_go_together(pe, tmp_path):
         pe.main(["--truth", "t.hdf5", "--estimate", "x=t.hdf5", "--select-by", "crps"])
 
 
-def test_stack_applied_to_its_own_validation_rows(tmp_path):
+def test_stack_applied_to_its_own_validation_rows(tmp_path, benchmark_module):
     """benchmarks/stack_validation_pdfs.py: the fitted stack on the <key>_val.hdf5 files it was fitted on,
     the same PDFs as the stack of the ensembles in memory."""
     import h5py
@@ -105,12 +97,7 @@ def test_stack_applied_to_its_own_validation_rows(tmp_path):
     inf = ds.DeepzStackInformer.make_stage(name="stack_inform_pe", model=str(tmp_path / "s.pkl"), inputs=paths,
                                            nzbins=150, hdf5_groupname="", holdout_fraction=0.0, max_iter=20)
     inf.inform(TableHandle("input", data={"redshift": z}))
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import stack_validation_pdfs
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    assert stack_validation_pdfs.main(["--out", str(tmp_path), "--labels", "s"]) == 0
+    assert benchmark_module("stack_validation_pdfs").main(["--out", str(tmp_path), "--labels", "s"]) == 0
     import qp
 
     out = qp.read(str(tmp_path / "s_val.hdf5"))
