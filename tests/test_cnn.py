@@ -403,26 +403,16 @@ def test_augmented_cnn_trains_deterministically_and_estimates(dc2):
     assert np.all(np.isfinite(ens.ancil["zmode"]))
 
 
-def test_augment_depth_degrades_the_validation_catalog_branch_only(dc2, monkeypatch):
+def test_augment_depth_degrades_the_validation_catalog_branch_only(dc2, capture_validation):
     """With augment_depth the validation split's catalog features are degraded once to the test
     depth (the same for both members and for the seed); its stamps stay the measured ones;
     augment_errors alone leaves the validation split measured."""
-    import rail.deepz.training as mod
-
-    real = getattr(mod.train_model, "real", mod.train_model)
     table = {k: v[:600] for k, v in dc2.train.items()}
     runs = {}
     for label, extra in (("plain", {}), ("errors", {"augment_errors": True}),
                          ("depth", {"augment_depth": {"mag_i_lsst": 23.0}}),
                          ("depth_again", {"augment_depth": {"mag_i_lsst": 23.0}})):
-        calls = []
-
-        def spy(net, loss, train_inputs, train_z, val_inputs, *args, **kw):
-            calls.append([np.array(a, copy=True) for a in val_inputs])
-            return real(net, loss, train_inputs, train_z, val_inputs, *args, **kw)
-
-        spy.real = real
-        monkeypatch.setattr(mod, "train_model", spy)
+        calls = capture_validation()
         DeepzCNNInformer.make_stage(name=_name("inf"), **_cat_config(dc2), **dict(AUG, epochs=1, **extra)).inform(table)
         assert len(calls) == 2
         for a, b in zip(*calls):  # one validation copy for both members

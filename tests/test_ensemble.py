@@ -304,25 +304,8 @@ def test_validation_at_depth_is_one_seeded_depth_draw_of_its_own():
         validation_at_depth(dict(cfg, augment_depth={"d": 20.0}), SETTINGS, phot, rows, make)
 
 
-def _capture_validation(monkeypatch):
-    """Replace rail.deepz.training.train_model (imported by the informers when they train) by a
-    wrapper that records each member's validation inputs, then trains as usual."""
-    import rail.deepz.training as mod
-
-    real = getattr(mod.train_model, "real", mod.train_model)
-    calls = []
-
-    def spy(net, loss, train_inputs, train_z, val_inputs, *args, **kw):
-        calls.append([np.array(a, copy=True) for a in val_inputs])
-        return real(net, loss, train_inputs, train_z, val_inputs, *args, **kw)
-
-    spy.real = real
-    monkeypatch.setattr(mod, "train_model", spy)
-    return calls
-
-
 @pytest.mark.parametrize("method", list(METHODS))
-def test_augment_depth_degrades_the_validation_split_once(method, table, tmp_path, monkeypatch):
+def test_augment_depth_degrades_the_validation_split_once(method, table, tmp_path, monkeypatch, capture_validation):
     """Early stopping and calibration see the validation split at the test depth with augment_depth
     (the same copy for every member, repeated for the seed), the measured one otherwise; the
     model trained that way round-trips through its file (weights_only) to the same PDFs."""
@@ -330,7 +313,7 @@ def test_augment_depth_degrades_the_validation_split_once(method, table, tmp_pat
     depth = {"mag_z": 22.0}  # flux error f(22)/5: above the table's (0.05 mag at 21-23)
 
     def val_inputs(**kw):
-        calls = _capture_validation(monkeypatch)
+        calls = capture_validation()
         model = _inform(method, table, n_members=2, **kw)
         assert len(calls) == (3 if method == "embed" else 2)  # embed: its autoencoder trains first
         return calls[-2:], model
