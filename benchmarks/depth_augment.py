@@ -35,6 +35,9 @@ scored by :func:`rail.evaluation.deepz_compare.compare` (point estimate zmode).
 
     python benchmarks/depth_augment.py            # writes benchmarks/results/depth_augment_boss.{json,md}
     python benchmarks/depth_augment.py --quick    # smoke run (quick configs, 4,000 objects, one seed)
+    # issue 18's re-run: only the augmented rows, each _depth row also with the validation split left at
+    # the training depth (--before), the earlier run's summary carried beside them (--previous)
+    python benchmarks/depth_augment.py --rows '_(aug|depth)' --before --previous OLD.json
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -194,7 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--load-note", default="under load: a 2-core machine shared with other engineers' runs",
                    help="what else ran on the machine (recorded with the times)")
-    a = p.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(args)
 
     from rail.deepz import datasets
     from rail.deepz.augment import depth_from_errors
@@ -290,8 +295,8 @@ def main(argv=None) -> int:
         f"{when}, commit {report['git_commit']}; {report['machine']['platform']}, {report['machine']['cpu_count']} "
         f"CPUs, torch {report['machine']['torch']} ({report['machine']['torch_threads']} thread); "
         f"{a.load_note} (load average {load_start[0]:.1f} at start, {report['loadavg_end'][0]:.1f} at end); "
-        f"whole run {wall / 60:.0f} min. Produced by `python benchmarks/depth_augment.py"
-        f"{' --quick' if a.quick else ''}`{'; QUICK settings (not representative)' if a.quick else ''}.", "",
+        f"whole run {wall / 60:.0f} min. Produced by `{shlex.join(['python', 'benchmarks/depth_augment.py', *args])}`"
+        f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
         f"Train {n_tr} (random subset of the training split) / test {n_te} objects (BOSS preset, seeded random "
         f"70/30 split); seeds {seeds}; "
         "point estimate zmode; registry settings.", "",
