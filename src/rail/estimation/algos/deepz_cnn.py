@@ -410,10 +410,10 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
             return [scaler.transform(*catalog_features(p, extra_tr)), *train_inputs[1:]]
 
         val_inputs = [a[va] for a in inputs]
+        extra_va = extra_x[va] if extra else None
         # early stopping and the member selection/weights see the validation split at the test depth
         val_catalog = validation_at_depth(cfg, settings, phot, va,
-                                          lambda p: [scaler.transform(*catalog_features(p, extra_x[va] if extra
-                                                                                        else None))])
+                                          lambda p: [scaler.transform(*catalog_features(p, extra_va))])
         if val_catalog is not None:
             val_inputs[0] = val_catalog[0]
         trained = [self._train_member(arch, spec, z, tr, va, m, train_inputs, val_inputs,
