@@ -101,7 +101,7 @@ from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaI
 from rail.deepz import pointmetrics as pm
 from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
-from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
+from .deepz_mixsums import MixturePairs, closed_form_rows, even_step, pair_blocks
 from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
 from .deepz_truth import HDF5_SUFFIXES
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
@@ -748,8 +748,7 @@ class MetricAccumulator:
         ok = ~block.bad
         w, mu, s = block.mix
         closed = ok & closed_form_rows(np.where(ok[:, None], s, 0.0), self._steps)
-        if closed.any():
-            idx = np.flatnonzero(closed) if not closed.all() else slice(None)
+        for idx in pair_blocks(np.flatnonzero(closed), w.shape[1]):
             pairs = MixturePairs(w[idx], mu[idx], s[idx])
             zc = z[idx]
             t1[idx] = pairs.trapezoid_sq(zg[0], zg[-1], self._steps[0])

@@ -14,10 +14,14 @@ from closed forms instead:
   (Euler-Maclaurin, ``g = p^2``, derivatives at the two ends from the Hermite polynomials);
   the remainder is the next boundary term plus the aliasing error ``~ exp(-2 pi^2 s_eff^2 / h^2)``
   of the lattice sum, ``s_eff = min_k s_k / sqrt(2)``. Used only for objects whose narrowest
-  component has ``s_k >= MIN_SIGMA_STEPS h`` (2: aliasing below 1e-16 of ``I``; on mixtures
-  with widths 2h..40h reaching over both ends the formula matches the tabulated sum to ~1e-8
-  relative, ``tests/test_metrics_fast.py``); other objects are tabulated on the grid as before;
+  component has ``s_k >= MIN_SIGMA_STEPS h`` (2: aliasing below 1e-16 of ``I``; the next end
+  term is largest for a component of width 2h at an end; ``tests/test_metrics_fast.py``
+  compares with the tabulated sums); other objects are tabulated on the grid as before;
 * the Brier grid sum ``sum_j p(z_j)^2 = T(h) / h + (g(lo) + g(hi)) / 2``.
+
+Cost: the pair terms are evaluated on row blocks of about ``PAIR_BLOCK_ELEMENTS`` pairs (kept in
+cache), and the masses ``Phi(b) - Phi(a)`` of the sums call ``ndtr`` only for the Gaussians
+within ``_TAIL`` widths of an end of the range (:func:`_mass_between`).
 
 The pairwise quantities are those of the closed-form CRPS (``rail.deepz.mixtures.gmm_crps``:
 ``E|X - X'|`` needs the same ``mu_i - mu_j`` and ``s_i^2 + s_j^2``), so the CRPS is computed
@@ -37,6 +41,12 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRTPI = 1.0 / math.sqrt(math.pi)
 _EXP_FLOOR = -700.0  # float64 (rail.deepz.mixtures.EXP_FLOOR): no underflowing exp
 _EM = ((1, 2, 1.0 / 12.0), (3, 4, -1.0 / 720.0), (5, 6, 1.0 / 30240.0))  # (g^(k), h^p, B_2k/(2k)!)
+#: Phi(-_TAIL) < 6e-17: a Gaussian whose mean lies more than _TAIL widths inside both ends of
+#: a range has mass 1 there to float64 rounding (relative error < 1.2e-16), without ndtr
+_TAIL = 8.3
+#: elements of one (rows, pairs) array of :class:`MixturePairs` (512 KB): a block of rows this
+#: size keeps its ~20 temporaries in a core's cache (larger blocks: slower, see CHANGELOG.md)
+PAIR_BLOCK_ELEMENTS = 1 << 16
 
 
 def even_step(grid) -> float | None:
@@ -51,6 +61,22 @@ def even_step(grid) -> float | None:
 
 def _t(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _mass_between(lo: float, hi: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``Phi((hi - m) / s) - Phi((lo - m) / s)`` elementwise: the mass of N(m, s) in [lo, hi].
+
+    ``ndtr`` (~30 ns a value) runs only where an end is within ``_TAIL`` widths of the mean;
+    elsewhere the mass is 1 to rounding (see ``_TAIL``). Mixture components are mostly far
+    inside the metric range, so this skips most of the evaluations."""
+    a = (lo - m) / s
+    b = (hi - m) / s
+    out = np.ones_like(a)
+    edge = np.flatnonzero((a > -_TAIL) | (b < _TAIL))
+    if edge.size:
+        a, b, flat = a.reshape(-1), b.reshape(-1), out.reshape(-1)  # views (fresh, contiguous arrays)
+        flat[edge] = ndtr(b[edge]) - ndtr(a[edge])
+    return out
 
 
 def _exp(a: np.ndarray) -> np.ndarray:
@@ -87,6 +113,7 @@ class MixturePairs:
         self.m = (mi * vj + mj * vi) / self.v
         self.sp = si * sj / self.sd
         self._sq: dict = {}
+        self._deriv: dict = {}
 
     def crps(self, z) -> np.ndarray:
         """CRPS = sum_i w_i A(z - mu_i, s_i^2) - 1/2 sum_ij w_i w_j A(mu_i - mu_j, s_i^2 + s_j^2),
@@ -104,15 +131,21 @@ class MixturePairs:
         """int_lo^hi p(z)^2 dz, exactly (n,)."""
         key = (float(lo), float(hi))
         if key not in self._sq:
-            nd = ndtr
-            off = self.ww * self.phi / self.sd * (nd((hi - self.m) / self.sp) - nd((lo - self.m) / self.sp))
+            off = self.ww * self.phi / self.sd * _mass_between(lo, hi, self.m, self.sp)
             sd = self.s * _INV_SQRT2  # the width of N(mu_i, s_i)^2 / its integral
-            diag = self.w * self.w * (0.5 * _INV_SQRTPI) / self.s * (nd((hi - self.mu) / sd) - nd((lo - self.mu) / sd))
+            diag = self.w * self.w * (0.5 * _INV_SQRTPI) / self.s * _mass_between(lo, hi, self.mu, sd)
             self._sq[key] = 2.0 * off.sum(1) + diag.sum(1)
         return self._sq[key]
 
     def derivatives(self, x: float) -> list:
-        """p, p', ..., p^(5) at the point x, each (n,)."""
+        """p, p', ..., p^(5) at the point x, each (n,) (computed once per x: both grid sums
+        usually share their ends)."""
+        key = float(x)
+        if key not in self._deriv:
+            self._deriv[key] = self._derivatives(key)
+        return self._deriv[key]
+
+    def _derivatives(self, x: float) -> list:
         t = (x - self.mu) / self.s
         phi = self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s
         t2 = t * t
@@ -150,6 +183,14 @@ class MixturePairs:
         x = _t(x).reshape(-1, 1)
         t = (x - self.mu) / self.s
         return (self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)
+
+
+def pair_blocks(rows: np.ndarray, k: int):
+    """``rows`` (indices) cut into pieces whose :class:`MixturePairs` of ``k`` components have
+    about ``PAIR_BLOCK_ELEMENTS`` pair entries (at least 16 rows a piece). Rows are independent:
+    the values do not depend on the cut."""
+    step = max(16, PAIR_BLOCK_ELEMENTS // max(1, k * (k - 1) // 2))
+    return [rows[i:i + step] for i in range(0, rows.size, step)]
 
 
 def closed_form_rows(sigmas, steps) -> np.ndarray:
