@@ -383,6 +383,41 @@ def test_mixture_closed_form_sums_equal_the_grid_sums(pair_elements, monkeypatch
     assert not dm.MetricAccumulator(uneven)._closed_form(dm.PDFBlock.from_ensemble(ens))
 
 
+def test_narrow_mixtures_inside_the_grid_take_the_closed_form_with_aliasing():
+    """Components narrower than two grid steps alias on the grid; far enough inside it (and
+    >= ``_ALIAS_MIN_STEPS`` steps wide) their lattice sums are the integral plus the aliasing
+    terms (Poisson summation): equal to the tabulated float64 sums to 1e-11 relative, where the
+    aliasing itself is up to tens of percent of the sum. Narrower or edge-hugging rows are
+    tabulated."""
+    rng = np.random.default_rng(1)
+    n, k = 600, 5
+    w = rng.dirichlet(np.ones(k), n)
+    mu = rng.uniform(0.3, 2.7, (n, k))
+    s = np.exp(rng.uniform(np.log(0.003), np.log(0.05), (n, k)))  # 0.3 .. 5 grid steps
+    mu[:30, 1] = rng.uniform(0.0, 0.05, 30)  # a narrow-ish component at the grid's start
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    ens.set_ancil({"zmode": mu[:, 0]})
+    z = _truth(rng, n)
+    closed = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False), per_object=True)
+    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False, mixture_closed_form=False),
+                                per_object=True)
+    closed.add(ens, z)
+    grid.add(ens, z)
+    a, b = closed.per_object(), grid.per_object()
+    pairs = deepz_mixsums.MixturePairs(w, mu, s)
+    good = pairs.closed_form_ok(((0.0, 3.0), (0.0, 3.0)), max(closed._steps))
+    sq_width = s[:30, 1] / np.sqrt(2.0)  # the width of the component's square in p^2
+    hugging = (sq_width < np.sqrt(2.0) * max(closed._steps)) & (mu[:30, 1] < 11.0 * sq_width)
+    assert 0.3 < good.mean() < 0.95 and hugging.any() and not good[:30][hugging].any()
+    alias = np.abs(pairs.aliasing(0.0, closed._steps[0])) / pairs.sq_integral(0.0, 3.0)
+    assert alias[good].max() > 0.05  # the aliasing matters: without it these rows would be wrong
+    for key in ("cde1", "brier"):  # rows 30+: every component far inside; rows < 30: the end terms' 1e-7
+        np.testing.assert_allclose(a[key][30:], b[key][30:], rtol=1e-11, atol=0, err_msg=key)
+        np.testing.assert_allclose(a[key][:30], b[key][:30], rtol=1e-7, atol=0, err_msg=key)
+    np.testing.assert_allclose(a["cde2"], b["cde2"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-12)
+
+
 def test_mass_between_equals_ndtr_differences():
     """``_mass_between`` skips ndtr where both ends are > _TAIL widths away: the same masses as
     ndtr(b) - ndtr(a) everywhere to float64 rounding (Phi(-8.3) < 6e-17), tails included."""

@@ -12,11 +12,15 @@ from closed forms instead:
   (``a_ij``, ``b_ij``: lo and hi in its units);
 * the trapezoid sum ``T(h) = I + h^2/12 [g']_lo^hi - h^4/720 [g''']_lo^hi + h^6/30240 [g^(5)]_lo^hi``
   (Euler-Maclaurin, ``g = p^2``, derivatives at the two ends from the Hermite polynomials);
-  the remainder is the next boundary term plus the aliasing error ``~ exp(-2 pi^2 s_eff^2 / h^2)``
-  of the lattice sum, ``s_eff = min_k s_k / sqrt(2)``. Used only for objects whose narrowest
-  component has ``s_k >= MIN_SIGMA_STEPS h`` (2: aliasing below 1e-16 of ``I``; the next end
-  term is largest for a component of width 2h at an end; ``tests/test_metrics_fast.py``
-  compares with the tabulated sums); other objects are tabulated on the grid as before;
+  the remainder is the next boundary term plus the aliasing of the lattice sum. Each Gaussian
+  term ``c N(m, sig)`` of ``g`` aliases by ``2 c sum_k>=1 exp(-2 pi^2 k^2 sig^2 / h^2)
+  cos(2 pi k (m - lo) / h)`` (Poisson summation), below 7e-18 of ``c`` for ``sig >= sqrt(2) h``
+  (components of ``s_k >= MIN_SIGMA_STEPS h``, 2); narrower terms get this sum added
+  (:meth:`MixturePairs.aliasing`), exact when they lie far inside the grid
+  (:meth:`MixturePairs.closed_form_ok`: more than ``_INSIDE_NARROW`` widths from both ends,
+  at least ``_ALIAS_MIN_STEPS`` steps wide). The next end term is largest for a component of
+  width 2h at an end (``tests/test_metrics_fast.py`` compares with the tabulated sums); other
+  objects are tabulated on the grid as before;
 * the Brier grid sum ``sum_j p(z_j)^2 = T(h) / h + (g(lo) + g(hi)) / 2``.
 
 Cost: the pair terms are evaluated on row blocks of about ``PAIR_BLOCK_ELEMENTS`` pairs (kept in
@@ -35,7 +39,7 @@ import math
 import numpy as np
 from scipy.special import erf, ndtr
 
-MIN_SIGMA_STEPS = 2.0  # closed form for objects whose narrowest component is >= this many grid steps
+MIN_SIGMA_STEPS = 2.0  # components this many grid steps wide need no aliasing terms (their squares: sqrt(2) steps)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRTPI = 1.0 / math.sqrt(math.pi)
@@ -44,6 +48,15 @@ _EM = ((1, 2, 1.0 / 12.0), (3, 4, -1.0 / 720.0), (5, 6, 1.0 / 30240.0))  # (g^(k
 #: Phi(-_TAIL) < 6e-17: a Gaussian whose mean lies more than _TAIL widths inside both ends of
 #: a range has mass 1 there to float64 rounding (relative error < 1.2e-16), without ndtr
 _TAIL = 8.3
+#: narrow terms of p^2 (widths below ``_ALIAS_STEPS`` grid steps; a component of MIN_SIGMA_STEPS
+#: steps has a square of width sqrt(2) steps) alias on the grid: their aliasing terms are added
+#: (module docstring) when at least ``_ALIAS_MIN_STEPS`` steps wide (``_ALIAS_K`` terms then reach
+#: exp(-2 pi^2 0.25^2 7^2) = 8e-27) and more than ``_INSIDE_NARROW`` widths inside the grids' ends
+#: (their end derivatives, ~He_5(11) exp(-60) (h/s)^6, are then below 1e-17)
+_ALIAS_STEPS = MIN_SIGMA_STEPS / math.sqrt(2.0)
+_ALIAS_MIN_STEPS = 0.25
+_ALIAS_K = 6
+_INSIDE_NARROW = 11.0
 #: elements of one (rows, pairs) array of :class:`MixturePairs` (512 KB): a block of rows this
 #: size keeps its ~20 temporaries in a core's cache (larger blocks: slower, see CHANGELOG.md)
 PAIR_BLOCK_ELEMENTS = 1 << 16
@@ -114,6 +127,7 @@ class MixturePairs:
         self.sp = si * sj / self.sd
         self._sq: dict = {}
         self._deriv: dict = {}
+        self._terms = None
 
     def crps(self, z) -> np.ndarray:
         """CRPS = sum_i w_i A(z - mu_i, s_i^2) - 1/2 sum_ij w_i w_j A(mu_i - mu_j, s_i^2 + s_j^2),
@@ -173,10 +187,59 @@ class MixturePairs:
 
     def _trap(self, lo, hi, h):
         a, b = self._g_derivs(self.derivatives(lo)), self._g_derivs(self.derivatives(hi))
-        trap = self.sq_integral(lo, hi).copy()
+        trap = self.sq_integral(lo, hi) + self.aliasing(lo, h)
         for k, p, c in _EM:
             trap += c * h**p * (b[k] - a[k])
         return trap, a[0], b[0]
+
+    def _square_terms(self):
+        """The Gaussian terms ``c N(m, sig)`` of p^2 as (c, m, sig, multiplicity): the pairs
+        i < j (twice each) and the squares of the components (evaluated once)."""
+        if self._terms is None:
+            self._terms = ((self.ww * self.phi / self.sd, self.m, self.sp, 2.0),
+                           (self.w * self.w * (0.5 * _INV_SQRTPI) / self.s, self.mu, self.s * _INV_SQRT2, 1.0))
+        return self._terms
+
+    def aliasing(self, lo: float, h: float) -> np.ndarray:
+        """The aliasing of the trapezoid sum of p^2 on the lattice lo + j h (n,): for each term
+        ``c N(m, sig)`` narrower than ``_ALIAS_STEPS h``, ``2 c sum_k exp(-2 pi^2 k^2 sig^2 / h^2)
+        cos(2 pi k (m - lo) / h)``, k = 1.._ALIAS_K (Poisson summation); wider terms alias by
+        less than 7e-18 of their mass. Exact for terms far inside the grid
+        (:meth:`closed_form_ok`)."""
+        n = self.w.shape[0]
+        out = np.zeros(n)
+        for c, m, sig, mult in self._square_terms():
+            idx = np.flatnonzero(sig < _ALIAS_STEPS * h)
+            if not idx.size:
+                continue
+            q = sig.reshape(-1)[idx] / h
+            q = -2.0 * math.pi**2 * q * q  # log of the k = 1 damping
+            ph = (2.0 * math.pi / h) * (m.reshape(-1)[idx] - lo)
+            acc = np.zeros(idx.size)
+            qmax = float(q.max())
+            for k in range(1, _ALIAS_K + 1):
+                if qmax * k * k < -40.0:  # exp(-40) = 4e-18: this and higher k vanish for every term
+                    break
+                acc += np.exp(q * (k * k)) * np.cos(k * ph)
+            out += np.bincount(idx // sig.shape[1], weights=(2.0 * mult) * c.reshape(-1)[idx] * acc, minlength=n)
+        return out
+
+    def closed_form_ok(self, ranges, hmax: float) -> np.ndarray:
+        """Rows (n,) whose closed-form grid sums hold on grids of steps <= ``hmax`` over each
+        (lo, hi) of ``ranges``: every term of p^2 narrower than ``_ALIAS_STEPS hmax`` is at
+        least ``_ALIAS_MIN_STEPS hmax`` wide and lies more than ``_INSIDE_NARROW`` widths inside
+        every range (its aliasing is then exact and its end terms vanish). Rows whose components
+        are all >= ``MIN_SIGMA_STEPS hmax`` wide have no such term."""
+        ok = np.ones(self.w.shape[0], dtype=bool)
+        for _, m, sig, _ in self._square_terms():
+            narrow = sig < _ALIAS_STEPS * hmax
+            if not narrow.any():
+                continue
+            bad = sig < _ALIAS_MIN_STEPS * hmax
+            for lo, hi in ranges:
+                bad |= (m - lo < _INSIDE_NARROW * sig) | (hi - m < _INSIDE_NARROW * sig)
+            ok &= ~(narrow & bad).any(axis=1)
+        return ok
 
     def at(self, x) -> np.ndarray:
         """p(x_i) for one point per row (n,)."""
@@ -191,9 +254,3 @@ def pair_blocks(rows: np.ndarray, k: int):
     the values do not depend on the cut."""
     step = max(16, PAIR_BLOCK_ELEMENTS // max(1, k * (k - 1) // 2))
     return [rows[i:i + step] for i in range(0, rows.size, step)]
-
-
-def closed_form_rows(sigmas, steps) -> np.ndarray:
-    """Rows (n,) whose narrowest component is >= ``MIN_SIGMA_STEPS`` steps of every grid."""
-    hmax = max(steps)
-    return np.asarray(sigmas).min(axis=1) >= MIN_SIGMA_STEPS * hmax
