@@ -29,10 +29,12 @@ import pytest
 import qp
 from scipy.special import ndtr
 
+from rail.deepz import gmm
 from rail.deepz import pointmetrics as pm
+from rail.deepz.gmm import PAIR_BLOCK_ELEMENTS, pair_blocks
 from rail.evaluation import deepz_metrics as dm
 from rail.evaluation import deepz_mixsums
-from rail.evaluation.deepz_mixsums import PAIR_BLOCK_ELEMENTS, _mass_between, pair_blocks
+from rail.evaluation.deepz_mixsums import _mass_between
 
 N = 300
 
@@ -350,7 +352,7 @@ def test_mixture_closed_form_sums_equal_the_grid_sums(pair_elements, monkeypatch
     rng = np.random.default_rng(5)
     n, k = 400, 6
     if pair_elements:
-        monkeypatch.setattr(deepz_mixsums, "PAIR_BLOCK_ELEMENTS", pair_elements)
+        monkeypatch.setattr(gmm, "PAIR_BLOCK_ELEMENTS", pair_elements)
         assert len(pair_blocks(np.arange(n), k)) == 25
     w = rng.dirichlet(np.ones(k), n)
     mu = rng.uniform(-0.3, 3.3, (n, k))  # some components centred outside the grids
@@ -373,7 +375,7 @@ def test_mixture_closed_form_sums_equal_the_grid_sums(pair_elements, monkeypatch
     np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-12)  # the same closed form, pairs once
     np.testing.assert_array_equal(a["pit"], b["pit"])
     if pair_elements:  # the cut into pair blocks changes no value
-        monkeypatch.setattr(deepz_mixsums, "PAIR_BLOCK_ELEMENTS", 1 << 16)
+        monkeypatch.setattr(gmm, "PAIR_BLOCK_ELEMENTS", 1 << 16)
         one = dm.MetricAccumulator(cfg, per_object=True)
         one.add(ens, z)
         for key in ("cde1", "cde2", "brier", "crps"):
@@ -404,7 +406,7 @@ def test_narrow_mixtures_inside_the_grid_take_the_closed_form_with_aliasing():
     closed.add(ens, z)
     grid.add(ens, z)
     a, b = closed.per_object(), grid.per_object()
-    pairs = deepz_mixsums.MixturePairs(w, mu, s)
+    pairs = deepz_mixsums.MixtureSquares(w, mu, s)
     good = pairs.closed_form_ok(((0.0, 3.0), (0.0, 3.0)), max(closed._steps))
     sq_width = s[:30, 1] / np.sqrt(2.0)  # the width of the component's square in p^2
     hugging = (sq_width < np.sqrt(2.0) * max(closed._steps)) & (mu[:30, 1] < 11.0 * sq_width)

@@ -99,9 +99,10 @@ from qp.metrics.pit import DEFAULT_QUANTS, PIT
 from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaIQR
 
 from rail.deepz import pointmetrics as pm
+from rail.deepz.gmm import pair_blocks
 from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
-from .deepz_mixsums import MixturePairs, even_step, pair_blocks
+from .deepz_mixsums import MixtureSquares, even_step
 from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
 from .deepz_truth import HDF5_SUFFIXES
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
@@ -739,8 +740,8 @@ class MetricAccumulator:
 
     def _mixture_terms(self, block: PDFBlock, z):
         """cde1, cde2, brier and CRPS of a mixture block: closed forms
-        (:class:`~rail.evaluation.deepz_mixsums.MixturePairs`; the CRPS of every row, the grid
-        sums of the rows :meth:`~rail.evaluation.deepz_mixsums.MixturePairs.closed_form_ok`
+        (:class:`~rail.evaluation.deepz_mixsums.MixtureSquares`; the CRPS of every row, the grid
+        sums of the rows :meth:`~rail.evaluation.deepz_mixsums.MixtureSquares.closed_form_ok`
         accepts), the grids for the other rows' sums."""
         cfg = self.config
         zg, bg = cfg.zgrid, self._brier_grid
@@ -752,7 +753,7 @@ class MetricAccumulator:
         closed = np.zeros(block.n, dtype=bool)
         ranges, hmax = ((zg[0], zg[-1]), (bg[0], bg[-1])), max(self._steps)
         for idx in pair_blocks(np.flatnonzero(ok), w.shape[1]):
-            pairs = MixturePairs(w[idx], mu[idx], s[idx])
+            pairs = MixtureSquares(w[idx], mu[idx], s[idx])
             zc = z[idx]
             crps_v[idx] = pairs.crps(zc)
             good = pairs.closed_form_ok(ranges, hmax)

@@ -16,20 +16,17 @@ from closed forms instead:
   term ``c N(m, sig)`` of ``g`` aliases by ``2 c sum_k>=1 exp(-2 pi^2 k^2 sig^2 / h^2)
   cos(2 pi k (m - lo) / h)`` (Poisson summation), below 7e-18 of ``c`` for ``sig >= sqrt(2) h``
   (components of ``s_k >= MIN_SIGMA_STEPS h``, 2); narrower terms get this sum added
-  (:meth:`MixturePairs.aliasing`), exact when they lie far inside the grid
-  (:meth:`MixturePairs.closed_form_ok`: more than ``_INSIDE_NARROW`` widths from both ends,
+  (:meth:`MixtureSquares.aliasing`), exact when they lie far inside the grid
+  (:meth:`MixtureSquares.closed_form_ok`: more than ``_INSIDE_NARROW`` widths from both ends,
   at least ``_ALIAS_MIN_STEPS`` steps wide). The next end term is largest for a component of
   width 2h at an end (``tests/test_metrics_fast.py`` compares with the tabulated sums); other
   objects are tabulated on the grid as before;
 * the Brier grid sum ``sum_j p(z_j)^2 = T(h) / h + (g(lo) + g(hi)) / 2``.
 
-Cost: the pair terms are evaluated on row blocks of about ``PAIR_BLOCK_ELEMENTS`` pairs (kept in
-cache), and the masses ``Phi(b) - Phi(a)`` of the sums call ``ndtr`` only for the Gaussians
-within ``_TAIL`` widths of an end of the range (:func:`_mass_between`).
-
-The pairwise quantities are those of the closed-form CRPS (``rail.deepz.mixtures.gmm_crps``:
-``E|X - X'|`` needs the same ``mu_i - mu_j`` and ``s_i^2 + s_j^2``), so the CRPS is computed
-here too, over the K(K-1)/2 distinct pairs (the pair sum is symmetric).
+Cost: the pair terms (:class:`rail.deepz.gmm.MixturePairs`, which also gives the closed-form
+CRPS from them) are evaluated on row blocks of about ``rail.deepz.gmm.PAIR_BLOCK_ELEMENTS`` pairs
+(kept in cache), and the masses ``Phi(b) - Phi(a)`` of the sums call ``ndtr`` only for the
+Gaussians within ``_TAIL`` widths of an end of the range (:func:`_mass_between`).
 """
 
 from __future__ import annotations
@@ -37,13 +34,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf, ndtr
+from scipy.special import ndtr
+
+from rail.deepz.gmm import MixturePairs, exp_floored
 
 MIN_SIGMA_STEPS = 2.0  # components this many grid steps wide need no aliasing terms (their squares: sqrt(2) steps)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRTPI = 1.0 / math.sqrt(math.pi)
-_EXP_FLOOR = -700.0  # float64 (rail.deepz.mixtures.EXP_FLOOR): no underflowing exp
 _EM = ((1, 2, 1.0 / 12.0), (3, 4, -1.0 / 720.0), (5, 6, 1.0 / 30240.0))  # (g^(k), h^p, B_2k/(2k)!)
 #: Phi(-_TAIL) < 6e-17: a Gaussian whose mean lies more than _TAIL widths inside both ends of
 #: a range has mass 1 there to float64 rounding (relative error < 1.2e-16), without ndtr
@@ -57,10 +55,6 @@ _ALIAS_STEPS = MIN_SIGMA_STEPS / math.sqrt(2.0)
 _ALIAS_MIN_STEPS = 0.25
 _ALIAS_K = 6
 _INSIDE_NARROW = 11.0
-#: elements of one (rows, pairs) array of :class:`MixturePairs` (512 KB): a block of rows this
-#: size keeps its ~20 temporaries in a core's cache (larger blocks: slower, see CHANGELOG.md)
-PAIR_BLOCK_ELEMENTS = 1 << 16
-
 
 def even_step(grid) -> float | None:
     """The step of an evenly spaced grid (relative spread of the steps <= 1e-9), else None."""
@@ -92,54 +86,21 @@ def _mass_between(lo: float, hi: float, m: np.ndarray, s: np.ndarray) -> np.ndar
     return out
 
 
-def _exp(a: np.ndarray) -> np.ndarray:
-    """exp(a) floored at ``_EXP_FLOOR``, in place in ``a`` (a temporary)."""
-    np.maximum(a, _EXP_FLOOR, out=a)
-    return np.exp(a, out=a)
-
-
-class MixturePairs:
-    """Mixtures (n, K) (weights normalised, widths > 0) with their pairwise terms, evaluated once.
-
-    ``crps(z)``: closed-form CRPS; ``sq_integral(lo, hi)``: int_lo^hi p^2;
-    ``trapezoid_sq(lo, hi, h)``: the trapezoid sum of p^2 on the grid lo, lo + h, ..., hi;
-    ``grid_sum_sq(lo, hi, h)``: sum of p^2 over those grid points; ``at(x)``: p(x_i) per row.
+class MixtureSquares(MixturePairs):
+    """Mixtures (n, K) (weights normalised, widths > 0) with their pairwise terms
+    (:class:`rail.deepz.gmm.MixturePairs`: ``crps(z)``, the closed-form CRPS) and the sums of
+    ``p^2``: ``sq_integral(lo, hi)``: int_lo^hi p^2; ``trapezoid_sq(lo, hi, h)``: the trapezoid
+    sum of p^2 on the grid lo, lo + h, ..., hi; ``grid_sum_sq(lo, hi, h)``: sum of p^2 over those
+    grid points; ``at(x)``: p(x_i) per row.
     """
 
-    def __init__(self, w, mu, s):
-        self.w, self.mu, self.s = _t(w), _t(mu), _t(s)
-        k = self.w.shape[1]
-        iu, ju = np.triu_indices(k, 1)
-
-        def pair(a):  # (n, K) -> its columns iu and ju, (n, P) each (np.take: the fast gather)
-            return np.take(a, iu, axis=1), np.take(a, ju, axis=1)
-
-        (mi, mj), (wi, wj), (si, sj) = pair(self.mu), pair(self.w), pair(self.s)
-        vi, vj = si * si, sj * sj  # the pairs of s^2 (squaring after the gather: two gathers fewer)
-        self.v = vi + vj  # (n, P) variances of mu_i - mu_j
-        self.sd = np.sqrt(self.v)
-        self.dm = mi - mj
-        self.t = self.dm / self.sd
-        self.phi = _exp(-0.5 * self.t * self.t) * _INV_SQRT2PI  # standard normal density at t
-        self.ww = wi * wj
+    def _more_pairs(self, mi, mj, vi, vj, si, sj) -> None:
         # product N(mu_i, s_i) N(mu_j, s_j) = N(mu_i - mu_j; 0, v) N(m, sp)
         self.m = (mi * vj + mj * vi) / self.v
         self.sp = si * sj / self.sd
         self._sq: dict = {}
         self._deriv: dict = {}
         self._terms = None
-
-    def crps(self, z) -> np.ndarray:
-        """CRPS = sum_i w_i A(z - mu_i, s_i^2) - 1/2 sum_ij w_i w_j A(mu_i - mu_j, s_i^2 + s_j^2),
-        A(m, v) = E|N(m, v)| (as ``rail.deepz.mixtures.gmm_crps``), the pair sum over i < j."""
-        z = _t(z).reshape(-1, 1)
-        d = z - self.mu
-        t = d / self.s
-        a1 = 2.0 * self.s * _exp(-0.5 * t * t) * _INV_SQRT2PI + d * erf(t * _INV_SQRT2)
-        term1 = (self.w * a1).sum(1)
-        pair = 2.0 * self.sd * self.phi + self.dm * erf(self.t * _INV_SQRT2)
-        diag = (self.w * self.w * 2.0 * self.s * _INV_SQRTPI).sum(1)  # A(0, 2 s^2) = 2 s / sqrt(pi)
-        return term1 - 0.5 * diag - (self.ww * pair).sum(1)
 
     def sq_integral(self, lo: float, hi: float) -> np.ndarray:
         """int_lo^hi p(z)^2 dz, exactly (n,)."""
@@ -161,7 +122,7 @@ class MixturePairs:
 
     def _derivatives(self, x: float) -> list:
         t = (x - self.mu) / self.s
-        phi = self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s
+        phi = self.w * exp_floored(-0.5 * t * t) * _INV_SQRT2PI / self.s
         t2 = t * t
         he = (np.ones_like(t), t, t2 - 1.0, t * (t2 - 3.0), t2 * (t2 - 6.0) + 3.0, t * (t2 * (t2 - 10.0) + 15.0))
         out, scale = [], phi
@@ -245,12 +206,4 @@ class MixturePairs:
         """p(x_i) for one point per row (n,)."""
         x = _t(x).reshape(-1, 1)
         t = (x - self.mu) / self.s
-        return (self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)
-
-
-def pair_blocks(rows: np.ndarray, k: int):
-    """``rows`` (indices) cut into pieces whose :class:`MixturePairs` of ``k`` components have
-    about ``PAIR_BLOCK_ELEMENTS`` pair entries (at least 16 rows a piece). Rows are independent:
-    the values do not depend on the cut."""
-    step = max(16, PAIR_BLOCK_ELEMENTS // max(1, k * (k - 1) // 2))
-    return [rows[i:i + step] for i in range(0, rows.size, step)]
+        return (self.w * exp_floored(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)
