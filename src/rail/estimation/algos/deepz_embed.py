@@ -30,7 +30,7 @@ Departure: the width of the Gaussians follows the range. The paper's 200 Gaussia
 the PDFs combs (one peak per Gaussian). By default (``component_sigma=0``) the width is the
 spacing / ``basis_spacing`` (2): sigma = 0.0075 for 200 Gaussians on [0, 3], 0.0030 on [0, 1.2],
 0.0040 on the paper's [0, 1.6]. Alternatively ``n_components=0`` with a given width derives the
-count (:func:`rail.deepz.mixtures.fixed_grid_size`); an explicit pair spaced wider than
+count (:func:`rail.deepz.gmm.fixed_grid_size`); an explicit pair spaced wider than
 ``basis_spacing`` sigma is refused. Models trained before keep their own count and width (stored in
 the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 
@@ -233,7 +233,7 @@ class DeepzEmbedInformer(DeepzInformer):
 
     def basis(self) -> tuple[int, float]:
         """(number of Gaussians, their width) from ``n_components``, ``component_sigma`` and ``basis_spacing``."""
-        from rail.deepz.mixtures import fixed_grid_size, fixed_grid_spacing
+        from rail.deepz.gmm import fixed_grid_size, fixed_grid_spacing
         cfg = self.config
         n, sigma, ratio = cfg.n_components, cfg.component_sigma, cfg.basis_spacing
         if not (np.isfinite(ratio) and ratio > 0):
