@@ -35,6 +35,9 @@ scored by :func:`rail.evaluation.deepz_compare.compare` (point estimate zmode).
 
     python benchmarks/depth_augment.py            # writes benchmarks/results/depth_augment_boss.{json,md}
     python benchmarks/depth_augment.py --quick    # smoke run (quick configs, 4,000 objects, one seed)
+    # issue 18's re-run: only the augmented rows, each _depth row also with the validation split left at
+    # the training depth (--before), the earlier run's summary carried beside them (--previous)
+    python benchmarks/depth_augment.py --rows '_(aug|depth)' --before --previous OLD.json
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ import copy
 import datetime as _dt
 import json
 import os
+import re
+import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +65,11 @@ from stack import split_file  # noqa: E402
 REPORT = ["rail_sigma_iqr", "rail_outlier_rate", "sigma_nmad", "eta", "bias_median", "crps", "pit_ks", "cde_loss"]
 SUMMARY = ["rail_sigma_iqr", "rail_outlier_rate", "eta", "pit_ks", "crps", "cde_loss"]
 VARIANTS = {"": {}, "_aug": {"augment_errors": True}, "_depth": "depth"}
+#: row suffix of ``--before``: an ``augment_depth`` row trained with the validation split left at the
+#: training depth (the behaviour before issue 18's fix), by :func:`validation_at_training_depth`
+BEFORE = "_depth_before"
+#: the informer modules whose validation split ``augment_depth`` degrades
+INFORMER_MODULES = ("rail.estimation.algos.deepz_nnc", "rail.estimation.algos.deepz_lstm")
 COPIES = ("deep", "shallow", "twodepth")
 
 
@@ -110,17 +121,48 @@ def make_test_copies(ds, m5_shallow: dict, split: float, seed: int) -> dict:
     return {"deep": ds.test, "shallow": shallow, "twodepth": two}
 
 
-def rows_to_run(seeds, m5_test: dict, methods=("nnc", "lstm")) -> list[tuple[str, str, dict, bool]]:
-    """(row label, registry key, inform overrides, trained on the once-degraded training set)."""
+def rows_to_run(seeds, m5_test: dict, methods=("nnc", "lstm"), before: bool = False,
+                pattern: str | None = None) -> list[tuple[str, str, dict, bool]]:
+    """(row label, registry key, inform overrides, trained on the once-degraded training set);
+    ``before`` adds a :data:`BEFORE` row beside each ``_depth`` row; ``pattern`` (a regular
+    expression searched in the label) keeps only the matching rows."""
     rows = []
+    variants = dict(VARIANTS, **({BEFORE: "depth"} if before else {}))
     for base in methods:
         for seed in seeds:
-            for suffix, opts in VARIANTS.items():
+            for suffix, opts in variants.items():
                 opts = {"augment_depth": dict(m5_test)} if opts == "depth" else dict(opts)
                 rows.append((f"{base}{suffix}_s{seed}", base, {**opts, "seed": seed}, False))
         rows.append((f"{base}_degraded_s{seeds[0]}", base, {"seed": seeds[0]}, True))
     rows += [("flexzboost", "flexzboost", {}, False), ("flexzboost_degraded", "flexzboost", {}, True)]
-    return rows
+    return [r for r in rows if pattern is None or re.search(pattern, r[0])]
+
+
+@contextmanager
+def validation_at_training_depth(active: bool = True):
+    """While active, the informers train ``augment_depth`` with the *measured* validation split
+    (the behaviour before issue 18's fix): their ``validation_at_depth`` returns None."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in INFORMER_MODULES] if active else []
+    saved = [m.validation_at_depth for m in mods]
+    for m in mods:
+        m.validation_at_depth = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            m.validation_at_depth = f
+
+
+def previous_summary(path: str | None) -> dict | None:
+    """The identification and per-seed summary of an earlier run's JSON (``--previous``), or None."""
+    if not path:
+        return None
+    old = json.loads(Path(path).read_text())
+    keys = ("date", "git_commit", "load_note", "loadavg_start", "loadavg_end", "wall_time_s", "n_train", "n_test",
+            "seeds", "augment_depth", "seed_summary", "metrics", "timings_s_under_load")
+    return {k: old.get(k) for k in keys}
 
 
 def seed_summary(metrics: dict, seeds) -> dict:
@@ -144,13 +186,20 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=8000, help="random subset of the BOSS training split (the "
                    "whole benchmark has to finish in about an hour on a loaded 2-core machine); 0 = all 25,033")
     p.add_argument("--methods", default="nnc,lstm")
+    p.add_argument("--before", action="store_true", help=f"also train each _depth row with the validation split "
+                   f"left at the training depth (rows '{BEFORE}_s<seed>': the behaviour before issue 18's fix)")
+    p.add_argument("--rows", default=None, help="regular expression: train and score only the rows whose label "
+                   "matches (e.g. '_(aug|depth)' for the augmented NNC/LSTM rows)")
+    p.add_argument("--previous", default=None, help="JSON of an earlier run whose per-seed summary is carried into "
+                   "this run's results (labelled with its commit), e.g. the rows this run does not retrain")
     p.add_argument("--rescore", action="store_true", help="train nothing: score the rows whose three qp files an "
                    "earlier run left in --out (same seeded split and test copies); times not re-measured")
     p.add_argument("--out", default=str(HERE / "out" / "depth_augment_boss"))
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--load-note", default="under load: a 2-core machine shared with other engineers' runs",
                    help="what else ran on the machine (recorded with the times)")
-    a = p.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(args)
 
     from rail.deepz import datasets
     from rail.deepz.augment import depth_from_errors
@@ -194,7 +243,8 @@ def main(argv=None) -> int:
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     files, timings = {c: {} for c in COPIES}, {}
-    for label, key, opts, degraded in rows_to_run(seeds, m5_test, methods):
+    previous = previous_summary(a.previous)  # read before --results may overwrite it
+    for label, key, opts, degraded in rows_to_run(seeds, m5_test, methods, a.before, a.rows):
         if a.rescore:
             if all((out / f"{label}_{c}.hdf5").exists() for c in COPIES):
                 for c in COPIES:
@@ -202,8 +252,9 @@ def main(argv=None) -> int:
             continue
         base = reg.get(key)
         spec = replace(base, key=label, inform_options={**base.inform_options, **opts})
-        path, t = run_estimator(spec, ds_degraded if degraded else ds_run, out, quick=a.quick,
-                                log=lambda m: print(m, flush=True), progress=False)
+        with validation_at_training_depth(BEFORE in label):
+            path, t = run_estimator(spec, ds_degraded if degraded else ds_run, out, quick=a.quick,
+                                    log=lambda m: print(m, flush=True), progress=False)
         rest = out / f"{label}_rest.hdf5"
         split_file(path, n_te, out / f"{label}_deep.hdf5", rest)
         split_file(rest, n_te, out / f"{label}_shallow.hdf5", out / f"{label}_twodepth.hdf5")
@@ -232,6 +283,7 @@ def main(argv=None) -> int:
         "m5_catalogue_test": m5_catalogue_test, "m5_degraded_to": m5_target, "m5_estimated": m5_est,
         "augment_depth": m5_test, "nondetected_fraction": nondet, "point_estimate": "zmode",
         "metrics": metrics, "seed_summary": summary, "timings_s_under_load": timings,
+        "rows_pattern": a.rows, "before_rows": a.before, "previous_run": previous,
     }
     res_dir = Path(a.results)
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -243,8 +295,8 @@ def main(argv=None) -> int:
         f"{when}, commit {report['git_commit']}; {report['machine']['platform']}, {report['machine']['cpu_count']} "
         f"CPUs, torch {report['machine']['torch']} ({report['machine']['torch_threads']} thread); "
         f"{a.load_note} (load average {load_start[0]:.1f} at start, {report['loadavg_end'][0]:.1f} at end); "
-        f"whole run {wall / 60:.0f} min. Produced by `python benchmarks/depth_augment.py"
-        f"{' --quick' if a.quick else ''}`{'; QUICK settings (not representative)' if a.quick else ''}.", "",
+        f"whole run {wall / 60:.0f} min. Produced by `{shlex.join(['python', 'benchmarks/depth_augment.py', *args])}`"
+        f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
         f"Train {n_tr} (random subset of the training split) / test {n_te} objects (BOSS preset, seeded random "
         f"70/30 split); seeds {seeds}; "
         "point estimate zmode; registry settings.", "",
@@ -255,14 +307,32 @@ def main(argv=None) -> int:
         f"{fmt(m5_est['twodepth'])}",
         "* non-detected fraction per band: " + "; ".join(f"{c}: {fmt(v)}" for c, v in nondet.items()), "",
     ]
-    if len(seeds) > 1:
-        lines += [f"## Mean over seeds {seeds} (± half the range)", ""]
+    if a.rows or a.before:
+        lines += [f"Rows trained in this run: {'those matching `' + a.rows + '`' if a.rows else 'all'}"
+                  + (f"; `{BEFORE}` rows: `augment_depth` with the validation split left at the training depth "
+                     "(this commit's code with `validation_at_depth` switched off, i.e. the behaviour before "
+                     "issue 18's fix)" if a.before else "") + ".", ""]
+
+    def summary_tables(summ, title):
+        out_lines = [title, ""]
         for c in COPIES:
-            lines += [f"Test copy `{c}`:", "", "| row | " + " | ".join(SUMMARY) + " |",
-                      "|---|" + "---|" * len(SUMMARY)]
-            lines += [f"| {r} | " + " | ".join(f"{m:.4g} ± {h:.2g}" for m, h in (v[k] for k in SUMMARY)) + " |"
-                      for r, v in summary[c].items()]
-            lines.append("")
+            out_lines += [f"Test copy `{c}`:", "", "| row | " + " | ".join(SUMMARY) + " |",
+                          "|---|" + "---|" * len(SUMMARY)]
+            out_lines += [f"| {r} | " + " | ".join(f"{m:.4g} ± {h:.2g}" for m, h in (v[k] for k in SUMMARY))
+                          + " |" for r, v in summ[c].items()]
+            out_lines.append("")
+        return out_lines
+
+    if len(seeds) > 1:
+        lines += summary_tables(summary, f"## Mean over seeds {seeds} (± half the range)")
+    if previous and previous.get("seed_summary"):
+        lines += summary_tables(
+            previous["seed_summary"],
+            f"## Previous run: before (validation at training depth), mean over seeds {previous['seeds']}\n\n"
+            f"Carried from `--previous` {a.previous}: {previous['date']}, commit {previous['git_commit']}, "
+            f"train {previous['n_train']} / test {previous['n_test']}, whole run "
+            f"{(previous.get('wall_time_s') or 0) / 60:.0f} min ({previous.get('load_note')}). Every `_depth` row "
+            "there trained with the validation split at the training depth.")
     for c in COPIES:
         lines += [f"## Test copy `{c}`, every row", "", tables[c], ""]
     lines += ["## Times (wall-clock seconds under load; estimate = the three test copies in one call)", "",

@@ -27,7 +27,10 @@ What it measures
    (FlexZBoost's grid), ``mixmod:15`` (the LSTM's components)) at ``--metric-sizes`` (default
    1e5, 1e6) objects, with ``object_id`` on both sides (so the id check runs too). Reports the
    process wall time (imports included), the metric pass alone, objects/s and peak RSS, to
-   ``benchmarks/results/speed_metrics.json`` / ``.md``.
+   ``benchmarks/results/speed_metrics.json`` / ``.md``. ``--metric-file F`` adds a real
+   estimate file (a stage's hist/interp/mixmod output) tiled to each size: the synthetic
+   mixtures' widths (0.02-0.3) are wider than a trained network's, which decides which
+   closed forms apply.
 
 Estimators: every registry entry that is not a baseline and needs only ``catalog``
 (``nnc``, ``lstm``, ``embed``... whatever is registered), plus those needing images.
@@ -316,12 +319,48 @@ def write_synthetic_qp(kind: str, size: int, n: int, path: Path, chunk: int = 50
     return ztrue
 
 
+def write_tiled_qp(src: Path, n: int, path: Path, chunk: int = 50_000, seed: int = 0):
+    """``src`` (a hist, interp or mixmod qp file written by a stage) repeated to ``n`` rows in
+    ``path``, chunk by chunk with h5py (bounded memory): the ``meta`` group as is, every
+    ``data`` and one-value-per-row ``ancil`` column tiled, ``object_id`` set to 0..n-1 (other
+    id columns dropped: they would repeat). Returns the true redshifts: the ancil ``redshift``
+    (the stages copy the truth there when the input has it) or else ``zmode``, each tiled copy
+    shifted by N(0, 0.01) so that the rows are not exact repeats."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ztrue = np.empty(n)
+    with h5py.File(src, "r") as f, h5py.File(path, "w") as g:
+        f.copy("meta", g)
+        m = f["data"][next(iter(f["data"]))].shape[0]
+        cols = {f"data/{k}": f["data"][k][()] for k in f["data"]}
+        for k in f["ancil"]:
+            v = f["ancil"][k]
+            if k not in ("id", "object_id", "objectId") and v.shape[:1] == (m,) and v.dtype.kind in "fiu":
+                cols[f"ancil/{k}"] = v[()]
+        zcol = cols.get("ancil/redshift", cols.get("ancil/zmode"))
+        if zcol is None:
+            raise ValueError(f"{src}: no ancil 'redshift' or 'zmode' to take the true redshifts from")
+        zsrc = np.asarray(zcol, dtype=np.float64).reshape(m)
+        dsets = {k: g.create_dataset(k, (n,) + v.shape[1:], v.dtype) for k, v in cols.items()}
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            rows = np.arange(s, e) % m
+            for k, v in cols.items():
+                dsets[k][s:e] = v[rows]
+            ztrue[s:e] = np.clip(zsrc[rows] + rng.normal(0, 0.01, e - s), 0.0, None)
+        g.create_dataset("ancil/object_id", data=np.arange(n, dtype=np.int64))
+    return ztrue
+
+
 def metric_benchmark(args, info, date, commit, results: Path):
     """Time ``deepz-compare`` on synthetic files of each representation; write the tables."""
     import h5py
     import qp
 
     kinds = [k.split(":") for k in args.metric_kinds.split(",") if k]
+    kinds += [("file", f) for f in args.metric_file]
     sizes = [int(float(s)) for s in args.metric_sizes.split(",") if s]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deepz_metrics_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -336,9 +375,14 @@ def metric_benchmark(args, info, date, commit, results: Path):
         for n in sizes:
             est, truth = work / f"{kind}_{n}.hdf5", work / f"truth_{kind}_{n}.hdf5"
             t0 = time.perf_counter()
-            z = write_synthetic_qp(kind, int(size), n, est)
+            if kind == "file":
+                z = write_tiled_qp(Path(size), n, est)
+            else:
+                z = write_synthetic_qp(kind, int(size), n, est)
             with h5py.File(est, "r") as f:
                 ids = f["ancil"]["object_id"][()]
+                pdf_name = f["meta"]["pdf_name"][0].decode()
+                ncols = f["data"][next(iter(f["data"]))].shape[1]
             with h5py.File(truth, "w") as f:
                 f["redshift"] = z
                 f["object_id"] = ids
@@ -355,14 +399,17 @@ def metric_benchmark(args, info, date, commit, results: Path):
                 print(f"[metrics] {kind} N={n:,} FAILED:\n{proc.stderr[-3000:]}", flush=True)
                 continue
             r = json.loads(line[0].split(" ", 1)[1])
-            r.update(representation=f"{kind}:{size}", rows=n, wall_s=wall, objects_per_s=n / wall,
+            label, data = f"{kind}:{size}", "synthetic (benchmarks/speed_memory.py write_synthetic_qp, seed 0)"
+            if kind == "file":
+                label, data = f"{pdf_name}:{ncols} ({Path(size).name})", f"{size} tiled (write_tiled_qp, seed 0)"
+            r.update(representation=label, rows=n, wall_s=wall, objects_per_s=n / wall,
                      pass_objects_per_s=n / r["main_s"], date=date, commit=commit, machine=info,
                      threads=args.threads, load=args.load_note,
                      estimate_mb=est.stat().st_size / 2**20,
                      command="deepz-compare --truth T --estimate a=F --no-plots --quiet",
-                     data="synthetic (benchmarks/speed_memory.py write_synthetic_qp, seed 0)")
+                     data=data)
             new_runs.append(r)
-            print(f"[metrics] {kind}:{size:>4} N={n:>10,}  {wall:7.1f} s  {r['objects_per_s']:9,.0f} obj/s "
+            print(f"[metrics] {label:>4} N={n:>10,}  {wall:7.1f} s  {r['objects_per_s']:9,.0f} obj/s "
                   f"(metric pass + table {r['pass_objects_per_s']:9,.0f}/s)  peak RSS {r['peak_rss_mb']:6,.0f} MB",
                   flush=True)
             est.unlink(missing_ok=True)
@@ -377,7 +424,8 @@ def metric_benchmark(args, info, date, commit, results: Path):
     results.mkdir(parents=True, exist_ok=True)
     jpath.write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# Metric pass: `deepz-compare --truth T --estimate a=F` end to end", "",
-             "Written by `benchmarks/speed_memory.py --metrics`; synthetic qp files (see its docstring); "
+             "Written by `benchmarks/speed_memory.py --metrics`; synthetic qp files, or a stage's output "
+             "tiled where the representation names a file (see its docstring); "
              f"target {TARGETS['metrics']:,} objects/s (issue 20). `load` says whether the machine was shared.", "",
              "| representation | objects | wall s | objects/s | pass+table objects/s | CPU s | peak RSS MB | "
              "threads | load | machine | commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -457,6 +505,9 @@ def main(argv=None):
     p.add_argument("--metric-sizes", default="1e5,1e6", help="objects per synthetic estimate file (--metrics)")
     p.add_argument("--metric-kinds", default="hist:600,interp:301,mixmod:15",
                    help="representation:size list (--metrics): bins, grid points or components")
+    p.add_argument("--metric-file", action="append", default=[], metavar="QP_FILE",
+                   help="--metrics: also a real hist/interp/mixmod qp file (e.g. a stage's output), tiled to "
+                        "each size (write_tiled_qp); repeatable")
     p.add_argument("--load-note", default="quiet", help="recorded with --metrics runs, e.g. 'under load'")
     args = p.parse_args(argv)
 

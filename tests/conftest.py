@@ -55,3 +55,27 @@ def benchmark_module():
             sys.path.remove(folder)
 
     return load
+
+
+@pytest.fixture
+def capture_validation(monkeypatch):
+    """``capture_validation()`` replaces rail.deepz.training.train_model (which the informers
+    import when they train) by a wrapper that records a copy of each call's validation inputs,
+    then trains as usual; it returns the list the calls are appended to (one list per call)."""
+    import numpy as np
+
+    import rail.deepz.training as mod
+
+    def install():
+        real = getattr(mod.train_model, "real", mod.train_model)  # not an earlier spy
+        calls = []
+
+        def spy(net, loss, train_inputs, train_z, val_inputs, *args, **kw):
+            calls.append([np.array(a, copy=True) for a in val_inputs])
+            return real(net, loss, train_inputs, train_z, val_inputs, *args, **kw)
+
+        spy.real = real
+        monkeypatch.setattr(mod, "train_model", spy)
+        return calls
+
+    return install

@@ -403,6 +403,31 @@ def test_augmented_cnn_trains_deterministically_and_estimates(dc2):
     assert np.all(np.isfinite(ens.ancil["zmode"]))
 
 
+def test_augment_depth_degrades_the_validation_catalog_branch_only(dc2, capture_validation):
+    """With augment_depth the validation split's catalog features are degraded once to the test
+    depth (the same for both members and for the seed); its stamps stay the measured ones;
+    augment_errors alone leaves the validation split measured."""
+    table = {k: v[:600] for k, v in dc2.train.items()}
+    runs = {}
+    for label, extra in (("plain", {}), ("errors", {"augment_errors": True}),
+                         ("depth", {"augment_depth": {"mag_i_lsst": 23.0}}),
+                         ("depth_again", {"augment_depth": {"mag_i_lsst": 23.0}})):
+        calls = capture_validation()
+        DeepzCNNInformer.make_stage(name=_name("inf"), **_cat_config(dc2), **dict(AUG, epochs=1, **extra)).inform(table)
+        assert len(calls) == 2
+        for a, b in zip(*calls):  # one validation copy for both members
+            np.testing.assert_array_equal(a, b)
+        runs[label] = calls[0]
+    for a, b in zip(runs["errors"], runs["plain"]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(runs["depth"], runs["depth_again"]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs["depth"][0], runs["plain"][0])
+    assert len(runs["depth"]) == 2  # catalog features and stamps
+    for a, b in zip(runs["depth"][1:], runs["plain"][1:]):  # the stamps: measured
+        np.testing.assert_array_equal(a, b)
+
+
 def test_augmented_pool_members_draw_with_their_own_seeds(dc2, monkeypatch):
     import rail.estimation.algos.deepz_cnn as mod
 

@@ -11,7 +11,7 @@ import torch
 from rail.core.data import TableHandle
 from scipy.special import ndtr
 
-from rail.deepz.augment import EpochResampler, depth_from_errors, resample_photometry
+from rail.deepz.augment import EpochResampler, depth_from_errors, resample_photometry, validation_at_depth
 from rail.deepz.ensemble import ModelMembersError, member_rows, member_state_dicts, pool_mixtures
 from rail.deepz.photometry import MAG_ERR_FACTOR, Photometry
 from rail.deepz.pdf import MASS_TOL, pdf_ok
@@ -273,6 +273,68 @@ def test_augmented_training_runs_and_is_deterministic(method, ensembles, table, 
     sd = a["state_dict"]
     assert any(not torch.equal(sd[k], plain["state_dict"][k]) for k in sd if sd[k].is_floating_point())
     assert pdf_ok(_estimate(method, a, table), MASS_TOL, (0.0, 3.0)).all()
+
+
+def test_validation_at_depth_is_one_seeded_depth_draw_of_its_own():
+    """The validation copy: only the depth noise (errors=False), only in the bands of
+    augment_depth, the same for a seed, new for another, and not the first epoch's training draw
+    (same seed, same rows); None without augment_depth (augment_errors alone)."""
+    phot = _phot(2000)
+    before = (phot.mags.copy(), phot.errs.copy(), phot.valid.copy())
+    rows = np.arange(100, 2000, 2)
+    make = lambda p: [p.mags.copy(), p.errs.copy()]  # noqa: E731
+    depth = {"b": 20.0}  # flux error f(20)/5: above band b's own (0.1 mag at 20-23)
+    cfg = {"augment_errors": True, "augment_depth": depth, "seed": 5}
+    assert validation_at_depth(dict(cfg, augment_depth={}), SETTINGS, phot, rows, make) is None
+    m, e = validation_at_depth(cfg, SETTINGS, phot, rows, make)
+    for a, b in zip(before, (phot.mags, phot.errs, phot.valid)):  # the input is not modified
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(m[:, [0, 2]], phot.mags[rows][:, [0, 2]])  # other bands: no redraw
+    np.testing.assert_array_equal(e[:, [0, 2]], phot.errs[rows][:, [0, 2]])
+    ok = phot.valid[rows, 1] & (m[:, 1] < 27.0) & (e[:, 1] < SETTINGS["max_mag_err"])  # not capped
+    assert ok.mean() > 0.5  # band b at 20-23 against a 20.0 depth: the faint half of the draws is lost or capped
+    f_new = 10 ** (-0.4 * m[ok, 1].astype(np.float64))
+    np.testing.assert_allclose(e[ok, 1], MAG_ERR_FACTOR * (10 ** (-0.4 * 20.0) / 5) / f_new, rtol=1e-5)
+    again = validation_at_depth(cfg, SETTINGS, phot, rows, make)[0]
+    np.testing.assert_array_equal(m, again)
+    assert not np.array_equal(m[:, 1], validation_at_depth(dict(cfg, seed=6), SETTINGS, phot, rows, make)[0][:, 1])
+    first_epoch = EpochResampler(phot.take(rows), SETTINGS, make, seed=5, errors=False, depth=depth)(0)[0]
+    assert not np.array_equal(m[:, 1], first_epoch[:, 1])
+    with pytest.raises(ValueError, match=r"augment_depth.*\['d'\]"):
+        validation_at_depth(dict(cfg, augment_depth={"d": 20.0}), SETTINGS, phot, rows, make)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_augment_depth_degrades_the_validation_split_once(method, table, tmp_path, monkeypatch, capture_validation):
+    """Early stopping and calibration see the validation split at the test depth with augment_depth
+    (the same copy for every member, repeated for the seed), the measured one otherwise; the
+    model trained that way round-trips through its file (weights_only) to the same PDFs."""
+    monkeypatch.chdir(tmp_path)
+    depth = {"mag_z": 22.0}  # flux error f(22)/5: above the table's (0.05 mag at 21-23)
+
+    def val_inputs(**kw):
+        calls = capture_validation()
+        model = _inform(method, table, n_members=2, **kw)
+        assert len(calls) == (3 if method == "embed" else 2)  # embed: its autoencoder trains first
+        return calls[-2:], model
+
+    plain, _ = val_inputs()
+    errors_only, _ = val_inputs(augment_errors=True)
+    deg, model = val_inputs(augment_depth=depth)
+    deg_again, _ = val_inputs(augment_depth=depth)
+    for calls in (plain, errors_only, deg, deg_again):  # one validation copy for both members
+        np.testing.assert_array_equal(calls[0][0], calls[1][0])
+    np.testing.assert_array_equal(errors_only[0][0], plain[0][0])  # augment_errors: measured validation
+    assert not np.array_equal(deg[0][0], plain[0][0])
+    np.testing.assert_array_equal(deg[0][0], deg_again[0][0])
+    changed = np.any(deg[0][0] != plain[0][0], axis=tuple(range(1, deg[0][0].ndim)))
+    assert changed.mean() > 0.9  # every validation row has a measured mag_z at S/N > 5 at 22
+    from rail.deepz.modelfile import save_model
+
+    save_model(model, str(tmp_path / "depth_model.pkl"))  # what the informer writes; read with weights_only
+    a, b = _estimate(method, model, table), _estimate(method, str(tmp_path / "depth_model.pkl"), table)
+    np.testing.assert_array_equal(a.pdf(np.linspace(0, 3, 31)), b.pdf(np.linspace(0, 3, 31)))
+    assert pdf_ok(b, MASS_TOL, (0.0, 3.0)).all()
 
 
 def test_augment_options_are_checked(table, tmp_path, monkeypatch):

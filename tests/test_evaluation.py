@@ -472,3 +472,20 @@ def test_depth_benchmark_seed_summary_needs_every_seed(benchmark_module):
     out = bench.seed_summary(metrics, [42, 1])
     assert set(out) == {"nnc"}  # lstm lacks seed 1; the degraded rows are single-seed
     assert out["nnc"]["pit_ks"] == (2.0, 1.0)
+
+
+def test_depth_benchmark_before_rows_and_the_switch_that_makes_them():
+    import rail.estimation.algos.deepz_lstm as lstm
+    import rail.estimation.algos.deepz_nnc as nnc
+    from rail.deepz.augment import validation_at_depth
+
+    bench = _depth_benchmark()
+    rows = bench.rows_to_run([42, 1], {"MAG_I": 20.0}, ("nnc",), before=True, pattern="_depth")
+    assert [r[0] for r in rows] == ["nnc_depth_s42", "nnc_depth_before_s42", "nnc_depth_s1", "nnc_depth_before_s1"]
+    assert all(r[2]["augment_depth"] == {"MAG_I": 20.0} for r in rows)
+    assert len(bench.rows_to_run([42], {"MAG_I": 20.0}, ("nnc",))) == 3 + 1 + 2  # variants, degraded, FlexZBoost
+    cfg = {"augment_depth": {"a": 20.0}, "seed": 0}
+    with bench.validation_at_training_depth():
+        assert nnc.validation_at_depth(cfg, {}, None, None, None) is None
+        assert lstm.validation_at_depth(cfg, {}, None, None, None) is None
+    assert nnc.validation_at_depth is validation_at_depth and lstm.validation_at_depth is validation_at_depth

@@ -10,6 +10,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 import qp
 
 CHILD = r"""
@@ -101,3 +102,52 @@ def test_a_stage_imports_torch_when_it_runs():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
+
+
+BUILD_ALL = r"""
+import inspect, importlib, json, pkgutil, sys
+import rail.deepz, rail.estimation.algos
+from rail.core.stage import RailStage
+built, failed = [], []
+for info in pkgutil.iter_modules(rail.estimation.algos.__path__):
+    if not info.name.startswith("deepz_"):
+        continue
+    mod = importlib.import_module(f"rail.estimation.algos.{info.name}")
+    for name, cls in inspect.getmembers(mod, inspect.isclass):
+        if cls.__module__ == mod.__name__ and issubclass(cls, RailStage) and not name.startswith("_"):
+            kw = {"model": "model.pkl"} if "model" in dict(cls.inputs) and "Informer" not in name else {}
+            try:
+                cls.make_stage(name=f"built_{name}", **kw)
+                built.append(name)
+            except Exception as err:  # reported, fails the test
+                failed.append(f"{name}: {type(err).__name__}: {err}")
+print("RESULT " + json.dumps(dict(built=built, failed=failed, torch="torch" in sys.modules)))
+"""
+
+
+def test_building_every_stage_does_not_import_torch():
+    """Building a stage (``make_stage``: a notebook, a pipeline file) checks its options without
+    torch (``rail.deepz.trainconfig``, ``rail.deepz.gmm``); torch comes when it trains or estimates."""
+    proc = subprocess.run([sys.executable, "-c", BUILD_ALL], capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    r = json.loads(lines[0].split(" ", 1)[1])
+    assert not r["failed"], r["failed"]
+    for name in ("DeepzNNCInformer", "DeepzNNCEstimator", "DeepzLSTMInformer", "DeepzEmbedInformer",
+                 "DeepzCNNInformer", "DeepzSceneInformer", "DeepzStackInformer", "DeepzSOMFlagger"):
+        assert name in r["built"], name
+    assert not r["torch"], "building a deepz stage imported torch"
+
+
+def test_a_cuda_device_is_still_refused_when_the_stage_is_built():
+    import torch
+
+    from rail.deepz.trainconfig import TrainConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        TrainConfig(device="cuda").validate()
+    with pytest.raises(ValueError, match="'tpu'"):
+        TrainConfig(device="tpu").validate()
+    TrainConfig(device="auto").validate()

@@ -27,9 +27,14 @@ import warnings
 import numpy as np
 import pytest
 import qp
+from scipy.special import ndtr
 
+from rail.deepz import gmm
 from rail.deepz import pointmetrics as pm
+from rail.deepz.gmm import PAIR_BLOCK_ELEMENTS, pair_blocks
 from rail.evaluation import deepz_metrics as dm
+from rail.evaluation import deepz_mixsums
+from rail.evaluation.deepz_mixsums import _mass_between
 
 N = 300
 
@@ -337,13 +342,18 @@ def test_pit_outlier_rate_is_the_fraction_of_extreme_pits():
     assert 0.0 <= rate <= 1.0
 
 
-def test_mixture_closed_form_sums_equal_the_grid_sums():
+@pytest.mark.parametrize("pair_elements", [None, 64])
+def test_mixture_closed_form_sums_equal_the_grid_sums(pair_elements, monkeypatch):
     """CDE and Brier terms of mixtures from the closed forms (``deepz_mixsums``: exact integral
     plus Euler-Maclaurin end terms) against the tabulated float64 sums: rtol 1e-7 (the next
     end term, ~1e-8 relative at widths of two grid steps, far less for wider components).
-    Rows with a component narrower than two steps go through the grid (equal to 1e-12)."""
+    Rows with a component narrower than two steps go through the grid (equal to 1e-12).
+    ``pair_elements`` = 64: rows cut into pair blocks of 16 (``pair_blocks``), the same values."""
     rng = np.random.default_rng(5)
     n, k = 400, 6
+    if pair_elements:
+        monkeypatch.setattr(gmm, "PAIR_BLOCK_ELEMENTS", pair_elements)
+        assert len(pair_blocks(np.arange(n), k)) == 25
     w = rng.dirichlet(np.ones(k), n)
     mu = rng.uniform(-0.3, 3.3, (n, k))  # some components centred outside the grids
     s = rng.uniform(0.02, 0.5, (n, k))
@@ -364,9 +374,73 @@ def test_mixture_closed_form_sums_equal_the_grid_sums():
         np.testing.assert_allclose(a[key][:40], b[key][:40], rtol=1e-12, atol=1e-12, err_msg=key)
     np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-12)  # the same closed form, pairs once
     np.testing.assert_array_equal(a["pit"], b["pit"])
+    if pair_elements:  # the cut into pair blocks changes no value
+        monkeypatch.setattr(gmm, "PAIR_BLOCK_ELEMENTS", 1 << 16)
+        one = dm.MetricAccumulator(cfg, per_object=True)
+        one.add(ens, z)
+        for key in ("cde1", "cde2", "brier", "crps"):
+            np.testing.assert_array_equal(a[key], one.per_object()[key], err_msg=key)
     # a grid that is not evenly spaced: tabulated
     uneven = dm.MetricConfig(zgrid=np.sort(np.r_[0.0, 3.0, rng.uniform(0, 3, 299)]))
     assert not dm.MetricAccumulator(uneven)._closed_form(dm.PDFBlock.from_ensemble(ens))
+
+
+def test_narrow_mixtures_inside_the_grid_take_the_closed_form_with_aliasing():
+    """Components narrower than two grid steps alias on the grid; far enough inside it (and
+    >= ``_ALIAS_MIN_STEPS`` steps wide) their lattice sums are the integral plus the aliasing
+    terms (Poisson summation): equal to the tabulated float64 sums to 1e-11 relative, where the
+    aliasing itself is up to tens of percent of the sum. Narrower or edge-hugging rows are
+    tabulated."""
+    rng = np.random.default_rng(1)
+    n, k = 600, 5
+    w = rng.dirichlet(np.ones(k), n)
+    mu = rng.uniform(0.3, 2.7, (n, k))
+    s = np.exp(rng.uniform(np.log(0.003), np.log(0.05), (n, k)))  # 0.3 .. 5 grid steps
+    mu[:30, 1] = rng.uniform(0.0, 0.05, 30)  # a narrow-ish component at the grid's start
+    ens = qp.Ensemble(qp.mixmod, data=dict(weights=w, means=mu, stds=s))
+    ens.set_ancil({"zmode": mu[:, 0]})
+    z = _truth(rng, n)
+    closed = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False), per_object=True)
+    grid = dm.MetricAccumulator(dm.MetricConfig.for_range(0.0, 3.0, mixture_float32=False, mixture_closed_form=False),
+                                per_object=True)
+    closed.add(ens, z)
+    grid.add(ens, z)
+    a, b = closed.per_object(), grid.per_object()
+    pairs = deepz_mixsums.MixtureSquares(w, mu, s)
+    good = pairs.closed_form_ok(((0.0, 3.0), (0.0, 3.0)), max(closed._steps))
+    sq_width = s[:30, 1] / np.sqrt(2.0)  # the width of the component's square in p^2
+    hugging = (sq_width < np.sqrt(2.0) * max(closed._steps)) & (mu[:30, 1] < 11.0 * sq_width)
+    assert 0.3 < good.mean() < 0.95 and hugging.any() and not good[:30][hugging].any()
+    alias = np.abs(pairs.aliasing(0.0, closed._steps[0])) / pairs.sq_integral(0.0, 3.0)
+    assert alias[good].max() > 0.05  # the aliasing matters: without it these rows would be wrong
+    for key in ("cde1", "brier"):  # rows 30+: every component far inside; rows < 30: the end terms' 1e-7
+        np.testing.assert_allclose(a[key][30:], b[key][30:], rtol=1e-11, atol=0, err_msg=key)
+        np.testing.assert_allclose(a[key][:30], b[key][:30], rtol=1e-7, atol=0, err_msg=key)
+    np.testing.assert_allclose(a["cde2"], b["cde2"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a["crps"], b["crps"], rtol=0, atol=1e-12)
+
+
+def test_mass_between_equals_ndtr_differences():
+    """``_mass_between`` skips ndtr where both ends are > _TAIL widths away: the same masses as
+    ndtr(b) - ndtr(a) everywhere to float64 rounding (Phi(-8.3) < 6e-17), tails included."""
+    rng = np.random.default_rng(11)
+    m = rng.uniform(-2.0, 5.0, (300, 17))
+    s = np.exp(rng.uniform(np.log(1e-3), np.log(2.0), m.shape))
+    m[0, :5] = [0.0 + 8.3 * s[0, 0], 3.0 - 8.3 * s[0, 1], 1.5, -50.0, 60.0]  # at the threshold, far outside
+    got = _mass_between(0.0, 3.0, m, s)
+    ref = ndtr((3.0 - m) / s) - ndtr((0.0 - m) / s)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1.2e-16)
+    assert got.shape == m.shape and (got == 1.0).mean() > 0.2  # the shortcut was taken
+
+
+def test_pair_blocks_cover_the_rows_in_order():
+    rows = np.flatnonzero(np.random.default_rng(2).random(5000) < 0.7)
+    for k in (1, 2, 15, 45, 400):
+        blocks = pair_blocks(rows, k)
+        np.testing.assert_array_equal(np.concatenate(blocks) if blocks else rows[:0], rows)
+        assert all(b.size >= 16 for b in blocks[:-1])
+        assert max(b.size for b in blocks) * max(1, k * (k - 1) // 2) <= max(PAIR_BLOCK_ELEMENTS, 16 * k * k)
+    assert pair_blocks(rows[:0], 15) == []
 
 
 @pytest.mark.parametrize("case", ["smooth", "zeros_ones_ties", "tiny"])

@@ -3,7 +3,8 @@
 Importing this package registers every stage with RAIL (``rail`` discovers plugins
 through the regular package ``rail.<pkg>``). Shared building blocks live in the
 submodules: :mod:`.photometry`, :mod:`.scaling`, :mod:`.mixtures`, :mod:`.training`,
-:mod:`.pdf`, :mod:`.stages`, :mod:`.datasets`, :mod:`.som`, :mod:`.som_options`.
+:mod:`.pdf`, :mod:`.stages`, :mod:`.datasets`, :mod:`.som`, :mod:`.som_options`;
+torch-free: :mod:`.gmm` (NumPy mixtures) and :mod:`.trainconfig` (training options).
 
 The stage modules are imported as modules (not ``from ... import Name``) because they
 themselves import this package's submodules: whichever is imported first, the other

@@ -18,11 +18,23 @@ sky-dominated flux error is ``sigma_t = 10**(-0.4 m5) / 5`` (flux units of 10**(
 training measurement with a smaller flux error gets extra Gaussian noise of
 ``sqrt(sigma_t**2 - sigma_f**2)`` and the flux error ``sigma_t``, so its total noise is that of
 the test survey; a measurement already noisier than ``sigma_t`` is left at its own error.
-Both options together add the two draws. The validation split is never augmented (early
-stopping and calibration see the measured photometry).
+Both options together add the two draws.
 
-The draws come from a numpy generator seeded with the member's training seed, so seeded
-training stays deterministic.
+The validation split (early stopping, the post-hoc calibration of each method: NNC's softmax
+temperature, the mixture width factors, the embedding MDN's SOM flags, the CNN pool's member
+selection) should look like the data the model will be applied to. With ``augment_depth`` it is
+therefore degraded to the same depth *once*, before training (:func:`validation_at_depth`: the
+depth noise only, no redraw within the errors, so it is one realisation of test-depth
+photometry, like the test catalogue itself); every member and epoch sees that same copy.
+Measurements of the validation split already noisier than the depth are left as they are, so
+validation rows that come from the test survey (``val_mask``) stay as measured. With
+``augment_errors`` alone the validation split stays measured: redrawing within the errors does
+not change the depth the model is calibrated for, it would only add noise the test data lacks.
+
+The draws come from numpy generators seeded from the stage's ``seed``: each epoch's training
+draws from the member's training seed, the validation draw from an independent stream of
+``seed`` (:data:`VALIDATION_STREAM`), so seeded training stays deterministic and the
+validation copy is not a repeat of any training draw.
 
 :func:`depth_from_errors` estimates the ``m5`` per band that ``augment_depth`` takes from a
 (test) catalogue's own magnitudes and errors.
@@ -60,11 +72,13 @@ def _check_depth(name, value):
 AUGMENT_OPTIONS = dict(
     augment_errors=Option(bool, False, msg="error-aware augmentation: each epoch redraws every detected training "
                           "measurement in flux space within its catalogue error (rail.deepz.augment); "
-                          "non-detections untouched; False = the measured photometry every epoch"),
+                          "non-detections untouched; the validation split stays measured; False = the measured "
+                          "photometry every epoch"),
     augment_depth=Option(dict, {}, check=_check_depth, msg="degrade the training photometry to a test depth: band -> "
                          "the test data's 5-sigma limiting AB magnitude; measurements with smaller flux errors "
-                         "get extra noise up to that depth's flux error each epoch (rail.deepz.augment); "
-                         "{} = off"),
+                         "get extra noise up to that depth's flux error each epoch, and the validation split "
+                         "(early stopping, calibration) is degraded to the same depth once, seeded by 'seed' "
+                         "(rail.deepz.augment); {} = off"),
 )
 
 
@@ -156,6 +170,30 @@ def depth_from_errors(phot: Photometry, snr_range: Sequence[float] = (0.0, np.in
                              f"fewer than min_count={min_count}; cannot estimate its 5-sigma depth")
         out[band] = float(np.median(m5[use, j]))
     return out
+
+
+#: spawn key of the validation draw's stream: ``SeedSequence(seed, spawn_key=(VALIDATION_STREAM,))``
+#: is independent of the training draws' ``default_rng(member seed)`` for every seed
+VALIDATION_STREAM = 1
+
+
+def validation_at_depth(config, settings: Mapping, phot: Photometry, rows: np.ndarray,
+                        make_inputs: Callable[[Photometry], list]) -> list | None:
+    """The network inputs of the validation ``rows`` degraded once to the stage's
+    ``augment_depth`` (None when it is off: use the measured validation inputs).
+
+    One :func:`resample_photometry` draw with the depth noise only (``errors=False``), from a
+    generator on the :data:`VALIDATION_STREAM` of the stage's ``seed``, turned into inputs by
+    ``make_inputs`` (the method's feature pipeline with the scalers fitted on the measured
+    training split). See the module docstring for why ``augment_errors`` alone leaves the
+    validation split measured.
+    """
+    depth = dict(config["augment_depth"] or {})
+    if not depth:
+        return None
+    check_augment_options(config, phot.bands)
+    rng = np.random.default_rng(np.random.SeedSequence(int(config["seed"]), spawn_key=(VALIDATION_STREAM,)))
+    return make_inputs(resample_photometry(phot.take(rows), rng, settings, errors=False, depth=depth))
 
 
 class EpochResampler:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .gmm import gmm_crps_numpy  # noqa: F401 - the NumPy CRPS lives in the torch-free rail.deepz.gmm
+from .gmm import fixed_grid_size, fixed_grid_spacing  # noqa: F401 - torch-free home (checked when a stage is built)
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
@@ -149,27 +150,6 @@ def fixed_grid_centers(zmin: float, zmax: float, n_components: int) -> np.ndarra
     (both ends included), float64. The one definition used by the head, the loss and the
     output (:func:`rail.deepz.pdf.fixed_grid_ensemble`)."""
     return np.linspace(float(zmin), float(zmax), int(n_components))
-
-
-def fixed_grid_size(zmin: float, zmax: float, sigma: float, max_spacing: float) -> int:
-    """Fewest Gaussians evenly spaced over [zmin, zmax] (both ends included) whose spacing is at
-    most ``max_spacing`` x ``sigma``: ``ceil((zmax - zmin) / (max_spacing sigma)) + 1``.
-
-    At a spacing of 2 sigma a sum of equal-weight Gaussians ripples by about 1.4%
-    (``2 exp(-pi^2 / 2)``); at the 4.1 sigma of 200 Gaussians of sigma 0.0037 on [0, 3] the
-    basis itself is a comb. The SOM + foundation-model paper's 200 Gaussians of sigma 0.0037
-    on z < 1.6 are ~2.2 sigma apart.
-    """
-    if not (sigma > 0 and max_spacing > 0 and zmax > zmin):
-        raise ValueError(f"fixed_grid_size needs sigma > 0, max_spacing > 0 and zmax > zmin, got "
-                         f"sigma={sigma}, max_spacing={max_spacing}, [zmin, zmax]=[{zmin}, {zmax}]")
-    # the small tolerance keeps an exact ratio (e.g. 3 / (2 x 0.0075) = 200) from rounding up
-    return int(math.ceil((float(zmax) - float(zmin)) / (float(max_spacing) * float(sigma)) - 1e-9)) + 1
-
-
-def fixed_grid_spacing(zmin: float, zmax: float, n_components: int) -> float:
-    """Distance between neighbouring means of :func:`fixed_grid_centers` (redshift units)."""
-    return (float(zmax) - float(zmin)) / (int(n_components) - 1)
 
 
 class FixedGridMixtureHead(nn.Module):

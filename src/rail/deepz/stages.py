@@ -22,7 +22,7 @@ import difflib
 import inspect
 import numbers
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import tables_io
@@ -44,9 +44,8 @@ from .photometry import (
     sentinel_values,
     validate_photometry_options,
 )
+from .trainconfig import DEVICES, TrainConfig
 
-if TYPE_CHECKING:  # annotations only: torch is imported where a stage trains or estimates
-    from .training import TrainConfig
 
 FORMAT = "rail.deepz"
 #: 2: the file is a torch zip archive read with ``torch.load(weights_only=True)``; the dict
@@ -258,7 +257,6 @@ def check_training_stage(stage) -> TrainConfig:
     values checked are ones the stage can train with (``_fit`` resolves them from the data). Shared by :class:`DeepzInformer` and informers that do not
     read photometry (the scene informer).
     """
-    from .training import TrainConfig
     validate_config_keys(stage)
     validate_options(stage)
     train_config = TrainConfig.from_config(stage.config)
@@ -687,7 +685,6 @@ class DeepzEstimator(CheckedOptions, CatEstimator):
     config_options.update(ESTIMATION_OPTIONS)
 
     def __init__(self, args, **kwargs):
-        from .training import DEVICES
         super().__init__(args, **kwargs)
         validate_config_keys(self)
         validate_options(self)

@@ -99,9 +99,10 @@ from qp.metrics.pit import DEFAULT_QUANTS, PIT
 from rail.evaluation.metrics.pointestimates import PointOutlierRate, PointSigmaIQR
 
 from rail.deepz import pointmetrics as pm
+from rail.deepz.gmm import pair_blocks
 from rail.deepz.qputils import ensemble_pit, ensemble_point_estimate
 
-from .deepz_mixsums import MixturePairs, closed_form_rows, even_step
+from .deepz_mixsums import MixtureSquares, even_step
 from .deepz_sketch import PITSketch, ResidualSketch, SortedRuns
 from .deepz_truth import HDF5_SUFFIXES
 from .deepz_pdfblock import (  # noqa: F401 - re-exported: the metrics' names for them
@@ -531,10 +532,11 @@ class MetricConfig:
         (faster: benchmarks/results/speed_metrics.md; CDE and Brier terms within ~1e-5 relative
         of float64, see ``tests/test_metrics_fast.py``). PIT and CRPS of mixtures are float64 closed forms.
     mixture_closed_form : the CDE-loss and Brier terms of Gaussian mixtures from closed forms
-        of the same grid sums (:mod:`rail.evaluation.deepz_mixsums`: no grid evaluation; within
-        ~1e-8 relative of the tabulated sums) for objects whose narrowest component spans at least
-        two grid steps, when both grids are evenly spaced and the point estimate is in the ancil;
-        tabulated on the grids otherwise (False: always).
+        of the same grid sums (:mod:`rail.evaluation.deepz_mixsums`: no grid evaluation; the
+        tabulated sums to the rounding of its end terms, tested at 1e-7 relative) for objects whose
+        components span at least two grid steps, or are narrower but lie far enough inside the
+        grids (their aliasing added in closed form), when both grids are evenly spaced and the
+        point estimate is in the ancil; tabulated on the grids otherwise (False: always).
     tabulated_quadratic : the CDE-loss and Brier terms of ``hist`` and ``interp`` PDFs as quadratic
         forms in their stored values (``PDFBlock.sq_sums``/``at_grid``: the same grid sums, added in
         another order) when the point estimate is in the ancil, instead of tabulating each PDF on
@@ -738,8 +740,9 @@ class MetricAccumulator:
 
     def _mixture_terms(self, block: PDFBlock, z):
         """cde1, cde2, brier and CRPS of a mixture block: closed forms
-        (:class:`~rail.evaluation.deepz_mixsums.MixturePairs`) for the rows whose narrowest
-        component is at least ``MIN_SIGMA_STEPS`` grid steps wide, the grids for the others."""
+        (:class:`~rail.evaluation.deepz_mixsums.MixtureSquares`; the CRPS of every row, the grid
+        sums of the rows :meth:`~rail.evaluation.deepz_mixsums.MixtureSquares.closed_form_ok`
+        accepts), the grids for the other rows' sums."""
         cfg = self.config
         zg, bg = cfg.zgrid, self._brier_grid
         kk, inside = brier_cell(z, cfg.brier_limits, cfg.brier_dx)
@@ -747,22 +750,26 @@ class MetricAccumulator:
         crps_v = np.full(block.n, np.nan)
         ok = ~block.bad
         w, mu, s = block.mix
-        closed = ok & closed_form_rows(np.where(ok[:, None], s, 0.0), self._steps)
-        if closed.any():
-            idx = np.flatnonzero(closed) if not closed.all() else slice(None)
-            pairs = MixturePairs(w[idx], mu[idx], s[idx])
+        closed = np.zeros(block.n, dtype=bool)
+        ranges, hmax = ((zg[0], zg[-1]), (bg[0], bg[-1])), max(self._steps)
+        for idx in pair_blocks(np.flatnonzero(ok), w.shape[1]):
+            pairs = MixtureSquares(w[idx], mu[idx], s[idx])
             zc = z[idx]
-            t1[idx] = pairs.trapezoid_sq(zg[0], zg[-1], self._steps[0])
-            t2[idx] = pairs.at(zg[nearest_index(zg, zc)])
-            brier[idx] = pairs.grid_sum_sq(bg[0], bg[-1], self._steps[1]) + np.where(
-                inside[idx], 1.0 - 2.0 * pairs.at(bg[kk[idx]]), 0.0)
             crps_v[idx] = pairs.crps(zc)
+            good = pairs.closed_form_ok(ranges, hmax)
+            if not good.any():
+                continue
+            sel = idx[good]
+            t1[sel] = pairs.trapezoid_sq(zg[0], zg[-1], self._steps[0])[good]
+            t2[sel] = pairs.at(zg[nearest_index(zg, zc)])[good]
+            brier[sel] = (pairs.grid_sum_sq(bg[0], bg[-1], self._steps[1]) + np.where(
+                inside[idx], 1.0 - 2.0 * pairs.at(bg[kk[idx]]), 0.0))[good]
+            closed[sel] = True
         rest = np.flatnonzero(ok & ~closed)
         if rest.size:
             sub = block.take(rest)
             t1[rest], t2[rest] = cde_terms(sub.pdf(zg), zg, z[rest])
             brier[rest] = brier_from_pdf(sub.pdf(bg), z[rest], cfg.brier_limits, cfg.brier_dx)
-            crps_v[rest] = sub.crps(z[rest])
         return t1, t2, brier, crps_v
 
     def per_object(self) -> dict:

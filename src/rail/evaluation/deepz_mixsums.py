@@ -12,16 +12,21 @@ from closed forms instead:
   (``a_ij``, ``b_ij``: lo and hi in its units);
 * the trapezoid sum ``T(h) = I + h^2/12 [g']_lo^hi - h^4/720 [g''']_lo^hi + h^6/30240 [g^(5)]_lo^hi``
   (Euler-Maclaurin, ``g = p^2``, derivatives at the two ends from the Hermite polynomials);
-  the remainder is the next boundary term plus the aliasing error ``~ exp(-2 pi^2 s_eff^2 / h^2)``
-  of the lattice sum, ``s_eff = min_k s_k / sqrt(2)``. Used only for objects whose narrowest
-  component has ``s_k >= MIN_SIGMA_STEPS h`` (2: aliasing below 1e-16 of ``I``; on mixtures
-  with widths 2h..40h reaching over both ends the formula matches the tabulated sum to ~1e-8
-  relative, ``tests/test_metrics_fast.py``); other objects are tabulated on the grid as before;
+  the remainder is the next boundary term plus the aliasing of the lattice sum. Each Gaussian
+  term ``c N(m, sig)`` of ``g`` aliases by ``2 c sum_k>=1 exp(-2 pi^2 k^2 sig^2 / h^2)
+  cos(2 pi k (m - lo) / h)`` (Poisson summation), below 7e-18 of ``c`` for ``sig >= sqrt(2) h``
+  (components of ``s_k >= MIN_SIGMA_STEPS h``, 2); narrower terms get this sum added
+  (:meth:`MixtureSquares.aliasing`), exact when they lie far inside the grid
+  (:meth:`MixtureSquares.closed_form_ok`: more than ``_INSIDE_NARROW`` widths from both ends,
+  at least ``_ALIAS_MIN_STEPS`` steps wide). The next end term is largest for a component of
+  width 2h at an end (``tests/test_metrics_fast.py`` compares with the tabulated sums); other
+  objects are tabulated on the grid as before;
 * the Brier grid sum ``sum_j p(z_j)^2 = T(h) / h + (g(lo) + g(hi)) / 2``.
 
-The pairwise quantities are those of the closed-form CRPS (``rail.deepz.mixtures.gmm_crps``:
-``E|X - X'|`` needs the same ``mu_i - mu_j`` and ``s_i^2 + s_j^2``), so the CRPS is computed
-here too, over the K(K-1)/2 distinct pairs (the pair sum is symmetric).
+Cost: the pair terms (:class:`rail.deepz.gmm.MixturePairs`, which also gives the closed-form
+CRPS from them) are evaluated on row blocks of about ``rail.deepz.gmm.PAIR_BLOCK_ELEMENTS`` pairs
+(kept in cache), and the masses ``Phi(b) - Phi(a)`` of the sums call ``ndtr`` only for the
+Gaussians within ``_TAIL`` widths of an end of the range (:func:`_mass_between`).
 """
 
 from __future__ import annotations
@@ -29,15 +34,27 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf, ndtr
+from scipy.special import ndtr
 
-MIN_SIGMA_STEPS = 2.0  # closed form for objects whose narrowest component is >= this many grid steps
+from rail.deepz.gmm import MixturePairs, exp_floored
+
+MIN_SIGMA_STEPS = 2.0  # components this many grid steps wide need no aliasing terms (their squares: sqrt(2) steps)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRTPI = 1.0 / math.sqrt(math.pi)
-_EXP_FLOOR = -700.0  # float64 (rail.deepz.mixtures.EXP_FLOOR): no underflowing exp
 _EM = ((1, 2, 1.0 / 12.0), (3, 4, -1.0 / 720.0), (5, 6, 1.0 / 30240.0))  # (g^(k), h^p, B_2k/(2k)!)
-
+#: Phi(-_TAIL) < 6e-17: a Gaussian whose mean lies more than _TAIL widths inside both ends of
+#: a range has mass 1 there to float64 rounding (relative error < 1.2e-16), without ndtr
+_TAIL = 8.3
+#: narrow terms of p^2 (widths below ``_ALIAS_STEPS`` grid steps; a component of MIN_SIGMA_STEPS
+#: steps has a square of width sqrt(2) steps) alias on the grid: their aliasing terms are added
+#: (module docstring) when at least ``_ALIAS_MIN_STEPS`` steps wide (``_ALIAS_K`` terms then reach
+#: exp(-2 pi^2 0.25^2 7^2) = 8e-27) and more than ``_INSIDE_NARROW`` widths inside the grids' ends
+#: (their end derivatives, ~He_5(11) exp(-60) (h/s)^6, are then below 1e-17)
+_ALIAS_STEPS = MIN_SIGMA_STEPS / math.sqrt(2.0)
+_ALIAS_MIN_STEPS = 0.25
+_ALIAS_K = 6
+_INSIDE_NARROW = 11.0
 
 def even_step(grid) -> float | None:
     """The step of an evenly spaced grid (relative spread of the steps <= 1e-9), else None."""
@@ -53,68 +70,59 @@ def _t(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _exp(a: np.ndarray) -> np.ndarray:
-    """exp(a) floored at ``_EXP_FLOOR``, in place in ``a`` (a temporary)."""
-    np.maximum(a, _EXP_FLOOR, out=a)
-    return np.exp(a, out=a)
+def _mass_between(lo: float, hi: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``Phi((hi - m) / s) - Phi((lo - m) / s)`` elementwise: the mass of N(m, s) in [lo, hi].
+
+    ``ndtr`` (~30 ns a value) runs only where an end is within ``_TAIL`` widths of the mean;
+    elsewhere the mass is 1 to rounding (see ``_TAIL``). Mixture components are mostly far
+    inside the metric range, so this skips most of the evaluations."""
+    a = (lo - m) / s
+    b = (hi - m) / s
+    out = np.ones_like(a)
+    edge = np.flatnonzero((a > -_TAIL) | (b < _TAIL))
+    if edge.size:
+        a, b, flat = a.reshape(-1), b.reshape(-1), out.reshape(-1)  # views (fresh, contiguous arrays)
+        flat[edge] = ndtr(b[edge]) - ndtr(a[edge])
+    return out
 
 
-class MixturePairs:
-    """Mixtures (n, K) (weights normalised, widths > 0) with their pairwise terms, evaluated once.
-
-    ``crps(z)``: closed-form CRPS; ``sq_integral(lo, hi)``: int_lo^hi p^2;
-    ``trapezoid_sq(lo, hi, h)``: the trapezoid sum of p^2 on the grid lo, lo + h, ..., hi;
-    ``grid_sum_sq(lo, hi, h)``: sum of p^2 over those grid points; ``at(x)``: p(x_i) per row.
+class MixtureSquares(MixturePairs):
+    """Mixtures (n, K) (weights normalised, widths > 0) with their pairwise terms
+    (:class:`rail.deepz.gmm.MixturePairs`: ``crps(z)``, the closed-form CRPS) and the sums of
+    ``p^2``: ``sq_integral(lo, hi)``: int_lo^hi p^2; ``trapezoid_sq(lo, hi, h)``: the trapezoid
+    sum of p^2 on the grid lo, lo + h, ..., hi; ``grid_sum_sq(lo, hi, h)``: sum of p^2 over those
+    grid points; ``at(x)``: p(x_i) per row.
     """
 
-    def __init__(self, w, mu, s):
-        self.w, self.mu, self.s = _t(w), _t(mu), _t(s)
-        k = self.w.shape[1]
-        iu, ju = np.triu_indices(k, 1)
-
-        def pair(a):  # (n, K) -> its columns iu and ju, (n, P) each (np.take: the fast gather)
-            return np.take(a, iu, axis=1), np.take(a, ju, axis=1)
-
-        (mi, mj), (wi, wj), (si, sj) = pair(self.mu), pair(self.w), pair(self.s)
-        vi, vj = si * si, sj * sj  # the pairs of s^2 (squaring after the gather: two gathers fewer)
-        self.v = vi + vj  # (n, P) variances of mu_i - mu_j
-        self.sd = np.sqrt(self.v)
-        self.dm = mi - mj
-        self.t = self.dm / self.sd
-        self.phi = _exp(-0.5 * self.t * self.t) * _INV_SQRT2PI  # standard normal density at t
-        self.ww = wi * wj
+    def _more_pairs(self, mi, mj, vi, vj, si, sj) -> None:
         # product N(mu_i, s_i) N(mu_j, s_j) = N(mu_i - mu_j; 0, v) N(m, sp)
         self.m = (mi * vj + mj * vi) / self.v
         self.sp = si * sj / self.sd
         self._sq: dict = {}
-
-    def crps(self, z) -> np.ndarray:
-        """CRPS = sum_i w_i A(z - mu_i, s_i^2) - 1/2 sum_ij w_i w_j A(mu_i - mu_j, s_i^2 + s_j^2),
-        A(m, v) = E|N(m, v)| (as ``rail.deepz.mixtures.gmm_crps``), the pair sum over i < j."""
-        z = _t(z).reshape(-1, 1)
-        d = z - self.mu
-        t = d / self.s
-        a1 = 2.0 * self.s * _exp(-0.5 * t * t) * _INV_SQRT2PI + d * erf(t * _INV_SQRT2)
-        term1 = (self.w * a1).sum(1)
-        pair = 2.0 * self.sd * self.phi + self.dm * erf(self.t * _INV_SQRT2)
-        diag = (self.w * self.w * 2.0 * self.s * _INV_SQRTPI).sum(1)  # A(0, 2 s^2) = 2 s / sqrt(pi)
-        return term1 - 0.5 * diag - (self.ww * pair).sum(1)
+        self._deriv: dict = {}
+        self._terms = None
 
     def sq_integral(self, lo: float, hi: float) -> np.ndarray:
         """int_lo^hi p(z)^2 dz, exactly (n,)."""
         key = (float(lo), float(hi))
         if key not in self._sq:
-            nd = ndtr
-            off = self.ww * self.phi / self.sd * (nd((hi - self.m) / self.sp) - nd((lo - self.m) / self.sp))
+            off = self.ww * self.phi / self.sd * _mass_between(lo, hi, self.m, self.sp)
             sd = self.s * _INV_SQRT2  # the width of N(mu_i, s_i)^2 / its integral
-            diag = self.w * self.w * (0.5 * _INV_SQRTPI) / self.s * (nd((hi - self.mu) / sd) - nd((lo - self.mu) / sd))
+            diag = self.w * self.w * (0.5 * _INV_SQRTPI) / self.s * _mass_between(lo, hi, self.mu, sd)
             self._sq[key] = 2.0 * off.sum(1) + diag.sum(1)
         return self._sq[key]
 
     def derivatives(self, x: float) -> list:
-        """p, p', ..., p^(5) at the point x, each (n,)."""
+        """p, p', ..., p^(5) at the point x, each (n,) (computed once per x: both grid sums
+        usually share their ends)."""
+        key = float(x)
+        if key not in self._deriv:
+            self._deriv[key] = self._derivatives(key)
+        return self._deriv[key]
+
+    def _derivatives(self, x: float) -> list:
         t = (x - self.mu) / self.s
-        phi = self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s
+        phi = self.w * exp_floored(-0.5 * t * t) * _INV_SQRT2PI / self.s
         t2 = t * t
         he = (np.ones_like(t), t, t2 - 1.0, t * (t2 - 3.0), t2 * (t2 - 6.0) + 3.0, t * (t2 * (t2 - 10.0) + 15.0))
         out, scale = [], phi
@@ -140,19 +148,62 @@ class MixturePairs:
 
     def _trap(self, lo, hi, h):
         a, b = self._g_derivs(self.derivatives(lo)), self._g_derivs(self.derivatives(hi))
-        trap = self.sq_integral(lo, hi).copy()
+        trap = self.sq_integral(lo, hi) + self.aliasing(lo, h)
         for k, p, c in _EM:
             trap += c * h**p * (b[k] - a[k])
         return trap, a[0], b[0]
+
+    def _square_terms(self):
+        """The Gaussian terms ``c N(m, sig)`` of p^2 as (c, m, sig, multiplicity): the pairs
+        i < j (twice each) and the squares of the components (evaluated once)."""
+        if self._terms is None:
+            self._terms = ((self.ww * self.phi / self.sd, self.m, self.sp, 2.0),
+                           (self.w * self.w * (0.5 * _INV_SQRTPI) / self.s, self.mu, self.s * _INV_SQRT2, 1.0))
+        return self._terms
+
+    def aliasing(self, lo: float, h: float) -> np.ndarray:
+        """The aliasing of the trapezoid sum of p^2 on the lattice lo + j h (n,): for each term
+        ``c N(m, sig)`` narrower than ``_ALIAS_STEPS h``, ``2 c sum_k exp(-2 pi^2 k^2 sig^2 / h^2)
+        cos(2 pi k (m - lo) / h)``, k = 1.._ALIAS_K (Poisson summation); wider terms alias by
+        less than 7e-18 of their mass. Exact for terms far inside the grid
+        (:meth:`closed_form_ok`)."""
+        n = self.w.shape[0]
+        out = np.zeros(n)
+        for c, m, sig, mult in self._square_terms():
+            idx = np.flatnonzero(sig < _ALIAS_STEPS * h)
+            if not idx.size:
+                continue
+            q = sig.reshape(-1)[idx] / h
+            q = -2.0 * math.pi**2 * q * q  # log of the k = 1 damping
+            ph = (2.0 * math.pi / h) * (m.reshape(-1)[idx] - lo)
+            acc = np.zeros(idx.size)
+            qmax = float(q.max())
+            for k in range(1, _ALIAS_K + 1):
+                if qmax * k * k < -40.0:  # exp(-40) = 4e-18: this and higher k vanish for every term
+                    break
+                acc += np.exp(q * (k * k)) * np.cos(k * ph)
+            out += np.bincount(idx // sig.shape[1], weights=(2.0 * mult) * c.reshape(-1)[idx] * acc, minlength=n)
+        return out
+
+    def closed_form_ok(self, ranges, hmax: float) -> np.ndarray:
+        """Rows (n,) whose closed-form grid sums hold on grids of steps <= ``hmax`` over each
+        (lo, hi) of ``ranges``: every term of p^2 narrower than ``_ALIAS_STEPS hmax`` is at
+        least ``_ALIAS_MIN_STEPS hmax`` wide and lies more than ``_INSIDE_NARROW`` widths inside
+        every range (its aliasing is then exact and its end terms vanish). Rows whose components
+        are all >= ``MIN_SIGMA_STEPS hmax`` wide have no such term."""
+        ok = np.ones(self.w.shape[0], dtype=bool)
+        for _, m, sig, _ in self._square_terms():
+            narrow = sig < _ALIAS_STEPS * hmax
+            if not narrow.any():
+                continue
+            bad = sig < _ALIAS_MIN_STEPS * hmax
+            for lo, hi in ranges:
+                bad |= (m - lo < _INSIDE_NARROW * sig) | (hi - m < _INSIDE_NARROW * sig)
+            ok &= ~(narrow & bad).any(axis=1)
+        return ok
 
     def at(self, x) -> np.ndarray:
         """p(x_i) for one point per row (n,)."""
         x = _t(x).reshape(-1, 1)
         t = (x - self.mu) / self.s
-        return (self.w * _exp(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)
-
-
-def closed_form_rows(sigmas, steps) -> np.ndarray:
-    """Rows (n,) whose narrowest component is >= ``MIN_SIGMA_STEPS`` steps of every grid."""
-    hmax = max(steps)
-    return np.asarray(sigmas).min(axis=1) >= MIN_SIGMA_STEPS * hmax
+        return (self.w * exp_floored(-0.5 * t * t) * _INV_SQRT2PI / self.s).sum(1)

@@ -38,7 +38,10 @@ scaler fitted on the measured training split. The image stamps and the ``extra_f
 columns are the measured ones every epoch: the stamps carry no variance or inverse-variance
 plane to redraw pixels from, and the extra columns have no error model (PICZL's S/N and
 colours among them are not made consistent with a redrawn flux). The flips/rotations of
-``augment`` still apply to the stamps. The validation split is never augmented.
+``augment`` still apply to the stamps. With ``augment_depth`` the validation split's catalog
+photometry is degraded once to the same depth (:func:`rail.deepz.augment.validation_at_depth`),
+so early stopping and the pool's member selection and weights see test-depth photometry; its
+stamps and extra columns stay measured. With ``augment_errors`` alone it stays measured.
 
 Images: an array column ``image_col`` of shape (N, C, H, W) with C = len(``image_bands``)
 in linear flux units per pixel; they are scaled per band by the pixel noise measured at
@@ -60,7 +63,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import augment_options, check_augment_options, make_resampler
+from rail.deepz.augment import augment_options, check_augment_options, make_resampler, validation_at_depth
 from rail.deepz.gmm import gmm_crps_numpy
 from rail.deepz.images import (
     BAD_PIXEL_POLICIES,
@@ -406,7 +409,14 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
             the measured extra columns, and the measured stamps."""
             return [scaler.transform(*catalog_features(p, extra_tr)), *train_inputs[1:]]
 
-        trained = [self._train_member(arch, spec, inputs, z, tr, va, m, train_inputs,
+        val_inputs = [a[va] for a in inputs]
+        extra_va = extra_x[va] if extra else None
+        # early stopping and the member selection/weights see the validation split at the test depth
+        val_catalog = validation_at_depth(cfg, settings, phot, va,
+                                          lambda p: [scaler.transform(*catalog_features(p, extra_va))])
+        if val_catalog is not None:
+            val_inputs[0] = val_catalog[0]
+        trained = [self._train_member(arch, spec, z, tr, va, m, train_inputs, val_inputs,
                                       make_resampler(cfg, settings, phot, tr, spec.seed, augmented))
                    for m, spec in enumerate(specs)]
         val_params = [t[2] for t in trained]
@@ -453,11 +463,11 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
             **record,
         )
 
-    def _train_member(self, arch: dict, spec: MemberSpec, inputs: list, z: np.ndarray, tr, va, m: int,
-                      train_inputs: list, resample=None):
+    def _train_member(self, arch: dict, spec: MemberSpec, z: np.ndarray, tr, va, m: int,
+                      train_inputs: list, val_inputs: list, resample=None):
         """Train one member -> (CPU state dict, training record, validation mixture (w, mu, sigma));
-        ``train_inputs``: ``inputs`` at the rows ``tr``; ``resample``: the member's
-        :class:`rail.deepz.augment.EpochResampler` (None: no augmentation)."""
+        ``train_inputs`` / ``val_inputs``: the network inputs of the rows ``tr`` / ``va``;
+        ``resample``: the member's :class:`rail.deepz.augment.EpochResampler` (None: no augmentation)."""
         import torch
         from rail.deepz.nets.cnn import CNNMember
         from rail.deepz.training import concat_outputs, predict_batched, train_model
@@ -467,10 +477,10 @@ class DeepzCNNInformer(_ImageMixin, DeepzInformer):
         tcfg = dataclasses.replace(self.train_config, seed=spec.seed, lr=spec.lr, batch_size=spec.batch_size)
         augment = random_flip_rot90 if (self.config.augment and self.config.use_images) else None
         loss = {"crps": gmm_crps, "nll": gmm_nll}[spec.loss]
-        res = train_model(net, loss, train_inputs, z[tr], [a[va] for a in inputs], z[va],
+        res = train_model(net, loss, train_inputs, z[tr], val_inputs, z[va],
                           tcfg, augment=augment, keep_on_cpu=True, resample=resample)
         net.to("cpu")
-        val = concat_outputs(predict_batched(net, [a[va] for a in inputs], torch.device("cpu"),
+        val = concat_outputs(predict_batched(net, val_inputs, torch.device("cpu"),
                                              max(spec.batch_size, 1024))).detach_numpy()
         self.log.info(f"member {m} ({spec.loss}, K={spec.n_components}, lr={spec.lr:g}, batch={spec.batch_size}): "
                       f"validation CRPS {np.mean(gmm_crps_numpy(*val, z[va])):.5f}")

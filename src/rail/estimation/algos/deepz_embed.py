@@ -30,7 +30,7 @@ Departure: the width of the Gaussians follows the range. The paper's 200 Gaussia
 the PDFs combs (one peak per Gaussian). By default (``component_sigma=0``) the width is the
 spacing / ``basis_spacing`` (2): sigma = 0.0075 for 200 Gaussians on [0, 3], 0.0030 on [0, 1.2],
 0.0040 on the paper's [0, 1.6]. Alternatively ``n_components=0`` with a given width derives the
-count (:func:`rail.deepz.mixtures.fixed_grid_size`); an explicit pair spaced wider than
+count (:func:`rail.deepz.gmm.fixed_grid_size`); an explicit pair spaced wider than
 ``basis_spacing`` sigma is refused. Models trained before keep their own count and width (stored in
 the model file). Measured in ``benchmarks/results/ablations_embed.md``.
 
@@ -50,7 +50,7 @@ from typing import Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import augment_options, check_augment_options, make_resampler
+from rail.deepz.augment import augment_options, check_augment_options, make_resampler, validation_at_depth
 from rail.deepz.calibration import fit_sigma_scale, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -233,7 +233,7 @@ class DeepzEmbedInformer(DeepzInformer):
 
     def basis(self) -> tuple[int, float]:
         """(number of Gaussians, their width) from ``n_components``, ``component_sigma`` and ``basis_spacing``."""
-        from rail.deepz.mixtures import fixed_grid_size, fixed_grid_spacing
+        from rail.deepz.gmm import fixed_grid_size, fixed_grid_spacing
         cfg = self.config
         n, sigma, ratio = cfg.n_components, cfg.component_sigma, cfg.basis_spacing
         if not (np.isfinite(ratio) and ratio > 0):
@@ -321,6 +321,18 @@ class DeepzEmbedInformer(DeepzInformer):
         if augmenting and not encoder.needs_photometry:
             raise ValueError(f"Options 'augment_errors'/'augment_depth' resample photometry, but encoder={cfg.encoder!r} "
                              "does not read any: turn them off or use an encoder of the photometry")
+        x_som = som_feature_matrix(data, phot, cfg.som_features)
+
+        def validation_inputs(p):
+            """The validation rows' scaled embedding and SOM features from their photometry ``p``."""
+            va_data = {k: np.asarray(v)[va] for k, v in data.items()}
+            return [scaler.transform(encoder.encode(va_data, p, device=cfg.device)),
+                    som_feature_matrix(va_data, p, cfg.som_features)]
+
+        # early stopping, the calibration and the SOM flags' validation statistics see the validation
+        # split at the test depth (augment_depth); the encoder stays the one fitted on the measured data
+        x_va, x_som_va = (validation_at_depth(cfg, photometry_settings(cfg), phot, va, validation_inputs)
+                          or [xs[va], x_som[va]])
 
         def fit_one(m, seed, rows):
             torch.manual_seed(seed)
@@ -330,7 +342,7 @@ class DeepzEmbedInformer(DeepzInformer):
                 rows_data = {k: np.asarray(v)[rows] for k, v in data.items()}
                 resample = make_resampler(cfg, photometry_settings(cfg), phot, rows, seed, lambda p: [
                     scaler.transform(encoder.encode(rows_data, p, device=cfg.device))])
-            res = train_model(net, loss_fn, [xs[rows]], z[rows], [xs[va]], z[va],
+            res = train_model(net, loss_fn, [xs[rows]], z[rows], [x_va], z[va],
                               replace(self.train_config, seed=seed), resample=resample)
             net.to("cpu")
             return net, res
@@ -338,7 +350,7 @@ class DeepzEmbedInformer(DeepzInformer):
         fitted = fit_members(cfg.n_members, cfg.seed, tr, cfg.bootstrap, fit_one, self.log)
         nets = [f[0] for f in fitted]
         # the members share the fixed grid: their pool is the average of the component weights
-        member_w = [concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy() for net in nets]
+        member_w = [concat_outputs(predict_batched(net, [x_va], torch.device("cpu"))).numpy() for net in nets]
         w_val = np.mean(member_w, axis=0) if len(nets) > 1 else member_w[0]
         cnp = centers.numpy()
         w_raw, sigma_scale, temperature, diagnostics = w_val, 1.0, 1.0, {}
@@ -356,7 +368,6 @@ class DeepzEmbedInformer(DeepzInformer):
         # SOM flags from the validation split
         anc = fixed_grid_summaries(w_val, cnp, sigma_cal, cfg.zmin, cfg.zmax)
         pit = fixed_grid_pit(w_val, cnp, sigma_cal, z[va])
-        x_som = som_feature_matrix(data, phot, cfg.som_features)
         ref = read_reference(self, self._reference, cfg.som_reference, cfg.som_reference_groupname,
                               cfg.som_max_reference, cfg.seed)
         if ref is not None:
@@ -364,7 +375,7 @@ class DeepzEmbedInformer(DeepzInformer):
             x_ref = som_feature_matrix(ref, ref_phot, cfg.som_features)
         else:
             x_ref = x_som[tr]
-        flags = SOMFlagModel.build(list(cfg.som_features), x_ref, x_som[tr], x_som[va],
+        flags = SOMFlagModel.build(list(cfg.som_features), x_ref, x_som[tr], x_som_va,
                                    anc[cfg.som_point_estimate], z[va], pit, ref_is_train=ref is None,
                                    **som_settings(cfg, len(va)))
         self.log.info(f"SOM: {flags.summary()}")

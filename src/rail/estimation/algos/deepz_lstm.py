@@ -53,7 +53,7 @@ from typing import Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import augment_options, make_resampler
+from rail.deepz.augment import augment_options, make_resampler, validation_at_depth
 from rail.deepz.calibration import fit_sigma_scale, ks_uniform, mixture_pit
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -200,12 +200,17 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         augment = make_band_dropout(cfg.band_dropout) if (policy == "mask" and cfg.band_dropout > 0) else None
         settings = photometry_settings(cfg)
 
+        def sequences(p):
+            return [self._sequences(p, sequencer, policy)]
+
+        # early stopping and the width calibration see the validation split at the test depth (augment_depth)
+        x_va = (validation_at_depth(cfg, settings, phot, va, sequences) or [x[va]])[0]
+
         def fit_one(m, seed, rows):
             torch.manual_seed(seed)
             net = LSTMMDN(**arch)
-            resample = make_resampler(cfg, settings, phot, rows, seed,
-                                      lambda p: [self._sequences(p, sequencer, policy)])
-            res = train_model(net, loss_fn, [x[rows]], z[rows], [x[va]], z[va],
+            resample = make_resampler(cfg, settings, phot, rows, seed, sequences)
+            res = train_model(net, loss_fn, [x[rows]], z[rows], [x_va], z[va],
                               replace(self.train_config, seed=seed), augment=augment, resample=resample)
             return net, res
 
@@ -216,7 +221,7 @@ class DeepzLSTMInformer(_SequenceMixin, DeepzInformer):
         if cfg.width_calibration == "pit_ks" or len(nets) > 1:
             for net in nets:
                 net.to("cpu")
-            w, mu, sig = pool_mixtures([concat_outputs(predict_batched(net, [x[va]], torch.device("cpu")))
+            w, mu, sig = pool_mixtures([concat_outputs(predict_batched(net, [x_va], torch.device("cpu")))
                                         .detach_numpy() for net in nets])
         if cfg.width_calibration == "pit_ks":
             sigma_scale = fit_sigma_scale(w, mu, sig, z[va])

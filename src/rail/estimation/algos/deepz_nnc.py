@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 from ceci.config import StageParameter as Param
 
-from rail.deepz.augment import augment_options, make_resampler
+from rail.deepz.augment import augment_options, make_resampler, validation_at_depth
 from rail.deepz.calibration import binned_pit, fit_temperature, ks_uniform
 from rail.deepz.ensemble import (
     ENSEMBLE_OPTIONS,
@@ -227,6 +227,9 @@ class DeepzNNCInformer(DeepzInformer):
         def features(p):
             return [scaler.transform(*p.masked_features(blocks, mask))]
 
+        # early stopping and the temperature see the validation split at the test depth (augment_depth)
+        x_va = (validation_at_depth(cfg, settings, phot, va, features) or [xs[va]])[0]
+
         def fit_one(m, seed, rows):
             torch.manual_seed(seed)
             net = NNCNetwork(xs.shape[1], list(cfg.hidden_layers), nbins, cfg.dropout, cfg.smoothing_bins)
@@ -244,7 +247,7 @@ class DeepzNNCInformer(DeepzInformer):
                 return loss
 
             resample = make_resampler(cfg, settings, phot, rows, seed, features)
-            res = train_model(net, loss_fn, [xs[rows]], z[rows], [xs[va]], z[va], replace(train_config, seed=seed),
+            res = train_model(net, loss_fn, [xs[rows]], z[rows], [x_va], z[va], replace(train_config, seed=seed),
                               resample=resample)
             return net, res
 
@@ -256,7 +259,7 @@ class DeepzNNCInformer(DeepzInformer):
             for net in nets:
                 net.to("cpu")
             val_logits = np.concatenate(
-                [concat_outputs(predict_batched(net, [xs[va]], torch.device("cpu"))).numpy() for net in nets], axis=1)
+                [concat_outputs(predict_batched(net, [x_va], torch.device("cpu"))).numpy() for net in nets], axis=1)
             probs_fn = nets[0].probs if len(nets) == 1 else pooled_probs(nets[0].smoother, len(nets), nbins)
         if cfg.temperature_scaling:
             temperature = fit_temperature(val_logits, z[va], edges, cfg.temperature_objective, probs_fn=probs_fn)
