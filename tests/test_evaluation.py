@@ -474,12 +474,12 @@ def test_depth_benchmark_seed_summary_needs_every_seed(benchmark_module):
     assert out["nnc"]["pit_ks"] == (2.0, 1.0)
 
 
-def test_depth_benchmark_before_rows_and_the_switch_that_makes_them():
+def test_depth_benchmark_before_rows_and_the_switch_that_makes_them(benchmark_module):
     import rail.estimation.algos.deepz_lstm as lstm
     import rail.estimation.algos.deepz_nnc as nnc
     from rail.deepz.augment import validation_at_depth
 
-    bench = _depth_benchmark()
+    bench = benchmark_module("depth_augment")
     rows = bench.rows_to_run([42, 1], {"MAG_I": 20.0}, ("nnc",), before=True, pattern="_depth")
     assert [r[0] for r in rows] == ["nnc_depth_s42", "nnc_depth_before_s42", "nnc_depth_s1", "nnc_depth_before_s1"]
     assert all(r[2]["augment_depth"] == {"MAG_I": 20.0} for r in rows)
