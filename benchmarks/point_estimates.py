@@ -11,6 +11,11 @@ eta (:func:`rail.evaluation.deepz_metrics.point_metrics`). Chunked: ``--chunk`` 
     python benchmarks/point_estimates.py --truth OUT/test_table.hdf5 \
         --estimate lstm_x3=OUT/lstm_x3_test.hdf5 --estimate stack_logscore=OUT/stack_logscore.hdf5 \
         --stem accuracy_dc2_point_estimates
+
+With ``--validation-truth`` and ``--validation-estimate label=path`` (the same estimators'
+PDFs of the stack-validation rows), every kind is also scored there and, for each metric in
+``--select-by``, the kind with the lowest validation value is chosen per estimator; the
+report gives that kind's test value (the choice never looks at the test rows).
 """
 
 from __future__ import annotations
@@ -83,6 +88,26 @@ def point_estimates(path, ztrue: np.ndarray, zmin: float, zmax: float, step: flo
     return res
 
 
+def select_on_validation(validation: dict, test: dict, metrics) -> dict:
+    """For each estimator label in both ``validation`` and ``test`` (label -> kind -> metric ->
+    value, as :func:`point_estimates` returns) and each metric in ``metrics``: the kind with the
+    lowest *validation* value (first in ``validation``'s order on ties; NaN never chosen) and its
+    validation and test values. The test values are looked up, never compared."""
+    out: dict = {}
+    for label in validation:
+        if label not in test:
+            continue
+        for metric in metrics:
+            scored = [(v[metric], k) for k, v in validation[label].items()
+                      if k in test[label] and np.isfinite(v[metric])]
+            if not scored:
+                raise ValueError(f"{label}: no kind with a finite validation {metric} to choose from")
+            best = min(scored, key=lambda t: t[0])[1]  # min keeps the first of equal values
+            out.setdefault(label, {})[metric] = {"kind": best, "validation": validation[label][best][metric],
+                                                 "test": test[label][best][metric]}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--truth", required=True, help="HDF5 table with the true redshifts (column --redshift-col)")
@@ -96,7 +121,18 @@ def main(argv=None) -> int:
     p.add_argument("--stem", default="point_estimates")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--load-note", default="machine shared with other sessions: times under load")
+    p.add_argument("--validation-truth", default=None, help="HDF5 table with the validation rows' true redshifts "
+                   "(column --redshift-col)")
+    p.add_argument("--validation-estimate", action="append", default=[],
+                   help="label=qp file of the validation rows (same labels as --estimate)")
+    p.add_argument("--select-by", default="rail_sigma_iqr,eta", help="metrics for which the kind is chosen on "
+                   "the validation rows (comma list of " + ", ".join(REPORT) + ")")
     a = p.parse_args(argv)
+    select_by = [m.strip() for m in a.select_by.split(",") if m.strip()]
+    if bad := [m for m in select_by if m not in REPORT]:
+        p.error(f"--select-by {', '.join(bad)}: not one of {', '.join(REPORT)}")
+    if bool(a.validation_truth) != bool(a.validation_estimate):
+        p.error("--validation-truth and --validation-estimate go together")
     import h5py
 
     with h5py.File(a.truth, "r") as f:
@@ -111,10 +147,28 @@ def main(argv=None) -> int:
         results[label] = point_estimates(path, ztrue, a.zmin, a.zmax, a.step, smooth, a.chunk)
         print(f"[points] {label}: " + ", ".join(f"{k} {v['rail_sigma_iqr']:.5f}/{v['rail_outlier_rate']:.4f}"
                                                 for k, v in results[label].items()), flush=True)
+    val_results, chosen = {}, {}
+    if a.validation_truth:
+        with h5py.File(a.validation_truth, "r") as f:
+            zval = np.asarray(f[a.redshift_col][()], dtype=np.float64)
+        for item in a.validation_estimate:
+            label, _, path = item.partition("=")
+            if not path or label not in results:
+                p.error(f"--validation-estimate {item!r}: expected label=path with a label of --estimate")
+            val_results[label] = point_estimates(path, zval, a.zmin, a.zmax, a.step, smooth, a.chunk)
+        chosen = select_on_validation(val_results, results, select_by)
+        for label, c in chosen.items():
+            print(f"[points] {label}: chosen on validation " + ", ".join(
+                f"{m}: {v['kind']} (validation {v['validation']:.5f}, test {v['test']:.5f})" for m, v in c.items()),
+                flush=True)
     report = {"benchmark": "point_estimates", "date": when, "git_commit": git_commit(), "machine": machine_info(),
               "load_note": a.load_note, "truth": a.truth, "n_truth": int(len(ztrue)),
               "estimates": dict(e.partition("=")[::2] for e in a.estimate), "grid_step": a.step, "smooth": smooth,
               "metrics": results}
+    if a.validation_truth:
+        report.update({"validation_truth": a.validation_truth, "n_validation": int(len(zval)),
+                       "validation_estimates": dict(e.partition("=")[::2] for e in a.validation_estimate),
+                       "validation_metrics": val_results, "chosen_on_validation": chosen})
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.stem}.json").write_text(json.dumps(report, indent=2))
@@ -129,6 +183,15 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | " + " | ".join(
             f"{r[k]['rail_sigma_iqr']:.5f} / {r[k]['rail_outlier_rate']:.4f} ({r[k]['sigma_nmad']:.5f} / "
             f"{r[k]['eta']:.4f})" if k in r else "" for k in kinds) + " |")
+    if chosen:
+        lines += ["", f"Chosen on the {len(zval)} validation rows ({a.validation_truth}), scored on the test rows:", "",
+                  "| estimate | metric | kind chosen | validation | test | test with zmode_ancil |",
+                  "|---|---|---|---|---|---|"]
+        for label, c in chosen.items():
+            for m, v in c.items():
+                base = results[label].get("zmode_ancil", {}).get(m)
+                lines.append(f"| {label} | {m} | {v['kind']} | {v['validation']:.5f} | {v['test']:.5f} | "
+                             f"{'' if base is None else f'{base:.5f}'} |")
     (out / f"{a.stem}.md").write_text("\n".join(lines) + "\n")
     print(f"[points] wrote {out / (a.stem + '.json')} and .md", flush=True)
     return 0

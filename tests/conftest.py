@@ -37,6 +37,26 @@ def _fixed_torch_threads():
     yield
 
 
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``load(name)``: import the script ``benchmarks/<name>.py`` (the scripts import each other as
+    top-level modules, so their folder is on ``sys.path`` while one is imported)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load
+
+
 @pytest.fixture
 def capture_validation(monkeypatch):
     """``capture_validation()`` replaces rail.deepz.training.train_model (which the informers

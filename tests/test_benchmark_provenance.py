@@ -5,24 +5,15 @@ and split, and a model without a record is adopted only when its member 1 is the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import adopt_rows
-        import stack
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return stack, adopt_rows
+def bench(benchmark_module):
+    return benchmark_module("stack"), benchmark_module("adopt_rows")
 
 
 def _files(root: Path, files: dict) -> Path:

@@ -429,21 +429,12 @@ def test_quasar_benchmark_says_when_the_data_is_absent(monkeypatch, capsys):
     assert "sdss_qso_stamps" in capsys.readouterr().out
 
 
-def _depth_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import depth_augment
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return depth_augment
-
-
-def test_depth_benchmark_degrades_only_the_measured_test_photometry():
+def test_depth_benchmark_degrades_only_the_measured_test_photometry(benchmark_module):
     from types import SimpleNamespace
 
     from rail.deepz.augment import depth_from_errors
 
-    bench = _depth_benchmark()
+    bench = benchmark_module("depth_augment")
     rng = np.random.default_rng(11)
     n, bands = 4000, ["MAG_G", "MAG_R"]
     table = {"Z": rng.uniform(0, 1, n), "object_id": np.arange(n)}
@@ -474,8 +465,8 @@ def test_depth_benchmark_degrades_only_the_measured_test_photometry():
     assert depth_from_errors(bench.measured(ds, copies["deep"]))["MAG_R"] == pytest.approx(24.0, abs=1e-3)
 
 
-def test_depth_benchmark_seed_summary_needs_every_seed():
-    bench = _depth_benchmark()
+def test_depth_benchmark_seed_summary_needs_every_seed(benchmark_module):
+    bench = benchmark_module("depth_augment")
     row = lambda v: {m: v for m in bench.SUMMARY}  # noqa: E731
     metrics = {"nnc_s42": row(1.0), "nnc_s1": row(3.0), "lstm_s42": row(2.0), "nnc_degraded_s42": row(5.0)}
     out = bench.seed_summary(metrics, [42, 1])
@@ -483,12 +474,12 @@ def test_depth_benchmark_seed_summary_needs_every_seed():
     assert out["nnc"]["pit_ks"] == (2.0, 1.0)
 
 
-def test_depth_benchmark_before_rows_and_the_switch_that_makes_them():
+def test_depth_benchmark_before_rows_and_the_switch_that_makes_them(benchmark_module):
     import rail.estimation.algos.deepz_lstm as lstm
     import rail.estimation.algos.deepz_nnc as nnc
     from rail.deepz.augment import validation_at_depth
 
-    bench = _depth_benchmark()
+    bench = benchmark_module("depth_augment")
     rows = bench.rows_to_run([42, 1], {"MAG_I": 20.0}, ("nnc",), before=True, pattern="_depth")
     assert [r[0] for r in rows] == ["nnc_depth_s42", "nnc_depth_before_s42", "nnc_depth_s1", "nnc_depth_before_s1"]
     assert all(r[2]["augment_depth"] == {"MAG_I": 20.0} for r in rows)

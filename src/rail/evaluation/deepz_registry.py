@@ -411,6 +411,10 @@ variant("embed", "embed_x3_widthcal", "deep ensemble of 3 + pooled width calibra
         width_calibration="pit_ks")
 variant("embed", "embed_x3_tempcal", "deep ensemble of 3 + temperature of the pooled weights", n_members=3,
         width_calibration="temperature")
+# band dropout (default 0.1) buys graceful degradation when bands are missing at estimate time and costs ~0.001
+# in full-band sigma_IQR on DC2 (benchmarks/results/ablations_lstm.md); for catalogues without missing bands
+variant("lstm", "lstm_bd0", "no band dropout (the paper's setting)", band_dropout=0.0)
+variant("lstm", "lstm_x3_bd0", "deep ensemble of 3, no band dropout", n_members=3, band_dropout=0.0)
 
 # ----------------------------------------------------------------- peers: other RAIL estimators
 # Stage defaults throughout (the harness runs what users get); only the shared options are set.
