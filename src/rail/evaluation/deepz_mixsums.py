@@ -73,16 +73,24 @@ def _t(a) -> np.ndarray:
 def _mass_between(lo: float, hi: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``Phi((hi - m) / s) - Phi((lo - m) / s)`` elementwise: the mass of N(m, s) in [lo, hi].
 
-    ``ndtr`` (~30 ns a value) runs only where an end is within ``_TAIL`` widths of the mean;
-    elsewhere the mass is 1 to rounding (see ``_TAIL``). Mixture components are mostly far
-    inside the metric range, so this skips most of the evaluations."""
+    ``ndtr`` (~30 ns a value) runs only where an end is within ``_TAIL`` widths of the mean,
+    once where only one end is (``Phi(-a)`` or ``Phi(b)``: the other term is 0 or 1 to
+    rounding); elsewhere the mass is 1 to rounding (see ``_TAIL``). Mixture components are
+    mostly far inside the metric range, so this skips most of the evaluations."""
     a = (lo - m) / s
     b = (hi - m) / s
     out = np.ones_like(a)
-    edge = np.flatnonzero((a > -_TAIL) | (b < _TAIL))
+    near_lo, near_hi = a > -_TAIL, b < _TAIL
+    edge = np.flatnonzero(near_lo | near_hi)
     if edge.size:
         a, b, flat = a.reshape(-1), b.reshape(-1), out.reshape(-1)  # views (fresh, contiguous arrays)
-        flat[edge] = ndtr(b[edge]) - ndtr(a[edge])
+        lo_e, hi_e = near_lo.reshape(-1)[edge], near_hi.reshape(-1)[edge]
+        i = edge[lo_e & ~hi_e]
+        flat[i] = ndtr(-a[i])
+        i = edge[hi_e & ~lo_e]
+        flat[i] = ndtr(b[i])
+        i = edge[lo_e & hi_e]
+        flat[i] = ndtr(b[i]) - ndtr(a[i])
     return out
 
 
@@ -193,13 +201,14 @@ class MixtureSquares(MixturePairs):
         are all >= ``MIN_SIGMA_STEPS hmax`` wide have no such term."""
         ok = np.ones(self.w.shape[0], dtype=bool)
         for _, m, sig, _ in self._square_terms():
-            narrow = sig < _ALIAS_STEPS * hmax
-            if not narrow.any():
+            idx = np.flatnonzero(sig < _ALIAS_STEPS * hmax)  # the narrow terms (few, usually)
+            if not idx.size:
                 continue
-            bad = sig < _ALIAS_MIN_STEPS * hmax
+            mn, sn = m.reshape(-1)[idx], sig.reshape(-1)[idx]
+            bad = sn < _ALIAS_MIN_STEPS * hmax
             for lo, hi in ranges:
-                bad |= (m - lo < _INSIDE_NARROW * sig) | (hi - m < _INSIDE_NARROW * sig)
-            ok &= ~(narrow & bad).any(axis=1)
+                bad |= (mn - lo < _INSIDE_NARROW * sn) | (hi - mn < _INSIDE_NARROW * sn)
+            ok[idx[bad] // sig.shape[1]] = False
         return ok
 
     def at(self, x) -> np.ndarray:
