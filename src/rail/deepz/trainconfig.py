@@ -2,7 +2,8 @@
 
 A stage checks its options when it is built (``make_stage``, a pipeline file, a notebook); these
 live here, apart from :mod:`rail.deepz.training`, so that building a stage does not import torch
-(~3 s). torch is imported only to check a ``cuda`` device, or when the stage trains or estimates.
+(its import time: CHANGELOG.md). torch is imported only to check a ``cuda`` device, or when the
+stage trains or estimates.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from .trainconfig import DEVICES, LR_SCHEDULES, TrainConfig, check_device  # noq
 log = logging.getLogger("rail.deepz")
 
 
-
 def resolve_device(name: str) -> torch.device:
     """Map the ``device`` option to a torch device; ``auto`` picks CUDA when available."""
     check_device(name)

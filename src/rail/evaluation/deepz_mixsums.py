@@ -73,7 +73,7 @@ def _t(a) -> np.ndarray:
 def _mass_between(lo: float, hi: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``Phi((hi - m) / s) - Phi((lo - m) / s)`` elementwise: the mass of N(m, s) in [lo, hi].
 
-    ``ndtr`` (~30 ns a value) runs only where an end is within ``_TAIL`` widths of the mean,
+    ``ndtr`` runs only where an end is within ``_TAIL`` widths of the mean,
     once where only one end is (``Phi(-a)`` or ``Phi(b)``: the other term is 0 or 1 to
     rounding); elsewhere the mass is 1 to rounding (see ``_TAIL``). Mixture components are
     mostly far inside the metric range, so this skips most of the evaluations."""
