@@ -267,6 +267,11 @@ def main(argv=None) -> int:
                    "are under load", help="what else ran on the machine (recorded with the times)")
     a = p.parse_args(argv)
     a.out = a.out or str(HERE / "out" / a.stem)
+    keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
+    stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
+    refit_keys = ([k.strip() for k in a.refit_keys.split(",") if k.strip()] or stacked) if a.refit else []
+    if refit_keys and a.variants != "none" and set(stacked) - set(refit_keys):
+        p.error(f"--refit: the stacks combine {stacked}; refit all of them (--refit-keys), or --variants none")
 
     from rail.core.data import TableHandle
 
@@ -281,9 +286,6 @@ def main(argv=None) -> int:
     name = {"dc2": "DC2", "boss": "SDSS BOSS"}[a.data]
     print(f"[stack] {name}: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
 
-    keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
-    stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
-    refit_keys = ([k.strip() for k in a.refit_keys.split(",") if k.strip()] or stacked) if a.refit else []
     val_files, test_files, timings, provenance = {}, {}, {}, {}
     split = {"data": a.data, "split_seed": 0, "n_fit": int(len(fit_idx)), "n_stack_validation": n_val,
              "n_test": n_test}
@@ -319,8 +321,6 @@ def main(argv=None) -> int:
     }
     if a.variants:
         variants = {} if a.variants == "none" else {k: variants[k] for k in a.variants.split(",")}
-    if refit_keys and variants and set(stacked) - set(refit_keys):
-        p.error(f"--refit: the stacks combine {stacked}; refit all of them (--refit-keys), or --variants none")
     models, stack_files = {}, {}
     for label, kw in variants.items():
         inf = dst.DeepzStackInformer.make_stage(name=f"stack_inf_{label}", model=str(out / f"{label}.pkl"),
