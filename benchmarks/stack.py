@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
     stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
     refit_keys = ([k.strip() for k in a.refit_keys.split(",") if k.strip()] or stacked) if a.refit else []
+    if a.variants != "none" and set(stacked) - set(keys):
+        p.error(f"--stack-inputs {sorted(set(stacked) - set(keys))} not in --estimators (or --variants none)")
     if refit_keys and a.variants != "none" and set(stacked) - set(refit_keys):
         p.error(f"--refit: the stacks combine {stacked}; refit all of them (--refit-keys), or --variants none")
 
@@ -318,8 +320,8 @@ def main(argv=None) -> int:
         with h5py.File(path, "w") as f:
             for k, v in tab.items():
                 f.create_dataset(k, data=v)
-    vin = {k: str(val_files[k]) for k in stacked}
-    tin = {k: str(test_files[k]) for k in stacked}
+    vin = {k: str(val_files[k]) for k in stacked if k in val_files}  # (all of them when a stack is fitted)
+    tin = {k: str(test_files[k]) for k in stacked if k in test_files}
 
     # the held-out check (a second fit) only for the main variant
     variants = {

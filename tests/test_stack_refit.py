@@ -139,5 +139,18 @@ def test_reuse_code_changed_keeps_only_the_named_rows_and_says_so(refit_run, mon
 def test_refit_needs_every_stacked_member(benchmark_module, tmp_path):
     stack = benchmark_module("stack")
     with pytest.raises(SystemExit):
-        stack.main(["--estimators", "none", "--stack-inputs", "nnc,lstm", "--refit", "--refit-keys", "nnc",
+        stack.main(["--estimators", "nnc,lstm", "--refit", "--refit-keys", "nnc",
                     "--variants", "linear_pool", "--out", str(tmp_path), "--results", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a stack needs its inputs' stack-validation PDFs
+        stack.main(["--estimators", "none", "--stack-inputs", "nnc,lstm", "--refit",
+                    "--variants", "linear_pool", "--out", str(tmp_path), "--results", str(tmp_path)])
+
+
+def test_a_refit_only_process_trains_and_scores_the_refit_rows(refit_run, tmp_path):
+    stack, calls, _, _, _, _ = refit_run  # (the stand-in patched in)
+    n = len(calls)
+    res = tmp_path / "res"
+    assert stack.main(["--estimators", "none", "--stack-inputs", "nnc,lstm", "--refit", "--variants", "none",
+                       "--stem", "r", "--out", str(tmp_path / "out"), "--results", str(res)]) == 0
+    assert [c["key"] for c in calls[n:]] == ["nnc", "lstm"]
+    assert set(json.loads((res / "r.json").read_text())["metrics"]) == {"nnc_refit", "lstm_refit"}
