@@ -194,19 +194,12 @@ def obtain_row(row: str, spec, ds, a, out: Path, work: Path, files: tuple, fp: d
     prov_path = out / f"{row}_provenance.json"
     if a.reuse:
         rec, why = reusable(prov_path, files, fp)
-        kept = ""
-        if rec is None and row in getattr(a, "code_changed", ()):  # everything but the code hash must match
-            rec, why = reusable(prov_path, files, {k: v for k, v in fp.items() if k != "code_sha256"})
-            if rec is not None and rec["fingerprint"].get("code_sha256") != fp["code_sha256"]:
-                kept = ("kept by --reuse-code-changed: the repository code its stages import differs from the "
-                        "current (SHA-256), configuration and split equal")
         if rec is not None:
             timings[row] = rec["timings"]
             provenance[row] = {"reused": True, "trained_at_commit": rec["git_commit"], "trained": rec["date"],
-                               "load_note": rec.get("load_note", ""),
-                               "verification": "; ".join(v for v in (kept, rec.get("verification", "")) if v)}
+                               "load_note": rec.get("load_note", ""), "verification": rec.get("verification", "")}
             print(f"[stack] {row}: reusing {', '.join(map(str, files))} (trained at {rec['git_commit']}, "
-                  f"{rec['date']}; {kept or 'same code, configuration and split'})", flush=True)
+                  f"{rec['date']}; same code, configuration and split)", flush=True)
             return
         print(f"[stack] {row}: retraining ({why})", flush=True)
     prov_path.unlink(missing_ok=True)  # no record for files being rewritten
@@ -254,9 +247,6 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse an earlier run's qp files (and times) in --out for "
                    "each row whose recorded provenance matches the current code, configuration and split; retrain "
                    "the others")
-    p.add_argument("--reuse-code-changed", default="", help="--reuse: comma list of rows reused even though the "
-                   "code they were trained by differs from the current (configuration and split must match); the "
-                   "report says so per row")
     p.add_argument("--estimators", default=",".join(ESTIMATORS), help="estimators trained on the 80%% "
                    "('none': no such row, e.g. a process that trains only --refit rows)")
     p.add_argument("--stack-inputs", default="", help="the estimators the stacks combine (default: all of "
@@ -277,7 +267,6 @@ def main(argv=None) -> int:
                    "are under load", help="what else ran on the machine (recorded with the times)")
     a = p.parse_args(argv)
     a.out = a.out or str(HERE / "out" / a.stem)
-    a.code_changed = {k.strip() for k in a.reuse_code_changed.split(",") if k.strip()}
     keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
     stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
     refit_keys = ([k.strip() for k in a.refit_keys.split(",") if k.strip()] or stacked) if a.refit else []

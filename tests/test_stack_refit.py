@@ -124,18 +124,6 @@ def test_refit_rows_are_reused_when_their_record_matches(refit_run):
     assert again["metrics"]["stack_logscore_refit"] == report["metrics"]["stack_logscore_refit"]
 
 
-def test_reuse_code_changed_keeps_only_the_named_rows_and_says_so(refit_run, monkeypatch):
-    stack, calls, _, res, _, argv = refit_run
-    n = len(calls)
-    monkeypatch.setattr(stack, "code_hash", lambda files, root=None: "changed")  # as after a code change
-    assert stack.main([*argv, "--reuse", "--reuse-code-changed", "nnc,nnc_refit"]) == 0
-    assert [c["key"] for c in calls[n:]] == ["lstm", "lstm"]  # the rows not named are retrained
-    prov = json.loads((res / "t.json").read_text())["provenance"]
-    for row in ("nnc", "nnc_refit"):
-        assert prov[row]["reused"] and "kept by --reuse-code-changed" in prov[row]["verification"]
-    assert not prov["lstm"]["reused"] and not prov["lstm_refit"]["reused"]
-
-
 def test_refit_needs_every_stacked_member(benchmark_module, tmp_path):
     stack = benchmark_module("stack")
     with pytest.raises(SystemExit):
