@@ -410,7 +410,8 @@ def main(argv=None) -> int:
            f"members' PDFs of the {n_val} stack-validation rows) applied unchanged to the refitted members' test "
            f"PDFs."] if refit_keys else []), "",
         format_table(res.table, "markdown", REPORT), "",
-        "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call):", "",
+        "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call"
+        f"{'; for the *_refit rows the test rows only' if refit_keys else ''}):", "",
         "| estimator | inform_time_s | estimate_time_s |", "|---|---|---|",
         *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f}{' (' + t['note'] + ')' if t.get('note') else ''} |"
           for k, t in timings.items()], "",
