@@ -21,7 +21,8 @@ of the DC2 training file (the singles, the deep ensembles ``<method>_x3`` and Fl
 is not trained), the stack (``DeepzStackInformer``) is fitted on the other 20% from the
 ensembles' and FlexZBoost's PDFs, and every row is scored on the test file; results in
 ``benchmarks/results/accuracy_dc2_ensembles.{json,md}`` with the inform and estimate times of
-each row.
+each row. ``--ensembles --refit`` adds the refit step of stacking (rows ``*_refit``: the stacked
+members retrained on all training rows under the stacks fitted on the 80% members).
 
 Timings depend on the machine and on what else runs on it: the JSON records the machine.
 """
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
                    "score on the same split (not stacked), e.g. embed_x3_widthcal,lstm_x5")
     p.add_argument("--variants", default="stack_crps,stack_logscore", help="--ensembles: stack variants "
                    "(stack.py --variants)")
+    p.add_argument("--refit", action="store_true", help="--ensembles: also the stacked members retrained on all "
+                   "training rows, the stacks fitted on the 80%% members applied to them (stack.py --refit)")
     a = p.parse_args(argv)
     if a.ensembles:
         sys.path.insert(0, str(HERE))
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
                            "--stem", f"accuracy_{data}_ensembles", "--results", a.results]
                           + (["--load-note", a.load_note] if a.load_note else [])
                           + (["--reuse"] if a.reuse else [])
+                          + (["--refit"] if a.refit else [])
                           + (["--quick"] if a.quick else []))
     for data in [d.strip() for d in a.data.split(",") if d.strip()]:
         if data == "boss":

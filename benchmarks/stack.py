@@ -21,9 +21,19 @@ files. Rows of the report, all scored on the test file by
 The single estimators are trained on 80% of the training file, so they are slightly
 worse than in ``accuracy_dc2``; every row here sees the same training data.
 
+``--refit`` adds the refit step of stacking: each stacked estimator (or those of
+``--refit-keys``) is trained again, with the same registry configuration and seeds, on *all*
+rows of the training file and estimates the test file (rows ``<key>_refit``); every stack
+fitted above, on the 80% members' PDFs of the stack-validation rows, is then applied
+unchanged (its ``<label>.pkl``) to the refitted members' test PDFs (rows ``<label>_refit``).
+Nothing is fitted or chosen on the refitted members' PDFs: the stack-validation rows are in
+their training set, so their PDFs there are in-sample. The 80% rows and stacks stay in the
+table for comparison.
+
     python benchmarks/stack.py            # writes benchmarks/results/stack_dc2.{json,md}
     python benchmarks/stack.py --quick    # smoke run (quick configs, small subsets)
     python benchmarks/stack.py --reuse    # retrain only rows whose recorded provenance no longer matches
+    python benchmarks/stack.py --refit    # also members refitted on all training rows under the same stacks
 
 Provenance: every trained row leaves ``<out>/<key>_provenance.json`` beside its qp files: the
 git commit, a SHA-256 of the code that trains and estimates it (the repository modules its
@@ -138,16 +148,21 @@ def reusable(prov_path: Path, files: tuple, fingerprint: dict) -> tuple[dict | N
     return rec, ""
 
 
+def load_dataset(data: str, quick: bool = False):
+    """The benchmark's data set, unsplit: ``ds.train`` all training rows, ``ds.test`` the test
+    file (what the refitted members of ``--refit`` are trained on and estimate)."""
+    from rail.deepz import datasets
+
+    if data == "dc2":
+        return datasets.load_dc2(n_train=2000 if quick else None, n_test=2000 if quick else None)
+    return datasets.load_boss(n_max=6000 if quick else None)
+
+
 def split_dataset(data: str, quick: bool = False):
     """The benchmark's split: ``(ds, val, test, fit_idx, n_val, n_test)`` with ``ds.train`` the
     80% the estimators are trained on and ``ds.test`` the 20% stack-validation rows followed by
     the test file's rows (what each estimator estimates in one call); seed 0."""
-    from rail.deepz import datasets
-
-    if data == "dc2":
-        ds = datasets.load_dc2(n_train=2000 if quick else None, n_test=2000 if quick else None)
-    else:
-        ds = datasets.load_boss(n_max=6000 if quick else None)
+    ds = load_dataset(data, quick)
     n_tr = len(ds.train[ds.redshift_col])
     perm = np.random.default_rng(0).permutation(n_tr)
     n_val = int(round(0.2 * n_tr))
@@ -167,17 +182,82 @@ def split_file(path: Path, n_first: int, out_a: Path, out_b: Path) -> None:
     qp.read(str(path), read_slice=slice(n_first, n)).write_to(str(out_b))
 
 
+def obtain_row(row: str, spec, ds, a, out: Path, work: Path, files: tuple, fp: dict, place, timings: dict,
+               provenance: dict) -> None:
+    """Row ``row``'s qp ``files`` in ``out``: with ``--reuse`` taken from an earlier run when
+    ``<out>/<row>_provenance.json`` matches ``fp`` (:func:`reusable`); otherwise ``spec`` is
+    trained on ``ds.train`` and estimates ``ds.test`` in ``work`` (model and qp file named by
+    the registry key), ``place(qp file)`` writes ``files`` and the record is written. Fills
+    ``timings[row]`` and ``provenance[row]``."""
+    from rail.evaluation.deepz_compare import run_estimator
+
+    prov_path = out / f"{row}_provenance.json"
+    if a.reuse:
+        rec, why = reusable(prov_path, files, fp)
+        if rec is not None:
+            timings[row] = rec["timings"]
+            provenance[row] = {"reused": True, "trained_at_commit": rec["git_commit"], "trained": rec["date"],
+                               "load_note": rec.get("load_note", ""), "verification": rec.get("verification", "")}
+            print(f"[stack] {row}: reusing {', '.join(map(str, files))} (trained at {rec['git_commit']}, "
+                  f"{rec['date']}; same code, configuration and split)", flush=True)
+            return
+        print(f"[stack] {row}: retraining ({why})", flush=True)
+    prov_path.unlink(missing_ok=True)  # no record for files being rewritten
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    work.mkdir(parents=True, exist_ok=True)
+    path, t = run_estimator(spec, ds, work, quick=a.quick, log=lambda m: print(m, flush=True))
+    place(Path(path))
+    timings[row] = t
+    rec = {"fingerprint": fp, "git_commit": git_commit(), "date": started, "timings": t,
+           "load_note": a.load_note, "torch_threads": machine_info()["torch_threads"]}
+    prov_path.write_text(json.dumps(rec, indent=2, default=float))
+    provenance[row] = {"reused": False, "trained_at_commit": rec["git_commit"], "trained": started,
+                       "load_note": a.load_note}
+
+
+def train_refit_rows(a, keys, out: Path, timings: dict, provenance: dict, n_test: int) -> dict:
+    """``--refit``: each of ``keys`` trained (same registry configuration and seeds) on all rows
+    of the training file, estimating the test file only: ``<out>/<key>_refit_test.hdf5`` with
+    ``<out>/<key>_refit_provenance.json`` (model in ``<out>/refit/``). Returns {key: qp file}."""
+    from rail.evaluation import deepz_registry as reg
+
+    ds = load_dataset(a.data, a.quick)
+    n_full = len(ds.train[ds.redshift_col])
+    if len(ds.test[ds.redshift_col]) != n_test:
+        raise RuntimeError(f"--refit: test file has {len(ds.test[ds.redshift_col])} rows, the split's {n_test}")
+    split = {"data": a.data, "refit": True, "n_fit": int(n_full), "n_test": n_test}
+    print(f"[stack] refit: {', '.join(keys)} on all {n_full} training rows", flush=True)
+    files = {}
+    for key in keys:
+        files[key] = out / f"{key}_refit_test.hdf5"
+        spec = reg.get(key)
+        obtain_row(f"{key}_refit", spec, ds, a, out, out / "refit", (files[key],),
+                   row_fingerprint(spec, ds, a.quick, split), lambda path, f=files[key]: path.replace(f),
+                   timings, provenance)
+    return files
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse an earlier run's qp files (and times) in --out for "
                    "each row whose recorded provenance matches the current code, configuration and split; retrain "
                    "the others")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS))
+    p.add_argument("--estimators", default=",".join(ESTIMATORS), help="estimators trained on the 80%% "
+                   "('none': no such row, e.g. a process that trains only --refit rows)")
     p.add_argument("--stack-inputs", default="", help="the estimators the stacks combine (default: all of "
                    "--estimators)")
     p.add_argument("--variants", default="", help="stack variants to fit (default: all; 'none': no stack, "
                    "only the estimators); the equal average needs linear_pool")
+    p.add_argument("--refit", action="store_true", help="also train the stacked estimators on all training "
+                   "rows (rows <key>_refit) and apply the stacks fitted on the 80%% members to their test PDFs "
+                   "(rows <label>_refit)")
+    p.add_argument("--refit-keys", default="", help="--refit: the estimators to refit (default: the stack "
+                   "inputs; applying the stacks needs all of them)")
     p.add_argument("--stem", default="stack_dc2", help="name of the results files")
     p.add_argument("--out", default=None, help="folder for qp files (default out/<stem>)")
     p.add_argument("--results", default=str(HERE / "results"))
@@ -187,12 +267,19 @@ def main(argv=None) -> int:
                    "are under load", help="what else ran on the machine (recorded with the times)")
     a = p.parse_args(argv)
     a.out = a.out or str(HERE / "out" / a.stem)
+    keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
+    stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
+    refit_keys = ([k.strip() for k in a.refit_keys.split(",") if k.strip()] or stacked) if a.refit else []
+    if a.variants != "none" and set(stacked) - set(keys):
+        p.error(f"--stack-inputs {sorted(set(stacked) - set(keys))} not in --estimators (or --variants none)")
+    if refit_keys and a.variants != "none" and set(stacked) - set(refit_keys):
+        p.error(f"--refit: the stacks combine {stacked}; refit all of them (--refit-keys), or --variants none")
 
     from rail.core.data import TableHandle
 
     from rail.estimation.algos import deepz_stack as dst
     from rail.evaluation import deepz_registry as reg
-    from rail.evaluation.deepz_compare import compare, format_table, overall_table, run_estimator
+    from rail.evaluation.deepz_compare import compare, format_table, overall_table
 
     out = Path(a.out + ("_quick" if a.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -201,35 +288,16 @@ def main(argv=None) -> int:
     name = {"dc2": "DC2", "boss": "SDSS BOSS"}[a.data]
     print(f"[stack] {name}: train {len(fit_idx)}, stack validation {n_val}, test {n_test}", flush=True)
 
-    keys = [k.strip() for k in a.estimators.split(",") if k.strip()]
     val_files, test_files, timings, provenance = {}, {}, {}, {}
     split = {"data": a.data, "split_seed": 0, "n_fit": int(len(fit_idx)), "n_stack_validation": n_val,
              "n_test": n_test}
     for key in keys:
         val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
         spec = reg.get(key)
-        fp = row_fingerprint(spec, ds, a.quick, split)
-        prov_path = out / f"{key}_provenance.json"
-        if a.reuse:
-            rec, why = reusable(prov_path, (val_files[key], test_files[key]), fp)
-            if rec is not None:
-                timings[key] = rec["timings"]
-                provenance[key] = {"reused": True, "trained_at_commit": rec["git_commit"], "trained": rec["date"],
-                                   "load_note": rec.get("load_note", ""), "verification": rec.get("verification", "")}
-                print(f"[stack] {key}: reusing {val_files[key]} and {test_files[key]} (trained at "
-                      f"{rec['git_commit']}, {rec['date']}; same code, configuration and split)", flush=True)
-                continue
-            print(f"[stack] {key}: retraining ({why})", flush=True)
-        prov_path.unlink(missing_ok=True)  # no record for files being rewritten
-        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        path, t = run_estimator(spec, ds, out, quick=a.quick, log=lambda m: print(m, flush=True))
-        split_file(path, n_val, val_files[key], test_files[key])
-        timings[key] = t
-        rec = {"fingerprint": fp, "git_commit": git_commit(), "date": started, "timings": t,
-               "load_note": a.load_note, "torch_threads": machine_info()["torch_threads"]}
-        prov_path.write_text(json.dumps(rec, indent=2, default=float))
-        provenance[key] = {"reused": False, "trained_at_commit": rec["git_commit"], "trained": started,
-                           "load_note": a.load_note}
+        files = (val_files[key], test_files[key])
+        obtain_row(key, spec, ds, a, out, out, files, row_fingerprint(spec, ds, a.quick, split),
+                   lambda path, f=files: split_file(path, n_val, *f), timings, provenance)
+    refit_files = train_refit_rows(a, refit_keys, out, timings, provenance, n_test) if refit_keys else {}
     vtab = {"redshift": val[ds.redshift_col], ds.ref_band: val[ds.ref_band]}
     id_col = ds.extra.get("id_col")  # the estimates carry the input's ids: score them by id
     ttab = {"redshift": np.asarray(test[ds.redshift_col]), ds.ref_band: np.asarray(test[ds.ref_band]),
@@ -241,9 +309,8 @@ def main(argv=None) -> int:
         with h5py.File(path, "w") as f:
             for k, v in tab.items():
                 f.create_dataset(k, data=v)
-    stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
-    vin = {k: str(val_files[k]) for k in stacked}
-    tin = {k: str(test_files[k]) for k in stacked}
+    vin = {k: str(val_files[k]) for k in stacked if k in val_files}  # (all of them when a stack is fitted)
+    tin = {k: str(test_files[k]) for k in stacked if k in test_files}
 
     # the held-out check (a second fit) only for the main variant
     variants = {
@@ -282,10 +349,31 @@ def main(argv=None) -> int:
         est.estimate(TableHandle("input", path=str(ttab_path)))
         stack_files["equal_average"] = out / "equal_average.hdf5"
 
+    refit_stacks = {}
+    if refit_keys and models:  # the stacks fitted on the 80% members, unchanged, on the refitted members' PDFs
+        rin = {k: str(refit_files[k]) for k in stacked}
+        for label in [*models, *(["equal_average"] if "equal_average" in stack_files else [])]:
+            model = eq if label == "equal_average" else str(out / f"{label}.pkl")  # the file its informer wrote
+            est = dst.DeepzStackEstimator.make_stage(name=f"stack_est_{label}_refit", model=model, inputs=rin,
+                                                     hdf5_groupname="", output=str(out / f"{label}_refit.hdf5"))
+            t0 = time.perf_counter()
+            est.estimate(TableHandle("input", path=str(ttab_path)))
+            t_est = time.perf_counter() - t0
+            stack_files[f"{label}_refit"] = out / f"{label}_refit.hdf5"
+            refit_stacks[f"{label}_refit"] = {
+                "stack": label, "inputs": rin,
+                "model_sha256": None if label == "equal_average" else file_sha256(out / f"{label}.pkl")}
+            timings[f"{label}_refit"] = {"inform_time_s": 0.0, "estimate_time_s": t_est, "n_train": n_val,
+                                         "n_test": n_test, "note": f"{label}'s fit, not refitted"}
+            print(f"[stack] {label}_refit: {label} (fitted on the 80% members) on the refitted members' "
+                  f"test PDFs; estimate {t_est:.1f} s", flush=True)
+
+    order = ("equal_average", "linear_pool", "stack_crps", "stack_crps_magbin", "stack_logscore",
+             "stack_logscore_magbin")
     estimates = {**{k: str(v) for k, v in test_files.items()},
-                 **{k: str(stack_files[k]) for k in ("equal_average", "linear_pool", "stack_crps",
-                                                     "stack_crps_magbin", "stack_logscore", "stack_logscore_magbin")
-                    if k in stack_files}}
+                 **{k: str(stack_files[k]) for k in order if k in stack_files},
+                 **{f"{k}_refit": str(v) for k, v in refit_files.items()},
+                 **{f"{k}_refit": str(stack_files[f"{k}_refit"]) for k in order if f"{k}_refit" in stack_files}}
     res = compare(estimates=estimates, truth=ttab, redshift_col="redshift", mag_col=ds.ref_band, id_col=id_col,
                   zmin=ds.zmin,
                   zmax=ds.zmax, outdir=out / "compare", plots=False, print_table=False, progress=False)
@@ -302,6 +390,9 @@ def main(argv=None) -> int:
         "n_test": n_test, "estimators": keys, "stack_inputs": stacked, "point_estimate": "zmode", "metrics": metrics,
         "argv": list(sys.argv if argv is None else argv), "provenance": provenance,
         "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
+        "refit": {"estimators": refit_keys, "n_fit": (int(timings[f"{refit_keys[0]}_refit"]["n_train"])
+                                                      if refit_keys else None),
+                  "stacks": refit_stacks},
     }
     res_dir = Path(a.results)
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +404,14 @@ def main(argv=None) -> int:
         f"{report['machine']['cpu_count']} CPUs; load: {a.load_note}.",
         f"Estimators trained on {len(fit_idx)} rows of the {name} training file; stack fitted on the other "
         f"{n_val}; all rows scored on the {n_test}-row test file; point estimate zmode"
-        f"{'; QUICK settings (not representative)' if a.quick else ''}.", "",
+        f"{'; QUICK settings (not representative)' if a.quick else ''}.",
+        *([f"Rows `<key>_refit`: {', '.join(refit_keys)} trained again (same configuration and seeds) on all "
+           f"{report['refit']['n_fit']} training rows; rows `<stack>_refit`: each stack fitted above (on the 80% "
+           f"members' PDFs of the {n_val} stack-validation rows) applied unchanged to the refitted members' test "
+           f"PDFs."] if refit_keys else []), "",
         format_table(res.table, "markdown", REPORT), "",
-        "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call):", "",
+        "Times (wall-clock seconds under load; estimate = the stack-validation and test rows in one call"
+        f"{'; for the *_refit rows the test rows only' if refit_keys else ''}):", "",
         "| estimator | inform_time_s | estimate_time_s |", "|---|---|---|",
         *[f"| {k} | {t['inform_time_s']:.1f} | {t['estimate_time_s']:.1f}{' (' + t['note'] + ')' if t.get('note') else ''} |"
           for k, t in timings.items()], "",
