@@ -1,0 +1,125 @@
+"""benchmarks/stack.py --member-seed-offset (issue 18: does the DC2 result hold for other member
+seeds?): the offset shifts the stage seed of the deep rows (80% and refit), enters their provenance
+fingerprint and the results stem, and leaves the split and the baselines (FlexZBoost) alone.
+
+The estimators are replaced by a recording stand-in (Gaussian PDFs around the truth), so the test
+checks the harness, not any method, in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+N_TRAIN, N_TEST, K = 300, 200, 7
+KEYS = ("nnc", "lstm", "flexzboost")
+
+
+@pytest.fixture(scope="module")
+def seed_runs(benchmark_module, tmp_path_factory):
+    """Runs with offset 0 and K (separate folders), then offset K with --reuse in offset 0's folder."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _seed_runs(benchmark_module, monkeypatch, tmp_path_factory.mktemp("seeds"))
+
+
+def _seed_runs(benchmark_module, monkeypatch, tmp_path):
+    stack = benchmark_module("stack")
+    from rail.deepz import datasets
+    from rail.evaluation import deepz_compare
+
+    try:
+        datasets.load_dc2(n_train=10, n_test=10)
+    except FileNotFoundError as err:  # pragma: no cover
+        pytest.skip(f"DC2 test files not available: {err}")
+    monkeypatch.setattr(stack, "load_dataset",
+                        lambda data, quick=False: datasets.load_dc2(n_train=N_TRAIN, n_test=N_TEST))
+    calls = []
+
+    def fake_run_estimator(spec, ds, outdir, *, quick=False, log=None, **kw):
+        import qp
+
+        inform, _ = spec.make_configs(ds, quick)  # what the real harness passes to the informer
+        z = np.asarray(ds.test[ds.redshift_col], dtype=float)
+        calls.append({"key": spec.key, "seed": inform.get("seed"), "n_train": len(ds.train[ds.redshift_col]),
+                      "train_z": np.asarray(ds.train[ds.redshift_col], dtype=float), "test_z": z})
+        loc = np.clip(z + 0.01 * (KEYS.index(spec.key) + 1), 0.0, 3.0)[:, None]
+        ens = qp.Ensemble(qp.mixmod, data={"means": loc, "stds": np.full_like(loc, 0.04),
+                                           "weights": np.ones_like(loc)})
+        id_col = ds.extra.get("id_col") or "id"
+        ens.set_ancil({"zmode": loc[:, 0], id_col: np.asarray(ds.test[id_col]) if id_col in ds.test
+                       else np.arange(z.size)})
+        outdir.mkdir(parents=True, exist_ok=True)
+        path = outdir / f"{spec.key}.hdf5"
+        ens.write_to(str(path))
+        return path, {"inform_time_s": 0.0, "estimate_time_s": 0.0, "n_train": len(ds.train[ds.redshift_col]),
+                      "n_test": int(z.size)}
+
+    monkeypatch.setattr(deepz_compare, "run_estimator", fake_run_estimator)
+    runs = {}
+    for tag, offset, out in (("base", 0, "out0"), ("shifted", K, "outK"), ("reuse", K, "out0")):
+        n = len(calls)
+        argv = ["--data", "dc2", "--estimators", ",".join(KEYS), "--refit", "--variants", "none", "--stem", "t",
+                "--out", str(tmp_path / out), "--results", str(tmp_path / "res"),
+                *(["--member-seed-offset", str(offset)] if offset else []), *(["--reuse"] if tag == "reuse" else [])]
+        assert stack.main(argv) == 0
+        stem = "t" if not offset else f"t_seed{offset}"
+        report = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
+        prov = {f"{k}{r}": json.loads((tmp_path / out / f"{k}{r}_provenance.json").read_text())["fingerprint"]
+                for k in KEYS for r in ("", "_refit")}
+        runs[tag] = {"calls": calls[n:], "report": report, "prov": prov}
+    return runs
+
+
+def _by_row(calls):
+    """{row: call}: the first call of a key is its 80% row, the second its refit."""
+    out = {}
+    for c in calls:
+        out[c["key"] + ("_refit" if c["key"] in out else "")] = c
+    return out
+
+
+def test_offset_reaches_the_deep_rows_stage_seed_only(seed_runs):
+    base, shifted = _by_row(seed_runs["base"]["calls"]), _by_row(seed_runs["shifted"]["calls"])
+    assert set(base) == set(shifted) == {f"{k}{r}" for k in KEYS for r in ("", "_refit")}
+    for row in ("nnc", "lstm", "nnc_refit", "lstm_refit"):
+        assert base[row]["seed"] is None  # the registry leaves the stage default (42)
+        assert shifted[row]["seed"] == 42 + K
+    for row in ("flexzboost", "flexzboost_refit"):  # the baseline is not touched
+        assert base[row]["seed"] == shifted[row]["seed"]
+    assert seed_runs["shifted"]["report"]["member_seed_offset"] == K
+    assert seed_runs["base"]["report"]["member_seed_offset"] == 0
+
+
+def test_offset_leaves_the_split_alone(seed_runs):
+    base, shifted = _by_row(seed_runs["base"]["calls"]), _by_row(seed_runs["shifted"]["calls"])
+    n_val = int(round(0.2 * N_TRAIN))
+    for row in base:
+        np.testing.assert_array_equal(base[row]["train_z"], shifted[row]["train_z"])
+        np.testing.assert_array_equal(base[row]["test_z"], shifted[row]["test_z"])
+    assert base["nnc"]["n_train"] == N_TRAIN - n_val and base["nnc_refit"]["n_train"] == N_TRAIN
+    for tag in ("base", "shifted"):
+        r = seed_runs[tag]["report"]
+        assert (r["n_fit_estimators"], r["n_stack_validation"]) == (N_TRAIN - n_val, n_val)
+
+
+def test_offset_is_in_the_deep_rows_fingerprint(seed_runs):
+    base, shifted = seed_runs["base"]["prov"], seed_runs["shifted"]["prov"]
+    for row in ("nnc", "lstm", "nnc_refit", "lstm_refit"):
+        assert "member_seed_offset" not in base[row]  # offset 0: today's fingerprint, earlier records reusable
+        assert shifted[row]["member_seed_offset"] == K
+        assert shifted[row]["config_sha256"] != base[row]["config_sha256"]
+        same = [k for k in base[row] if k != "config_sha256"]  # code, split, data: unchanged
+        assert {k: shifted[row][k] for k in same} == {k: base[row][k] for k in same}
+    for row in ("flexzboost", "flexzboost_refit"):
+        assert shifted[row] == base[row]
+
+
+def test_reuse_never_mixes_seed_sets(seed_runs):
+    """Offset K with --reuse in offset 0's folder: the deep rows are retrained, FlexZBoost reused."""
+    again = seed_runs["reuse"]
+    assert sorted(_by_row(again["calls"])) == ["lstm", "lstm_refit", "nnc", "nnc_refit"]
+    prov = again["report"]["provenance"]
+    assert prov["flexzboost"]["reused"] and prov["flexzboost_refit"]["reused"]
+    assert not any(prov[r]["reused"] for r in ("nnc", "lstm", "nnc_refit", "lstm_refit"))
+    assert again["prov"]["nnc"]["member_seed_offset"] == K
