@@ -123,3 +123,37 @@ def test_reuse_never_mixes_seed_sets(seed_runs):
     assert prov["flexzboost"]["reused"] and prov["flexzboost_refit"]["reused"]
     assert not any(prov[r]["reused"] for r in ("nnc", "lstm", "nnc_refit", "lstm_refit"))
     assert again["prov"]["nnc"]["member_seed_offset"] == K
+
+
+def test_seed_sets_table_uses_the_validation_chosen_kind_and_flags_misses(benchmark_module, tmp_path):
+    seed_sets = benchmark_module("seed_sets")
+    label = "stack_logscore_magbin_refit"
+
+    def reports(offset, sig_zmode, sig_chosen, pit):
+        stack_r = {"git_commit": "x", "member_seed_offset": offset,
+                   "metrics": {label: {"rail_sigma_iqr": sig_zmode, "rail_outlier_rate": 0.089, "pit_ks": pit,
+                                       "cde_loss": -9.0}}}
+        points = {"git_commit": "x",
+                  "metrics": {label: {"mode_smooth_0.03": {"rail_sigma_iqr": sig_chosen, "rail_outlier_rate": 0.085},
+                                      "median": {"rail_sigma_iqr": 0.0100, "rail_outlier_rate": 0.2}}},
+                  "chosen_on_validation": {label: {"rail_sigma_iqr": {"kind": "mode_smooth_0.03",
+                                                                      "validation": 0.0176, "test": sig_chosen}}}}
+        sp, pp = tmp_path / f"s{offset}.json", tmp_path / f"p{offset}.json"
+        sp.write_text(json.dumps(stack_r))
+        pp.write_text(json.dumps(points))
+        return f"{offset}={sp},{pp}"
+
+    argv = ["--set", reports(0, 0.0178, 0.0174, 0.014), "--set", reports(5, 0.0179, 0.0177, 0.03),
+            "--labels", label, "--stem", "s", "--results", str(tmp_path)]
+    assert seed_sets.main(argv) == 0
+    rep = json.loads((tmp_path / "s.json").read_text())
+    rows = rep["rows"][label]
+    # the kind chosen on validation, not the test-best (median here would look better on test)
+    assert rows["0"]["chosen"]["rail_sigma_iqr"] == 0.0174 and rows["0"]["chosen_kind"] == "mode_smooth_0.03"
+    assert all(rows["0"]["met_chosen"].values()) and not rows["0"]["met_zmode"]["rail_sigma_iqr"]
+    assert not rows["5"]["met_chosen"]["rail_sigma_iqr"] and not rows["5"]["met_chosen"]["pit_ks"]
+    s = rep["summary"][label]["chosen"]["rail_sigma_iqr"]
+    assert s["n"] == 2 and s["min"] == 0.0174 and s["max"] == 0.0177 and abs(s["mean"] - 0.01755) < 1e-12
+    with pytest.raises(SystemExit):  # a report made with another offset than the one claimed
+        seed_sets.main(["--set", reports(5, 0.0179, 0.0177, 0.03).replace("5=", "6=", 1), "--labels", label,
+                        "--stem", "s", "--results", str(tmp_path)])
