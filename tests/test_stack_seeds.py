@@ -17,45 +17,16 @@ KEYS = ("nnc", "lstm", "flexzboost")
 
 
 @pytest.fixture(scope="module")
-def seed_runs(benchmark_module, tmp_path_factory):
+def seed_runs(benchmark_module, stack_stand_in, tmp_path_factory):
     """Runs with offset 0 and K (separate folders), then offset K with --reuse in offset 0's folder."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield _seed_runs(benchmark_module, monkeypatch, tmp_path_factory.mktemp("seeds"))
+        yield _seed_runs(benchmark_module, stack_stand_in, monkeypatch, tmp_path_factory.mktemp("seeds"))
 
 
-def _seed_runs(benchmark_module, monkeypatch, tmp_path):
+def _seed_runs(benchmark_module, stack_stand_in, monkeypatch, tmp_path):
     stack = benchmark_module("stack")
-    from rail.deepz import datasets
-    from rail.evaluation import deepz_compare
-
-    try:
-        datasets.load_dc2(n_train=10, n_test=10)
-    except FileNotFoundError as err:  # pragma: no cover
-        pytest.skip(f"DC2 test files not available: {err}")
-    monkeypatch.setattr(stack, "load_dataset",
-                        lambda data, quick=False: datasets.load_dc2(n_train=N_TRAIN, n_test=N_TEST))
-    calls = []
-
-    def fake_run_estimator(spec, ds, outdir, *, quick=False, log=None, **kw):
-        import qp
-
-        inform, _ = spec.make_configs(ds, quick)  # what the real harness passes to the informer
-        z = np.asarray(ds.test[ds.redshift_col], dtype=float)
-        calls.append({"key": spec.key, "seed": inform.get("seed"), "n_train": len(ds.train[ds.redshift_col]),
-                      "train_z": np.asarray(ds.train[ds.redshift_col], dtype=float), "test_z": z})
-        loc = np.clip(z + 0.01 * (KEYS.index(spec.key) + 1), 0.0, 3.0)[:, None]
-        ens = qp.Ensemble(qp.mixmod, data={"means": loc, "stds": np.full_like(loc, 0.04),
-                                           "weights": np.ones_like(loc)})
-        id_col = ds.extra.get("id_col") or "id"
-        ens.set_ancil({"zmode": loc[:, 0], id_col: np.asarray(ds.test[id_col]) if id_col in ds.test
-                       else np.arange(z.size)})
-        outdir.mkdir(parents=True, exist_ok=True)
-        path = outdir / f"{spec.key}.hdf5"
-        ens.write_to(str(path))
-        return path, {"inform_time_s": 0.0, "estimate_time_s": 0.0, "n_train": len(ds.train[ds.redshift_col]),
-                      "n_test": int(z.size)}
-
-    monkeypatch.setattr(deepz_compare, "run_estimator", fake_run_estimator)
+    calls = stack_stand_in(stack, monkeypatch, N_TRAIN, N_TEST,
+                           lambda spec, ds: (0.01 * (KEYS.index(spec.key) + 1), 0.04))
     runs = {}
     for tag, offset, out in (("base", 0, "out0"), ("shifted", K, "outK"), ("reuse", K, "out0")):
         n = len(calls)
