@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     with h5py.File(out / "test_table.hdf5", "r") as f:
         truth = {k: np.asarray(f[k]) for k in f}
     id_col = "id" if "id" in truth else None
-    mag = next((k for k in truth if k.startswith("mag")), None)
+    mag = next((k for k in truth if k.lower().startswith("mag")), None)
     res = compare(estimates=estimates, truth=truth, redshift_col="redshift", mag_col=mag, id_col=id_col,
                   zmin=0.0, zmax=3.0, outdir=work / "compare", plots=False, print_table=False, progress=False)
     wide = overall_table(res.table, REPORT)
