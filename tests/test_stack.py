@@ -196,6 +196,21 @@ def test_stages_end_to_end(tmp_path):
     c, h, p, _ = ds.read_inputs(test, ds.grid_edges(0, 3, 150), 0, 500)
     direct = ds.stack_ensemble(model, c, h, p)
     assert np.allclose(out.objdata["pdfs"], direct.objdata["pdfs"], atol=1e-5)
+    # zmode of the smoothed stacked PDF (option mode_smoothing): the same PDFs, the stage's zmode is
+    # stack_ensemble's, and it is not the raw most probable bin's
+    est_s = ds.DeepzStackEstimator.make_stage(name="stack_est_smooth", model=inf.get_handle("model"), inputs=pt,
+                                              hdf5_groupname="", chunk_size=200, mode_smoothing=0.05,
+                                              output=str(tmp_path / "out_smooth.hdf5"))
+    out_s = est_s.estimate(TableHandle("input", data={"redshift": z[800:]})).data
+    assert np.allclose(out_s.objdata["pdfs"], out.objdata["pdfs"])
+    want = ds.stack_ensemble(model, c, h, p, mode_smoothing=0.05).ancil["zmode"]
+    np.testing.assert_allclose(out_s.ancil["zmode"], want, atol=1e-6)
+    assert np.mean(out_s.ancil["zmode"] != out.ancil["zmode"]) > 0.5
+    for bad_opts, msg in (({"mode_smoothing": -0.01}, "mode_smoothing"),
+                          ({"mode_smoothing": 0.03, "mode_window": 0.06}, "cannot both")):
+        with pytest.raises(ValueError, match=msg):
+            ds.DeepzStackEstimator.make_stage(name=f"stack_est_bad_{len(bad_opts)}", model=inf.get_handle("model"),
+                                              inputs=pt, hdf5_groupname="", **bad_opts)
 
     # the model file is not a pickle (rail.deepz.modelfile) and is read back from its path
     path = tmp_path / "stack.pkl"

@@ -477,13 +477,45 @@ def _window_mode(cum: torch.Tensor, half: int) -> torch.Tensor:
     return torch.where(take, left_idx, best_idx)
 
 
-def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0) -> tuple[dict, torch.Tensor]:
+def _smoothed_mode(p: torch.Tensor, edges: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Mode of the piecewise-constant PDFs (N, nbins) on even ``edges`` convolved with a
+    Gaussian of width ``sigma`` (redshift units; zero outside the range). The smoothed density
+    at the bin centres is exact (the kernel of a bin offset by j bins is the Gaussian's mass
+    over that bin, Phi((j + 1/2) h / sigma) - Phi((j - 1/2) h / sigma)); the maximum is placed
+    between centres by the parabola through the largest value and its neighbours (within half
+    a bin of the best centre). A smoothed mode follows the bulk of the probability rather than a
+    narrow spike (the choice of ``sigma`` on validation rows: benchmarks/point_estimates.py)."""
+    h = float(edges[1] - edges[0])
+    nb = p.shape[1]
+    half = min(int(math.ceil(4.0 * sigma / h)), nb - 1)
+    j = np.arange(-half, half + 1, dtype=np.float64)
+    kern = ndtr((j + 0.5) * h / sigma) - ndtr((j - 0.5) * h / sigma)
+    k = torch.as_tensor(kern, dtype=p.dtype, device=p.device)[None, None, :]
+    ps = torch.nn.functional.conv1d(p[:, None, :], k, padding=half)[:, 0, :]
+    i = torch.argmax(ps, dim=1)
+    rows = torch.arange(p.shape[0], device=p.device)
+    y0 = ps[rows, (i - 1).clamp(min=0)].double()
+    y1 = ps[rows, i].double()
+    y2 = ps[rows, (i + 1).clamp(max=nb - 1)].double()
+    curv = y0 - 2.0 * y1 + y2  # < 0 at a strict maximum
+    inner = (i > 0) & (i < nb - 1) & (curv < 0)
+    delta = torch.where(inner, 0.5 * (y0 - y2) / torch.where(inner, curv, -1.0), 0.0).clamp(-0.5, 0.5)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    return centers[i] + delta * h
+
+
+def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: float = 0.0,
+                     mode_smoothing: float = 0.0) -> tuple[dict, torch.Tensor]:
     """Ancil of histograms (N, nbins) over ``edges`` and the row totals (tensor, for densities).
 
     ``mode_window`` (redshift units): zmode is the centre of the window of about this width
     (an odd number of bins) holding the most probability per bin; 0 or less than two bins:
-    the centre of the most probable bin.
+    the centre of the most probable bin. ``mode_smoothing`` (redshift units, even bins only):
+    zmode is the mode of the PDF smoothed by a Gaussian of this width (:func:`_smoothed_mode`);
+    at most one of the two may be > 0.
     """
+    if mode_window > 0 and mode_smoothing > 0:
+        raise ValueError("Options 'mode_window' and 'mode_smoothing' cannot both be > 0: pick one zmode")
     p = _tensor(probs, torch.float32)
     e = _tensor(edges, torch.float64, p.device)
     widths = e[1:] - e[:-1]
@@ -493,10 +525,15 @@ def binned_summaries(probs, edges, quantiles=DEFAULT_QUANTILES, mode_window: flo
     total[total <= 0] = 1.0
     mean = (p @ centers.to(torch.float32)).double() / total
     second = (p @ (centers**2 + widths**2 / 12.0).to(torch.float32)).double() / total
-    half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
-    half = min(half, (p.shape[1] - 2) // 2)  # at least one full window inside the range
-    imode = _window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)
-    out = {"zmode": centers[imode], "zmean": mean,
+    if mode_smoothing > 0:
+        if not torch.allclose(widths, widths[0], rtol=1e-9, atol=0.0):
+            raise ValueError("Option 'mode_smoothing' needs evenly spaced bins")
+        zmode = _smoothed_mode(p, e, float(mode_smoothing))
+    else:
+        half = int(round(0.5 * (mode_window / float(widths.mean()) - 1.0))) if mode_window > 0 else 0
+        half = min(half, (p.shape[1] - 2) // 2)  # at least one full window inside the range
+        zmode = centers[_window_mode(cum, half) if half > 0 else torch.argmax(p, dim=1)]
+    out = {"zmode": zmode, "zmean": mean,
            "zstd": torch.sqrt(torch.clamp(second - mean**2, min=0.0))}
     out.update(_cumulative_quantiles(cum, total, e, quantiles))
     ancil = {k: _numpy64(v) for k, v in out.items()}
@@ -512,6 +549,7 @@ def binned_ensemble(
     mode_window: float = 0.0,
     prob_fn=None,
     block_rows: int = 8192,
+    mode_smoothing: float = 0.0,
 ) -> qp.Ensemble:
     """Bin probabilities (N, nbins) over ``edges`` (nbins+1,) -> qp ensemble with ancil.
 
@@ -520,7 +558,8 @@ def binned_ensemble(
     block by block. ``hist`` stores the histogram exactly (piecewise-constant PDF); ``interp``
     stores the density at the bin centres (piecewise-linear PDF). zmode is the centre of
     the most probable bin, or with ``mode_window`` > 0 (redshift units) the centre of the
-    most probable window of that width (:func:`binned_summaries`); zmean, zstd, zmedian
+    most probable window of that width, or with ``mode_smoothing`` > 0 the mode of the PDF
+    smoothed by a Gaussian of that width (:func:`binned_summaries`); zmean, zstd, zmedian
     and quantiles are those of the piecewise-constant PDF.
 
     Rows are processed ``block_rows`` at a time into one preallocated output, so the
@@ -541,7 +580,7 @@ def binned_ensemble(
         p = x[i: i + block_rows]
         if prob_fn is not None:
             p = prob_fn(p)
-        ancil_b, total = binned_summaries(p, edges, quantiles, mode_window)
+        ancil_b, total = binned_summaries(p, edges, quantiles, mode_window, mode_smoothing)
         parts.append(ancil_b)
         # density = p / total / width, written straight into the output rows (one pass on CPU
         # for even bins)
