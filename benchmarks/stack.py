@@ -34,6 +34,16 @@ table for comparison.
     python benchmarks/stack.py --quick    # smoke run (quick configs, small subsets)
     python benchmarks/stack.py --reuse    # retrain only rows whose recorded provenance no longer matches
     python benchmarks/stack.py --refit    # also members refitted on all training rows under the same stacks
+    python benchmarks/stack.py --refit --member-seed-offset 1000   # the same with other member seeds
+
+``--member-seed-offset K`` (default 0: the registry's seeds) adds K to the stage ``seed`` of
+every trained deep row (registry entries that are not baselines and whose informer declares
+``seed``: the singles, the ensembles and their refits); an ensemble's member m is trained with
+``seed + m`` as always (:func:`rail.deepz.ensemble.member_seed`), and the informer's own
+early-stopping split, drawn from ``seed``, follows. The stack split (seed 0), FlexZBoost, BPZ
+and the stacks' own ``seed`` are unchanged, so the baselines' rows can be reused across seed
+sets. K enters each deep row's fingerprint (``member_seed_offset`` and the configuration hash),
+so ``--reuse`` never takes a row of another seed set; the results stem gets ``_seed<K>``.
 
 Provenance: every trained row leaves ``<out>/<key>_provenance.json`` beside its qp files: the
 git commit, a SHA-256 of the code that trains and estimates it (the repository modules its
@@ -117,10 +127,38 @@ def code_hash(files, root: Path = HERE.parent) -> str:
     return h.hexdigest()
 
 
+def seed_shifted(spec, offset: int):
+    """``spec`` with its informer's ``seed`` shifted by ``offset`` when it is a deep row (not a
+    baseline, informer declaring ``seed``); ``spec`` itself when ``offset`` is 0 or for
+    FlexZBoost, BPZ and other baselines. The shifted seed is the resolved one (the stage default
+    unless the registry sets it) plus ``offset``."""
+    from dataclasses import dataclass, fields
+
+    from rail.evaluation.deepz_registry import EstimatorSpec, _declared
+
+    if not offset or spec.baseline or not _declared(spec.informer_class, "seed"):
+        return spec
+
+    @dataclass
+    class SeedShiftedSpec(EstimatorSpec):
+        member_seed_offset: int = 0
+
+        def make_configs(self, ds, quick: bool = False) -> tuple[dict, dict]:
+            inform, estimate = super().make_configs(ds, quick)
+            base = inform.get("seed", self.informer_class.config_options["seed"].default)
+            inform["seed"] = int(base) + self.member_seed_offset
+            return inform, estimate
+
+    return SeedShiftedSpec(**{f.name: getattr(spec, f.name) for f in fields(spec)},
+                           member_seed_offset=int(offset))
+
+
 def row_fingerprint(spec, ds, quick: bool, split: dict) -> dict:
     """What a row's PDFs depend on: the hash of the code its stages import from this
     repository (:func:`code_files`), the external package's version (FlexZBoost, BPZ), the
-    resolved inform/estimate configuration, data set, split and seed."""
+    resolved inform/estimate configuration, data set, split and seed; for a spec of
+    :func:`seed_shifted`, its ``member_seed_offset`` too (absent for offset 0, so that earlier
+    records stay reusable: the offset also changes the configuration hash)."""
     from importlib.metadata import PackageNotFoundError, version
 
     mods = [path.split(":")[0] for path in (spec.informer, spec.estimator)]
@@ -132,7 +170,8 @@ def row_fingerprint(spec, ds, quick: bool, split: dict) -> dict:
     cfg = json.dumps({"inform": inform, "estimate": estimate}, sort_keys=True, default=repr)
     return {"key": spec.key, "stages": f"{spec.informer} / {spec.estimator}",
             "code_sha256": code_hash(code_files(mods)), "package": pkg,
-            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest(), "quick": bool(quick), **split}
+            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest(), "quick": bool(quick), **split,
+            **({"member_seed_offset": spec.member_seed_offset} if getattr(spec, "member_seed_offset", 0) else {})}
 
 
 def reusable(prov_path: Path, files: tuple, fingerprint: dict) -> tuple[dict | None, str]:
@@ -230,7 +269,7 @@ def train_refit_rows(a, keys, out: Path, timings: dict, provenance: dict, n_test
     files = {}
     for key in keys:
         files[key] = out / f"{key}_refit_test.hdf5"
-        spec = reg.get(key)
+        spec = seed_shifted(reg.get(key), a.member_seed_offset)
         obtain_row(f"{key}_refit", spec, ds, a, out, out / "refit", (files[key],),
                    row_fingerprint(spec, ds, a.quick, split), lambda path, f=files[key]: path.replace(f),
                    timings, provenance)
@@ -258,6 +297,10 @@ def main(argv=None) -> int:
                    "(rows <label>_refit)")
     p.add_argument("--refit-keys", default="", help="--refit: the estimators to refit (default: the stack "
                    "inputs; applying the stacks needs all of them)")
+    p.add_argument("--member-seed-offset", type=int, default=0, help="add this to the stage seed of every "
+                   "trained deep row (singles, ensembles, refits; member m keeps seed + m); the split (seed 0), "
+                   "FlexZBoost and BPZ unchanged; nonzero: the stem gets _seed<K> (default 0: the registry's "
+                   "seeds)")
     p.add_argument("--stem", default="stack_dc2", help="name of the results files")
     p.add_argument("--out", default=None, help="folder for qp files (default out/<stem>)")
     p.add_argument("--results", default=str(HERE / "results"))
@@ -266,6 +309,10 @@ def main(argv=None) -> int:
     p.add_argument("--load-note", default="machine shared by several engineers (2 cores, heavily loaded): times "
                    "are under load", help="what else ran on the machine (recorded with the times)")
     a = p.parse_args(argv)
+    if a.member_seed_offset < 0:
+        p.error("--member-seed-offset must be >= 0")
+    if a.member_seed_offset and not a.stem.endswith(f"_seed{a.member_seed_offset}"):
+        a.stem += f"_seed{a.member_seed_offset}"  # its own results files (and default --out)
     a.out = a.out or str(HERE / "out" / a.stem)
     keys = [k.strip() for k in a.estimators.split(",") if k.strip() and a.estimators != "none"]
     stacked = [k.strip() for k in a.stack_inputs.split(",") if k.strip()] or keys
@@ -293,7 +340,7 @@ def main(argv=None) -> int:
              "n_test": n_test}
     for key in keys:
         val_files[key], test_files[key] = out / f"{key}_val.hdf5", out / f"{key}_test.hdf5"
-        spec = reg.get(key)
+        spec = seed_shifted(reg.get(key), a.member_seed_offset)
         files = (val_files[key], test_files[key])
         obtain_row(key, spec, ds, a, out, out, files, row_fingerprint(spec, ds, a.quick, split),
                    lambda path, f=files: split_file(path, n_val, *f), timings, provenance)
@@ -388,6 +435,7 @@ def main(argv=None) -> int:
         "load_note": a.load_note,
         "data": a.data, "quick": a.quick, "n_fit_estimators": int(len(fit_idx)), "n_stack_validation": n_val,
         "n_test": n_test, "estimators": keys, "stack_inputs": stacked, "point_estimate": "zmode", "metrics": metrics,
+        "member_seed_offset": a.member_seed_offset,
         "argv": list(sys.argv if argv is None else argv), "provenance": provenance,
         "timings_s_under_load": timings, "models": {k: plain(m) for k, m in models.items()},
         "refit": {"estimators": refit_keys, "n_fit": (int(timings[f"{refit_keys[0]}_refit"]["n_train"])
@@ -405,6 +453,9 @@ def main(argv=None) -> int:
         f"Estimators trained on {len(fit_idx)} rows of the {name} training file; stack fitted on the other "
         f"{n_val}; all rows scored on the {n_test}-row test file; point estimate zmode"
         f"{'; QUICK settings (not representative)' if a.quick else ''}.",
+        *([f"Member seeds shifted by {a.member_seed_offset} (`--member-seed-offset`): every deep row's stage seed "
+           f"is the registry's + {a.member_seed_offset} (member m: + m); split, FlexZBoost and BPZ unchanged."]
+          if a.member_seed_offset else []),
         *([f"Rows `<key>_refit`: {', '.join(refit_keys)} trained again (same configuration and seeds) on all "
            f"{report['refit']['n_fit']} training rows; rows `<stack>_refit`: each stack fitted above (on the 80% "
            f"members' PDFs of the {n_val} stack-validation rows) applied unchanged to the refitted members' test "

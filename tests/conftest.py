@@ -79,3 +79,51 @@ def capture_validation(monkeypatch):
         return calls
 
     return install
+
+
+@pytest.fixture(scope="session")
+def stack_stand_in():
+    """``install(stack, monkeypatch, n_train, n_test, pdf)`` for tests of ``benchmarks/stack.py``:
+    DC2 cut to ``n_train`` / ``n_test`` rows (skips when the files are absent) and
+    ``run_estimator`` replaced by a stand-in that writes Gaussian PDFs around the truth,
+    ``pdf(spec, ds) -> (shift, width)``, with the inputs' ids; returns the list of calls it records
+    (``key``, ``seed`` of the resolved inform configuration, ``train_z``, ``test_z``, ``n_train``,
+    ``n_test``), in seconds instead of trainings."""
+    import numpy as np
+
+    def install(stack, monkeypatch, n_train, n_test, pdf):
+        from rail.deepz import datasets
+        from rail.evaluation import deepz_compare
+
+        try:
+            datasets.load_dc2(n_train=10, n_test=10)
+        except FileNotFoundError as err:  # pragma: no cover
+            pytest.skip(f"DC2 test files not available: {err}")
+        monkeypatch.setattr(stack, "load_dataset",
+                            lambda data, quick=False: datasets.load_dc2(n_train=n_train, n_test=n_test))
+        calls = []
+
+        def fake_run_estimator(spec, ds, outdir, *, quick=False, log=None, **kw):
+            import qp
+
+            inform, _ = spec.make_configs(ds, quick)  # what the real harness passes to the informer
+            z = np.asarray(ds.test[ds.redshift_col], dtype=float)
+            n_fit = len(ds.train[ds.redshift_col])
+            calls.append({"key": spec.key, "seed": inform.get("seed"), "n_train": n_fit, "n_test": z.size,
+                          "train_z": np.asarray(ds.train[ds.redshift_col], dtype=float), "test_z": z})
+            shift, width = pdf(spec, ds)
+            loc = np.clip(z + shift, 0.0, 3.0)[:, None]
+            ens = qp.Ensemble(qp.mixmod, data={"means": loc, "stds": np.full_like(loc, width),
+                                               "weights": np.ones_like(loc)})
+            id_col = ds.extra.get("id_col") or "id"  # the estimates carry the input's ids, as the stages do
+            ens.set_ancil({"zmode": loc[:, 0], id_col: np.asarray(ds.test[id_col]) if id_col in ds.test
+                           else np.arange(z.size)})
+            outdir.mkdir(parents=True, exist_ok=True)
+            path = outdir / f"{spec.key}.hdf5"
+            ens.write_to(str(path))
+            return path, {"inform_time_s": 0.0, "estimate_time_s": 0.0, "n_train": n_fit, "n_test": int(z.size)}
+
+        monkeypatch.setattr(deepz_compare, "run_estimator", fake_run_estimator)
+        return calls
+
+    return install

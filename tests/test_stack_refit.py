@@ -16,47 +16,21 @@ N_TRAIN, N_TEST = 300, 200
 
 
 @pytest.fixture(scope="module")
-def refit_run(benchmark_module, tmp_path_factory):
+def refit_run(benchmark_module, stack_stand_in, tmp_path_factory):
     """One --refit run (module-scoped; the stand-in stays patched for the --reuse rerun)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield from _refit_run(benchmark_module, monkeypatch, tmp_path_factory.mktemp("refit"))
+        yield from _refit_run(benchmark_module, stack_stand_in, monkeypatch, tmp_path_factory.mktemp("refit"))
 
 
-def _refit_run(benchmark_module, monkeypatch, tmp_path):
+def _refit_pdf(spec, ds):
+    """(shift, width) per key; a refitted member differs from its 80% twin (more training rows)."""
+    k = {"nnc": 0, "lstm": 1}[spec.key]
+    return 0.01 * (k + 1) * (1.0 if len(ds.train[ds.redshift_col]) == N_TRAIN else -1.0), 0.03 + 0.02 * k
+
+
+def _refit_run(benchmark_module, stack_stand_in, monkeypatch, tmp_path):
     stack = benchmark_module("stack")
-    from rail.deepz import datasets
-    from rail.evaluation import deepz_compare
-
-    try:
-        datasets.load_dc2(n_train=10, n_test=10)
-    except FileNotFoundError as err:  # pragma: no cover
-        pytest.skip(f"DC2 test files not available: {err}")
-    monkeypatch.setattr(stack, "load_dataset",
-                        lambda data, quick=False: datasets.load_dc2(n_train=N_TRAIN, n_test=N_TEST))
-    calls = []
-
-    def fake_run_estimator(spec, ds, outdir, *, quick=False, log=None, **kw):
-        import qp
-
-        z = np.asarray(ds.test[ds.redshift_col], dtype=float)
-        calls.append({"key": spec.key, "train_z": np.sort(np.asarray(ds.train[ds.redshift_col], dtype=float)),
-                      "n_test": z.size})
-        k = {"nnc": 0, "lstm": 1}[spec.key]
-        # a refitted member differs from its 80% twin (more training rows): its PDFs must differ
-        shift = 0.01 * (k + 1) * (1.0 if len(ds.train[ds.redshift_col]) == N_TRAIN else -1.0)
-        loc = np.clip(z + shift, 0.0, 3.0)[:, None]
-        ens = qp.Ensemble(qp.mixmod, data={"means": loc, "stds": np.full_like(loc, 0.03 + 0.02 * k),
-                                           "weights": np.ones_like(loc)})
-        id_col = ds.extra.get("id_col") or "id"  # the estimates carry the input's ids, as the stages do
-        ens.set_ancil({"zmode": loc[:, 0], id_col: np.asarray(ds.test[id_col]) if id_col in ds.test
-                       else np.arange(z.size)})
-        outdir.mkdir(parents=True, exist_ok=True)
-        path = outdir / f"{spec.key}.hdf5"
-        ens.write_to(str(path))
-        return path, {"inform_time_s": 0.0, "estimate_time_s": 0.0, "n_train": len(ds.train[ds.redshift_col]),
-                      "n_test": int(z.size)}
-
-    monkeypatch.setattr(deepz_compare, "run_estimator", fake_run_estimator)
+    calls = stack_stand_in(stack, monkeypatch, N_TRAIN, N_TEST, _refit_pdf)
     out, res = tmp_path / "out", tmp_path / "res"
     argv = ["--data", "dc2", "--estimators", "nnc,lstm", "--refit", "--variants", "linear_pool,stack_logscore",
             "--stem", "t", "--out", str(out), "--results", str(res)]
@@ -74,7 +48,7 @@ def test_refit_members_are_trained_on_all_training_rows(refit_run):
     for c in calls[:2]:  # 80%: a strict subset; estimate the stack-validation rows and the test file
         assert c["train_z"].size == N_TRAIN - n_val and c["n_test"] == n_val + N_TEST
     for c in calls[2:]:  # refit: every training row, the test file only
-        assert np.array_equal(c["train_z"], all_z) and c["n_test"] == N_TEST
+        assert np.array_equal(np.sort(c["train_z"]), all_z) and c["n_test"] == N_TEST
     assert report["refit"]["n_fit"] == N_TRAIN and report["refit"]["estimators"] == ["nnc", "lstm"]
     for key in ("nnc", "lstm"):
         rec = json.loads((out / f"{key}_refit_provenance.json").read_text())
