@@ -413,9 +413,9 @@ def metric_benchmark(args, info, date, commit, results: Path):
                 if proc.returncode != 0 or not line:
                     break
                 r = json.loads(line[0].split(" ", 1)[1])
-                busy = sum(cpu1) - sum(cpu0)
+                elapsed = sum(cpu1) - sum(cpu0)  # all the machine's CPU time in the run, idle included
                 r.update(wall_s=wall, load_avg_1min=load1,
-                         steal_pct=100.0 * (cpu1[7] - cpu0[7]) / busy if busy > 0 and len(cpu1) > 7 else None)
+                         steal_pct=100.0 * (cpu1[7] - cpu0[7]) / elapsed if elapsed > 0 and len(cpu1) > 7 else None)
                 reps.append(r)
             if proc.returncode != 0 or not line:
                 print(f"[metrics] {kind} N={n:,} FAILED:\n{proc.stderr[-3000:]}", flush=True)

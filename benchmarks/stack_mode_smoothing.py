@@ -88,8 +88,13 @@ def main(argv=None) -> int:
 
     with h5py.File(out / "test_table.hdf5", "r") as f:
         truth = {k: np.asarray(f[k]) for k in f}
-    id_col = "id" if "id" in truth else None
-    mag = next((k for k in truth if k.lower().startswith("mag")), None)
+    # stack.py writes the test table as the redshift, the reference band (float) and the ids (integer)
+    ids = [k for k, v in truth.items() if k != "redshift" and v.dtype.kind in "iu"]
+    mags = [k for k, v in truth.items() if k != "redshift" and v.dtype.kind == "f"]
+    if "redshift" not in truth or len(ids) != 1 or len(mags) != 1:
+        raise SystemExit(f"{out / 'test_table.hdf5'}: expected 'redshift', one integer id and one float magnitude "
+                         f"column (benchmarks/stack.py's test table), got {sorted(truth)}")
+    id_col, mag = ids[0], mags[0]
     res = compare(estimates=estimates, truth=truth, redshift_col="redshift", mag_col=mag, id_col=id_col,
                   zmin=0.0, zmax=3.0, outdir=work / "compare", plots=False, print_table=False, progress=False)
     wide = overall_table(res.table, REPORT)
